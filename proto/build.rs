@@ -1,0 +1,24 @@
+//! Compiles `nexus/v1/*.proto` with protox (pure Rust, so no system `protoc`
+//! is needed) and keeps the encoded descriptor set for gRPC reflection.
+
+use prost::Message;
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["nexus/v1/workflow.proto", "nexus/v1/internal.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let descriptors = protox::compile(PROTOS, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("nexus_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}
