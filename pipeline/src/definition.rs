@@ -1,0 +1,328 @@
+//! Pipelines as data.
+//!
+//! A pipeline file (TOML, see `pipelines/default.toml`) lists phases in order;
+//! each names a model role, the stored outputs it reads and a prompt template
+//! that uses them as `{{name}}`. [`PipelineDefinition::resolve`] maps roles to
+//! model ids and yields the `PipelineSnapshot` that a workflow keeps for its
+//! whole life. Validation happens once, at load, so a bad file stops the
+//! orchestrator at start-up instead of failing runs later.
+
+use nexus_proto::internal::{OutputKind, PhaseSpec, PipelineSnapshot};
+use prost::Message;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// The seed's six phases, alternating two models.
+pub const DEFAULT_PIPELINE_TOML: &str = include_str!("../pipelines/default.toml");
+
+/// The name under which the user's plan is available to prompts.
+pub const PLAN_INPUT: &str = "plan";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineDefinition {
+    pub name: String,
+    /// The phase whose output is the final plan.
+    pub final_output: String,
+    pub phases: Vec<PhaseDefinition>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseDefinition {
+    pub name: String,
+    pub role: String,
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub system: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub output: OutputFormat,
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Rating,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline file is not valid TOML for a pipeline: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("pipeline {pipeline:?}: {problem}")]
+    Invalid { pipeline: String, problem: String },
+    #[error("no model configured for role {role:?} (phase {phase:?}); set it in NEXUS_MODELS")]
+    UnknownRole { role: String, phase: String },
+}
+
+impl PipelineDefinition {
+    pub fn default_pipeline() -> Self {
+        Self::from_toml(DEFAULT_PIPELINE_TOML).expect("the built-in pipeline is valid")
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, PipelineError> {
+        let definition: Self = toml::from_str(text)?;
+        definition.validate()?;
+        Ok(definition)
+    }
+
+    fn validate(&self) -> Result<(), PipelineError> {
+        let invalid = |problem: String| PipelineError::Invalid {
+            pipeline: self.name.clone(),
+            problem,
+        };
+        if self.phases.is_empty() {
+            return Err(invalid("it has no phases".into()));
+        }
+        let mut known: HashSet<&str> = HashSet::from([PLAN_INPUT]);
+        for phase in &self.phases {
+            validate_phase(phase, &known).map_err(invalid)?;
+            if !known.insert(&phase.name) {
+                return Err(invalid(format!(
+                    "phase name {:?} is used twice",
+                    phase.name
+                )));
+            }
+        }
+        let ratings = self
+            .phases
+            .iter()
+            .filter(|p| p.output == OutputFormat::Rating)
+            .count();
+        if ratings > 1 {
+            return Err(invalid(
+                "more than one phase has output = \"rating\"".into(),
+            ));
+        }
+        if !self.phases.iter().any(|p| p.name == self.final_output) {
+            return Err(invalid(format!(
+                "final_output {:?} is not a phase",
+                self.final_output
+            )));
+        }
+        Ok(())
+    }
+
+    /// Maps each phase's role to a model id.
+    pub fn resolve(
+        &self,
+        models: &BTreeMap<String, String>,
+    ) -> Result<PipelineSnapshot, PipelineError> {
+        let phases = self
+            .phases
+            .iter()
+            .map(|phase| phase_spec(phase, models))
+            .collect::<Result<_, _>>()?;
+        Ok(PipelineSnapshot {
+            name: self.name.clone(),
+            phases,
+            final_output_phase: self.final_output.clone(),
+        })
+    }
+}
+
+fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), String> {
+    let name_ok = !phase.name.is_empty()
+        && phase
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !name_ok || phase.name == PLAN_INPUT {
+        return Err(format!(
+            "phase name {:?} must be [A-Za-z0-9_-]+ and not {PLAN_INPUT:?}",
+            phase.name
+        ));
+    }
+    if let Some(input) = phase
+        .inputs
+        .iter()
+        .find(|input| !known.contains(input.as_str()))
+    {
+        return Err(format!(
+            "phase {:?} reads {input:?}, which is neither \"plan\" nor an earlier phase",
+            phase.name
+        ));
+    }
+    for placeholder in placeholders(&phase.prompt) {
+        if !phase.inputs.iter().any(|input| input == placeholder) {
+            return Err(format!(
+                "phase {:?} uses {{{{{placeholder}}}}} but does not list it in inputs",
+                phase.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn phase_spec(
+    phase: &PhaseDefinition,
+    models: &BTreeMap<String, String>,
+) -> Result<PhaseSpec, PipelineError> {
+    let model = models
+        .get(&phase.role)
+        .ok_or_else(|| PipelineError::UnknownRole {
+            role: phase.role.clone(),
+            phase: phase.name.clone(),
+        })?;
+    let output = match phase.output {
+        OutputFormat::Text => OutputKind::Text,
+        OutputFormat::Rating => OutputKind::Rating,
+    };
+    Ok(PhaseSpec {
+        name: phase.name.clone(),
+        model: model.clone(),
+        system_prompt: phase.system.trim().to_string(),
+        prompt_template: phase.prompt.trim().to_string(),
+        inputs: phase.inputs.clone(),
+        output: output as i32,
+        temperature: phase.temperature,
+        max_tokens: phase.max_tokens,
+    })
+}
+
+/// A stable fingerprint of a snapshot, naming it in Redis.
+pub fn fingerprint(snapshot: &PipelineSnapshot) -> String {
+    format!("{:016x}", crate::ids::fnv1a(&snapshot.encode_to_vec()))
+}
+
+/// The `{{name}}` placeholders of a template, in order.
+fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    template
+        .split("{{")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("}}"))
+        .map(|(name, _)| name.trim())
+}
+
+/// Fills a template's `{{name}}` placeholders from the given inputs. Missing
+/// inputs render empty; validation at load makes that impossible for a
+/// template that came through [`PipelineDefinition::from_toml`].
+pub fn render_prompt(template: &str, inputs: &HashMap<String, String>) -> String {
+    let mut rendered =
+        String::with_capacity(template.len() + inputs.values().map(String::len).sum::<usize>());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let Some(length) = rest[start..].find("}}") else {
+            break;
+        };
+        rendered.push_str(&rest[..start]);
+        let name = rest[start + 2..start + length].trim();
+        rendered.push_str(inputs.get(name).map(String::as_str).unwrap_or_default());
+        rest = &rest[start + length + 2..];
+    }
+    rendered.push_str(rest);
+    rendered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_models() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (
+                "primary".to_string(),
+                "anthropic/claude-sonnet-4.5".to_string(),
+            ),
+            (
+                "reviewer".to_string(),
+                "google/gemini-3-pro-preview".to_string(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn default_pipeline_is_the_seeds_six_phases_alternating_models() {
+        let snapshot = PipelineDefinition::default_pipeline()
+            .resolve(&default_models())
+            .unwrap();
+        let names: Vec<_> = snapshot.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "analyse",
+                "feedback",
+                "enterprise_plan",
+                "quality_review",
+                "improve",
+                "rate"
+            ]
+        );
+        let models: Vec<_> = snapshot.phases.iter().map(|p| p.model.as_str()).collect();
+        assert_eq!(models[0], "anthropic/claude-sonnet-4.5");
+        assert_eq!(models[1], "google/gemini-3-pro-preview");
+        assert_eq!(snapshot.phases[5].output, OutputKind::Rating as i32);
+        assert_eq!(snapshot.final_output_phase, "improve");
+    }
+
+    #[test]
+    fn a_phase_reading_a_later_phase_is_rejected() {
+        let text = r#"
+            name = "bad"
+            final_output = "a"
+            [[phases]]
+            name = "a"
+            role = "primary"
+            inputs = ["b"]
+            prompt = "{{b}}"
+            [[phases]]
+            name = "b"
+            role = "primary"
+            prompt = "x"
+        "#;
+        let error = PipelineDefinition::from_toml(text).unwrap_err().to_string();
+        assert!(
+            error.contains("neither \"plan\" nor an earlier phase"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_placeholder_not_listed_in_inputs_is_rejected() {
+        let text = "name='x'\nfinal_output='a'\n[[phases]]\nname='a'\nrole='r'\ninputs=['plan']\nprompt='{{plan}} {{other}}'";
+        let error = PipelineDefinition::from_toml(text).unwrap_err().to_string();
+        assert!(error.contains("{{other}}"), "{error}");
+    }
+
+    #[test]
+    fn unknown_role_names_the_phase() {
+        let mut models = default_models();
+        models.remove("reviewer");
+        let error = PipelineDefinition::default_pipeline()
+            .resolve(&models)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("reviewer") && error.contains("feedback"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn prompt_renders_every_placeholder() {
+        let inputs = HashMap::from([
+            ("plan".to_string(), "P".to_string()),
+            ("a".to_string(), "A".to_string()),
+        ]);
+        assert_eq!(
+            render_prompt("x {{plan}} y {{ a }} z", &inputs),
+            "x P y A z"
+        );
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_models() {
+        let definition = PipelineDefinition::default_pipeline();
+        let one = fingerprint(&definition.resolve(&default_models()).unwrap());
+        let mut models = default_models();
+        models.insert("reviewer".into(), "openai/gpt-5".into());
+        assert_ne!(one, fingerprint(&definition.resolve(&models).unwrap()));
+    }
+}

@@ -1,0 +1,155 @@
+//! The Redis key layout. Every key Nexus touches is spelled here and nowhere
+//! else.
+//!
+//! All keys of one shard carry the hash tag `{nx<shard>}`: a workflow's own
+//! keys, the shard's task, result and dead-letter streams, its index and its
+//! idempotency keys. On Redis Cluster they therefore share one slot, so every
+//! state transition is one atomic script; shards spread load across masters.
+//!
+//! ```text
+//! nexus:{nx0}:tasks              stream  phase tasks        (group "workers")
+//! nexus:{nx0}:results            stream  phase results      (group "orchestrators")
+//! nexus:{nx0}:deadletter         stream  tasks delivered too often
+//! nexus:{nx0}:index              zset    workflow id -> created ms
+//! nexus:{nx0}:idem:<key>         string  idempotency key -> workflow id
+//! nexus:{nx0}:pipeline:<fp>      string  PipelineSnapshot by fingerprint
+//! nexus:{nx0}:wf:<id>            hash    workflow state (see `field`)
+//! nexus:{nx0}:wf:<id>:events     stream  WorkflowEvent, the watch log
+//! nexus:{nx0}:wf:<id>:outputs    hash    "plan" and each phase's output
+//! nexus:events                   pubsub  "<id>" when a workflow has a new event
+//! ```
+
+use crate::ids::WorkflowId;
+
+/// Pub/sub channel announcing "this workflow has new events". Only a wake-up
+/// hint: the events themselves are read from the workflow's stream by cursor,
+/// so a lost message delays a watcher, never loses it an event.
+pub const EVENTS_CHANNEL: &str = "nexus:events";
+
+/// Keys shared by all workflows of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardKeys {
+    prefix: String,
+}
+
+impl ShardKeys {
+    pub fn new(shard: u16) -> Self {
+        Self {
+            prefix: format!("nexus:{{nx{shard}}}"),
+        }
+    }
+
+    pub fn tasks(&self) -> String {
+        format!("{}:tasks", self.prefix)
+    }
+
+    pub fn results(&self) -> String {
+        format!("{}:results", self.prefix)
+    }
+
+    pub fn dead_letter(&self) -> String {
+        format!("{}:deadletter", self.prefix)
+    }
+
+    pub fn index(&self) -> String {
+        format!("{}:index", self.prefix)
+    }
+
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.prefix)
+    }
+
+    pub fn pipeline(&self, fingerprint: &str) -> String {
+        format!("{}:pipeline:{fingerprint}", self.prefix)
+    }
+}
+
+/// Keys of one workflow.
+#[derive(Debug, Clone)]
+pub struct WorkflowKeys {
+    pub shard: ShardKeys,
+    state: String,
+}
+
+impl WorkflowKeys {
+    pub fn new(id: &WorkflowId) -> Self {
+        let shard = ShardKeys::new(id.shard());
+        let state = format!("{}:wf:{id}", shard.prefix);
+        Self { shard, state }
+    }
+
+    pub fn state(&self) -> &str {
+        &self.state
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}:events", self.state)
+    }
+
+    pub fn outputs(&self) -> String {
+        format!("{}:outputs", self.state)
+    }
+}
+
+/// Field names of the workflow state hash.
+pub mod field {
+    pub const STATUS: &str = "status";
+    pub const PHASE: &str = "phase";
+    pub const ATTEMPT: &str = "attempt";
+    pub const PIPELINE: &str = "pipeline";
+    pub const PLAN: &str = "plan";
+    pub const CREATED_MS: &str = "created_ms";
+    pub const UPDATED_MS: &str = "updated_ms";
+    pub const IDEMPOTENCY_KEY: &str = "idem";
+    pub const PLAN_FINGERPRINT: &str = "plan_fp";
+    pub const REASON: &str = "reason";
+    pub const RATING: &str = "rating";
+    /// `phase:<index>` holds the encoded `nexus.v1.Phase` once it completed.
+    pub fn phase_record(index: u32) -> String {
+        format!("phase:{index}")
+    }
+    /// Field of the outputs hash that holds the rendered user plan.
+    pub const PLAN_INPUT: &str = "plan";
+}
+
+/// Workflow status values as stored in the state hash.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const COMPLETED: &str = "completed";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+
+    pub fn is_terminal(status: &str) -> bool {
+        matches!(status, COMPLETED | FAILED | CANCELLED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_tag(key: &str) -> &str {
+        let start = key.find('{').unwrap() + 1;
+        let end = key[start..].find('}').unwrap() + start;
+        &key[start..end]
+    }
+
+    #[test]
+    fn every_key_of_a_workflow_shares_its_shards_hash_tag() {
+        let id = WorkflowId::new(3);
+        let keys = WorkflowKeys::new(&id);
+        let all = [
+            keys.state().to_string(),
+            keys.events(),
+            keys.outputs(),
+            keys.shard.tasks(),
+            keys.shard.results(),
+            keys.shard.dead_letter(),
+            keys.shard.index(),
+            keys.shard.idempotency("k"),
+            keys.shard.pipeline("fp"),
+        ];
+        assert!(all.iter().all(|key| hash_tag(key) == "nx3"), "{all:?}");
+    }
+}

@@ -1,0 +1,63 @@
+//! Stream and consumer-group names, and the envelope of a stream entry.
+//!
+//! Each entry has one field, [`PAYLOAD_FIELD`], holding a protobuf message
+//! from `nexus_proto` (tasks, results, events). Protobuf keeps entries small
+//! and lets old and new builds share a stream.
+
+/// Consumer group of phase workers on every shard's task stream.
+pub const WORKERS_GROUP: &str = "workers";
+/// Consumer group of orchestrators on every shard's result stream.
+pub const ORCHESTRATORS_GROUP: &str = "orchestrators";
+/// The single field of every stream entry.
+pub const PAYLOAD_FIELD: &str = "m";
+
+/// Creates a consumer group (and its stream) if it does not exist yet.
+pub async fn ensure_group(
+    conn: &mut redis::aio::ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+/// One entry read from a stream: its id and payload bytes.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Flattens an `XREADGROUP`/`XREAD`/`XRANGE`-style reply into entries, in
+/// order. Entries without a payload (deleted, or written by something else)
+/// are returned with an empty payload so the caller can acknowledge them.
+pub fn entries_of(reply: redis::streams::StreamReadReply) -> Vec<(String, Entry)> {
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|key| {
+            let stream = key.key;
+            key.ids
+                .into_iter()
+                .map(move |id| (stream.clone(), entry_of(id)))
+        })
+        .collect()
+}
+
+pub fn entry_of(id: redis::streams::StreamId) -> Entry {
+    let payload = match id.map.get(PAYLOAD_FIELD) {
+        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+        _ => Vec::new(),
+    };
+    Entry { id: id.id, payload }
+}
