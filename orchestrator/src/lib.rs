@@ -1,1 +1,95 @@
-//! placeholder
+//! The Nexus orchestrator.
+//!
+//! - [`api`]: the `WorkflowService` gRPC handlers, thin.
+//! - [`validation`]: what a request must satisfy before it touches Redis.
+//! - [`state`]: the workflow state machine, the only writer of workflow
+//!   state, one Lua script per transition.
+//! - [`results`]: consumes phase results from workers and applies them.
+//! - [`watch`]: serves `WatchWorkflow` from the per-workflow event stream,
+//!   woken by one pub/sub connection per replica.
+//! - [`errors`]: error types and their mapping to gRPC statuses.
+//! - [`auth`]: the optional bearer-token interceptor.
+//! - [`config`]: flags and environment.
+//!
+//! Replicas are interchangeable: all state is in Redis, results are shared
+//! through a consumer group, and any replica can serve any watcher.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod errors;
+pub mod results;
+pub mod state;
+pub mod validation;
+pub mod watch;
+
+use anyhow::Context;
+use config::Config;
+use nexus_pipeline::definition::{PipelineDefinition, fingerprint};
+use nexus_proto::v1::workflow_service_server::WorkflowServiceServer;
+use state::{CurrentPipeline, WorkflowStore};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Resolves the configured pipeline (file or built-in) with the configured
+/// models. Fails at start-up, not mid-run, when either is wrong.
+pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
+    let definition = match &config.pipeline_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading pipeline file {}", path.display()))?;
+            PipelineDefinition::from_toml(&text)?
+        }
+        None => PipelineDefinition::default_pipeline(),
+    };
+    let snapshot = definition.resolve(&config.models)?;
+    Ok(CurrentPipeline { fingerprint: fingerprint(&snapshot), snapshot: Arc::new(snapshot) })
+}
+
+/// Runs the orchestrator until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pipeline = load_pipeline(&config)?;
+    tracing::info!(pipeline = %pipeline.snapshot.name, fingerprint = %pipeline.fingerprint, "pipeline loaded");
+    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false)
+        .await
+        .context("connecting to redis")?;
+    let store = WorkflowStore::new(conn, config.shards, config.retention_secs, pipeline);
+    let hub = Arc::new(watch::WatchHub::default());
+    tokio::spawn(hub.clone().listen(config.redis_url.clone()));
+    let consumer = results::ResultConsumer {
+        store: store.clone(),
+        redis_url: config.redis_url.clone(),
+        consumer: config.consumer_name.clone().unwrap_or_else(|| config::default_consumer_name("orchestrator")),
+        claim_idle: Duration::from_millis(config.result_claim_idle_ms),
+    };
+    let results = tokio::spawn(consumer.run(shutdown.clone()));
+    serve(&config, store, hub, shutdown).await?;
+    results.await.ok();
+    Ok(())
+}
+
+async fn serve(config: &Config, store: WorkflowStore, hub: Arc<watch::WatchHub>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let api = api::WorkflowApi { store, hub, max_plan_bytes: config.max_plan_bytes };
+    let auth = auth::BearerToken::new(config.api_token.clone());
+    let workflow_service = WorkflowServiceServer::new(api)
+        .max_decoding_message_size(config.max_plan_bytes * 2 + 64 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<WorkflowServiceServer<api::WorkflowApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nexus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    println!("orchestrator listening on {address}");
+    tracing::info!(%address, "gRPC server listening");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(tonic::service::interceptor::InterceptedService::new(workflow_service, move |request| auth.check(request)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,1 +1,81 @@
-//! placeholder
+//! The Nexus phase worker: stateless, horizontally scaled.
+//!
+//! - [`consumer`]: claims tasks from each shard's task stream and reclaims
+//!   those of dead workers; dead-letters poison tasks.
+//! - [`runner`]: runs one task: prompt, streaming model call, deltas,
+//!   heartbeats, result.
+//! - [`task_lifecycle`]: the task's Redis side (fenced appends, heartbeat,
+//!   acknowledgement with result), one Lua script per atomic step.
+//! - [`model_client`]: the only code that talks HTTP to OpenRouter.
+//! - [`rating`]: the rating phase's JSON schema and validation.
+//! - [`cancellation`]: aborts in-flight calls of cancelled workflows.
+//! - [`config`]: flags and environment.
+//!
+//! Everything a task needs travels in the task or sits in Redis, so any
+//! worker can run any task and a worker can die at any moment.
+
+pub mod cancellation;
+pub mod config;
+pub mod consumer;
+pub mod model_client;
+pub mod rating;
+pub mod runner;
+pub mod task_lifecycle;
+
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// How long in-flight calls may finish after a shutdown signal before they
+/// are aborted (their tasks are then reclaimed by other workers).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the worker until `stop` is cancelled, then drains.
+pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
+    model_client::install_crypto_provider();
+    let client = model_client::ModelClient::new(config.model_client()).context("building the model client")?;
+    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false).await.context("connecting to redis")?;
+    let abort_calls = CancellationToken::new();
+    let cancels = Arc::new(cancellation::CancelRegistry::default());
+    tokio::spawn(cancels.clone().listen(config.redis_url.clone()));
+    let ctx = Arc::new(runner::RunnerContext {
+        client,
+        cancels,
+        shutdown: abort_calls.clone(),
+        heartbeat_every: config.visibility_timeout() / 3,
+    });
+    let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    let consumer = Arc::new(consumer::TaskConsumer {
+        ctx,
+        conn,
+        redis_url: config.redis_url.clone(),
+        consumer: config.consumer_name.clone().unwrap_or_else(config::default_consumer_name),
+        slots: slots.clone(),
+        visibility_timeout: config.visibility_timeout(),
+        max_deliveries: config.max_deliveries.max(1),
+    });
+    tracing::info!(consumer = %consumer.consumer, "phase worker ready");
+    println!("phase-worker ready as {}", consumer.consumer);
+    for shard in 0..config.shards {
+        tokio::spawn(consumer.clone().read_loop(shard, stop.clone()));
+        tokio::spawn(consumer.clone().reclaim_loop(shard, stop.clone()));
+    }
+    stop.cancelled().await;
+    drain(&slots, config.max_in_flight.max(1), abort_calls).await;
+    Ok(())
+}
+
+async fn drain(slots: &Semaphore, capacity: usize, abort_calls: CancellationToken) {
+    let all_free = async {
+        while slots.available_permits() < capacity {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_free).await.is_err() {
+        tracing::warn!("in-flight calls did not finish in time; aborting them (their tasks will be reclaimed)");
+    }
+    abort_calls.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

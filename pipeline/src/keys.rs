@@ -17,6 +17,7 @@
 //! nexus:{nx0}:wf:<id>:events     stream  WorkflowEvent, the watch log
 //! nexus:{nx0}:wf:<id>:outputs    hash    "plan" and each phase's output
 //! nexus:events                   pubsub  "<id>" when a workflow has a new event
+//! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
 //! ```
 
 use crate::ids::WorkflowId;
@@ -25,6 +26,11 @@ use crate::ids::WorkflowId;
 /// hint: the events themselves are read from the workflow's stream by cursor,
 /// so a lost message delays a watcher, never loses it an event.
 pub const EVENTS_CHANNEL: &str = "nexus:events";
+
+/// Pub/sub channel telling workers to abort in-flight calls of a cancelled
+/// workflow. Also only a hint: workers re-check the workflow's state while a
+/// call runs, so a lost message delays the abort by one check interval.
+pub const CANCEL_CHANNEL: &str = "nexus:cancel";
 
 /// Keys shared by all workflows of one shard.
 #[derive(Debug, Clone)]

@@ -31,3 +31,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// Version stamped on every stream message this build writes.
 pub const STREAM_MESSAGE_VERSION: u32 = 1;
+
+/// A protobuf timestamp from milliseconds since the Unix epoch, the unit
+/// Nexus stores in Redis.
+pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}

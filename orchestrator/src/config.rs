@@ -1,0 +1,111 @@
+//! The orchestrator's configuration: flags with environment fallbacks, so the
+//! same binary runs from a shell, a process script, compose or Kubernetes.
+
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Serves the Nexus gRPC API, keeps workflow state in Redis and drives phases over Redis Streams.",
+    long_about = "Serves the Nexus gRPC API (WorkflowService, gRPC health and server reflection), keeps workflow state in Redis and drives phases over Redis Streams. Run as many replicas as you like against the same Redis: they share the work through consumer groups."
+)]
+pub struct Config {
+    /// Address the gRPC server listens on. Port 0 picks a free port; the
+    /// chosen address is printed as "orchestrator listening on ADDR".
+    #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://[:password@]host:port[/db]). All state lives there.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Number of shards (task and result streams, each with its own hash
+    /// tag). Use more than one on Redis Cluster. May grow, never shrink.
+    #[arg(long, env = "NEXUS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
+
+    /// Pipeline definition file (TOML). Without it the built-in six-phase
+    /// pipeline runs.
+    #[arg(long, env = "NEXUS_PIPELINE_FILE")]
+    pub pipeline_file: Option<PathBuf>,
+
+    /// OpenRouter model id for each role the pipeline uses, as
+    /// "role=model,role=model".
+    #[arg(
+        long,
+        env = "NEXUS_MODELS",
+        default_value = "primary=anthropic/claude-sonnet-4.5,reviewer=google/gemini-3-pro-preview",
+        value_parser = parse_models
+    )]
+    pub models: BTreeMap<String, String>,
+
+    /// Largest accepted plan (description plus fields), in bytes.
+    #[arg(long, env = "NEXUS_MAX_PLAN_BYTES", default_value_t = 64 * 1024)]
+    pub max_plan_bytes: usize,
+
+    /// How long a finished workflow (state, events, outputs) is kept, in
+    /// seconds. Idempotency keys are kept as long.
+    #[arg(long, env = "NEXUS_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub retention_secs: u64,
+
+    /// A phase result left unacknowledged this long by another orchestrator
+    /// (which probably died) is claimed and applied here, in milliseconds.
+    #[arg(long, env = "NEXUS_RESULT_CLAIM_IDLE_MS", default_value_t = 10_000)]
+    pub result_claim_idle_ms: u64,
+
+    /// Require "authorization: Bearer <token>" on WorkflowService calls.
+    /// Health and reflection stay open. Unset: no authentication.
+    #[arg(long, env = "NEXUS_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// This replica's consumer name in the results group. Default: host,
+    /// process id and a random suffix, so restarts never collide.
+    #[arg(long, env = "NEXUS_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+
+    /// Log format: "text" for people, "json" for log pipelines. Filter with
+    /// RUST_LOG (default "info").
+    #[arg(long, env = "NEXUS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("redis_url", &nexus_pipeline::connection::redacted_url(&self.redis_url))
+            .field("shards", &self.shards)
+            .field("pipeline_file", &self.pipeline_file)
+            .field("models", &self.models)
+            .field("max_plan_bytes", &self.max_plan_bytes)
+            .field("retention_secs", &self.retention_secs)
+            .field("result_claim_idle_ms", &self.result_claim_idle_ms)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            .field("consumer_name", &self.consumer_name)
+            .finish()
+    }
+}
+
+fn parse_models(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (role, model) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not role=model"))?;
+            Ok((role.trim().to_string(), model.trim().to_string()))
+        })
+        .collect()
+}
+
+/// A consumer name unique to this process.
+pub fn default_consumer_name(kind: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{kind}-{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}

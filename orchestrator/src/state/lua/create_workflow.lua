@@ -1,0 +1,38 @@
+-- Accepts a workflow: state, plan, first event, index entry and first phase
+-- task, all or nothing. With an idempotency key, a second call returns the
+-- workflow the first one created (or a mismatch if the plan differs).
+--
+-- KEYS: 1 state hash, 2 events stream, 3 outputs hash, 4 shard index zset,
+--       5 shard task stream, 6 idempotency key, 7 pipeline snapshot key
+-- ARGV: 1 workflow id, 2 "1" when an idempotency key was given,
+--       3 plan fingerprint, 4 now (ms), 5 encoded ProjectPlan,
+--       6 plan text for prompts, 7 pipeline fingerprint, 8 encoded PipelineSnapshot,
+--       9 encoded accepted event, 10 encoded first PhaseTask,
+--       11 idempotency key as given, 12 retention (s), 13 events channel
+-- Returns {1, id} when created, {0, id, "match"|"mismatch"} when the key existed.
+
+if ARGV[2] == '1' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then
+    local sep = string.find(existing, '|', 1, true)
+    local id = string.sub(existing, 1, sep - 1)
+    local fingerprint = string.sub(existing, sep + 1)
+    if fingerprint == ARGV[3] then
+      return {0, id, 'match'}
+    end
+    return {0, id, 'mismatch'}
+  end
+  redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[12])
+end
+
+redis.call('SET', KEYS[7], ARGV[8], 'NX')
+redis.call('HSET', KEYS[1],
+  'status', 'pending', 'phase', '0', 'attempt', '1',
+  'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
+  'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11])
+redis.call('HSET', KEYS[3], 'plan', ARGV[6])
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('XADD', KEYS[5], '*', 'm', ARGV[10])
+redis.call('PUBLISH', ARGV[13], ARGV[1])
+return {1, ARGV[1]}

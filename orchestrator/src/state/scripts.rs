@@ -1,0 +1,9 @@
+//! The state machine's Lua scripts, loaded once and run by SHA (`EVALSHA`,
+//! falling back to `EVAL` after a Redis restart flushed the script cache).
+
+use redis::Script;
+use std::sync::LazyLock;
+
+pub static CREATE_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_workflow.lua")));
+pub static APPLY_RESULT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/apply_result.lua")));
+pub static CANCEL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cancel_workflow.lua")));

@@ -1,0 +1,244 @@
+//! Reading workflows back: the `Workflow` a client sees is assembled from the
+//! state hash, the outputs hash and the pipeline snapshot.
+
+use super::WorkflowStore;
+use super::events::timestamp;
+use crate::errors::ApiError;
+use nexus_pipeline::ids::WorkflowId;
+use nexus_pipeline::keys::{WorkflowKeys, field, status};
+use nexus_proto::internal::PipelineSnapshot;
+use nexus_proto::v1::{Phase, PhaseStatus, ProjectPlan, Rating, Usage, Workflow, WorkflowStatus};
+use prost::Message;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+
+/// A workflow's two hashes, as stored.
+pub struct StoredWorkflow {
+    pub state: HashMap<String, Vec<u8>>,
+    pub outputs: HashMap<String, String>,
+}
+
+/// Loads both hashes in one round trip; `None` when the workflow does not
+/// exist (never did, or expired).
+pub async fn load_stored(conn: &mut ConnectionManager, id: &WorkflowId) -> Result<Option<StoredWorkflow>, ApiError> {
+    let keys = WorkflowKeys::new(id);
+    let (state, outputs): (HashMap<String, Vec<u8>>, HashMap<String, String>) = redis::pipe()
+        .hgetall(keys.state())
+        .hgetall(keys.outputs())
+        .query_async(conn)
+        .await?;
+    Ok((!state.is_empty()).then_some(StoredWorkflow { state, outputs }))
+}
+
+impl StoredWorkflow {
+    fn text(&self, name: &str) -> String {
+        self.state.get(name).map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default()
+    }
+
+    fn number(&self, name: &str) -> i64 {
+        self.text(name).parse().unwrap_or_default()
+    }
+
+    pub fn status(&self) -> String {
+        self.text(field::STATUS)
+    }
+
+    /// Records of completed phases, in order.
+    pub fn phase_records(&self) -> Result<Vec<Phase>, ApiError> {
+        let mut records = self
+            .state
+            .iter()
+            .filter(|(name, _)| name.starts_with("phase:"))
+            .map(|(name, bytes)| Phase::decode(bytes.as_slice()).map_err(|e| ApiError::Corrupt(format!("{name}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|phase| phase.index);
+        Ok(records)
+    }
+
+    pub fn rating(&self) -> Result<Option<Rating>, ApiError> {
+        self.state
+            .get(field::RATING)
+            .map(|bytes| Rating::decode(bytes.as_slice()).map_err(|e| ApiError::Corrupt(format!("rating: {e}"))))
+            .transpose()
+    }
+
+    fn plan(&self) -> Result<ProjectPlan, ApiError> {
+        let bytes = self.state.get(field::PLAN).map(Vec::as_slice).unwrap_or_default();
+        ProjectPlan::decode(bytes).map_err(|e| ApiError::Corrupt(format!("plan: {e}")))
+    }
+
+    pub fn pipeline_id(&self) -> String {
+        self.text(field::PIPELINE)
+    }
+
+    pub fn into_workflow(self, id: &WorkflowId, pipeline: &PipelineSnapshot, with_outputs: bool) -> Result<Workflow, ApiError> {
+        let workflow_status = workflow_status(&self.status());
+        let records = self.phase_records()?;
+        let current = self.number(field::PHASE) as usize;
+        let phases: Vec<Phase> = planned_phases(pipeline)
+            .into_iter()
+            .map(|planned| {
+                let index = planned.index as usize;
+                let mut phase = records.iter().find(|r| r.index == planned.index).cloned().unwrap_or(Phase {
+                    status: pending_phase_status(workflow_status, index, current) as i32,
+                    ..planned
+                });
+                if with_outputs {
+                    phase.output = self.outputs.get(&phase.name).cloned().unwrap_or_default();
+                }
+                phase
+            })
+            .collect();
+        let completed = workflow_status == WorkflowStatus::Completed;
+        Ok(Workflow {
+            workflow_id: id.to_string(),
+            status: workflow_status as i32,
+            plan: Some(self.plan()?),
+            created_at: Some(timestamp(self.number(field::CREATED_MS))),
+            updated_at: Some(timestamp(self.number(field::UPDATED_MS))),
+            final_plan: if completed { self.outputs.get(&pipeline.final_output_phase).cloned().unwrap_or_default() } else { String::new() },
+            rating: if completed { self.rating()? } else { None },
+            total_usage: Some(total_usage(&phases)),
+            phases,
+            reason: self.text(field::REASON),
+            idempotency_key: self.text(field::IDEMPOTENCY_KEY),
+            pipeline: pipeline.name.clone(),
+        })
+    }
+}
+
+fn workflow_status(stored: &str) -> WorkflowStatus {
+    match stored {
+        status::PENDING => WorkflowStatus::Pending,
+        status::RUNNING => WorkflowStatus::Running,
+        status::COMPLETED => WorkflowStatus::Completed,
+        status::FAILED => WorkflowStatus::Failed,
+        status::CANCELLED => WorkflowStatus::Cancelled,
+        _ => WorkflowStatus::Unspecified,
+    }
+}
+
+/// The status of a phase that has no completed record.
+fn pending_phase_status(workflow: WorkflowStatus, index: usize, current: usize) -> PhaseStatus {
+    if index != current {
+        return PhaseStatus::Pending;
+    }
+    match workflow {
+        WorkflowStatus::Running => PhaseStatus::Running,
+        WorkflowStatus::Failed => PhaseStatus::Failed,
+        WorkflowStatus::Cancelled => PhaseStatus::Cancelled,
+        _ => PhaseStatus::Pending,
+    }
+}
+
+/// Every phase of a pipeline as not yet run.
+pub fn planned_phases(pipeline: &PipelineSnapshot) -> Vec<Phase> {
+    pipeline
+        .phases
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| Phase {
+            index: index as u32,
+            name: spec.name.clone(),
+            model: spec.model.clone(),
+            status: PhaseStatus::Pending as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+pub fn total_usage(phases: &[Phase]) -> Usage {
+    phases.iter().filter_map(|phase| phase.usage.as_ref()).fold(Usage::default(), |sum, usage| Usage {
+        prompt_tokens: sum.prompt_tokens + usage.prompt_tokens,
+        completion_tokens: sum.completion_tokens + usage.completion_tokens,
+        total_tokens: sum.total_tokens + usage.total_tokens,
+        cost_usd: sum.cost_usd + usage.cost_usd,
+        cached_prompt_tokens: sum.cached_prompt_tokens + usage.cached_prompt_tokens,
+        reasoning_tokens: sum.reasoning_tokens + usage.reasoning_tokens,
+    })
+}
+
+/// Where the previous page ended: (created ms, workflow id).
+type PageCursor = (i64, WorkflowId);
+
+impl WorkflowStore {
+    pub async fn get(&self, id: &WorkflowId) -> Result<Workflow, ApiError> {
+        self.load(id, true).await?.ok_or_else(|| ApiError::NotFound(id.to_string()))
+    }
+
+    async fn load(&self, id: &WorkflowId, with_outputs: bool) -> Result<Option<Workflow>, ApiError> {
+        let mut conn = self.conn.clone();
+        let Some(stored) = load_stored(&mut conn, id).await? else {
+            return Ok(None);
+        };
+        let pipeline = self.pipelines.get(&mut conn, id.shard(), &stored.pipeline_id()).await?;
+        stored.into_workflow(id, &pipeline, with_outputs).map(Some)
+    }
+
+    /// Newest first across all shards, `page_size` at a time.
+    pub async fn list(&self, page_size: usize, page_token: &str) -> Result<(Vec<Workflow>, String), ApiError> {
+        let after = parse_page_token(page_token)?;
+        let mut candidates = Vec::new();
+        for shard in 0..self.shards {
+            candidates.extend(self.newest_in_shard(shard, page_size, after.as_ref()).await?);
+        }
+        candidates.sort_by(|a, b| b.cmp(a));
+        let mut workflows = Vec::with_capacity(page_size);
+        let mut last = None;
+        for (created_ms, id) in candidates {
+            if workflows.len() == page_size {
+                break;
+            }
+            if let Some(workflow) = self.load(&id, false).await? {
+                workflows.push(workflow);
+            }
+            last = Some((created_ms, id));
+        }
+        let next = match last {
+            Some((ms, id)) if workflows.len() == page_size => format!("{ms}:{id}"),
+            _ => String::new(),
+        };
+        Ok((workflows, next))
+    }
+
+    /// Up to `count` index entries of one shard older than `after`.
+    async fn newest_in_shard(&self, shard: u16, count: usize, after: Option<&PageCursor>) -> Result<Vec<PageCursor>, ApiError> {
+        let index = nexus_pipeline::keys::ShardKeys::new(shard).index();
+        let max = after.map(|(ms, _)| ms.to_string()).unwrap_or_else(|| "+inf".into());
+        let mut found = Vec::new();
+        let mut offset = 0;
+        loop {
+            let batch: Vec<(String, i64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg("-inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(count + 1)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            let exhausted = batch.len() <= count;
+            offset += batch.len();
+            found.extend(
+                batch
+                    .into_iter()
+                    .filter_map(|(member, ms)| Some((ms, WorkflowId::parse(&member).ok()?)))
+                    .filter(|entry| after.is_none_or(|after| entry < after)),
+            );
+            if exhausted || found.len() >= count {
+                found.truncate(count);
+                return Ok(found);
+            }
+        }
+    }
+}
+
+fn parse_page_token(token: &str) -> Result<Option<PageCursor>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || ApiError::InvalidArgument("page_token is not a token from a previous ListWorkflows page".into());
+    let (ms, id) = token.split_once(':').ok_or_else(invalid)?;
+    Ok(Some((ms.parse().map_err(|_| invalid())?, WorkflowId::parse(id).map_err(|_| invalid())?)))
+}

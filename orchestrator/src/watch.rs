@@ -1,0 +1,195 @@
+//! Serving `WatchWorkflow`: replay from a cursor, then live events, lossless.
+//!
+//! The events themselves are always read from the workflow's Redis stream by
+//! cursor, which is what makes watching lossless and resumable on any
+//! replica. What tells a watcher to read again is a per-replica hub: one
+//! pub/sub connection per orchestrator receives "workflow X has news" and
+//! wakes the local watchers of X. Watchers therefore cost no Redis
+//! connection each, and a missed notification (say, while Redis restarts)
+//! only delays a watcher until its periodic re-read.
+
+use crate::errors::ApiError;
+use crate::state::is_terminal;
+use futures::StreamExt;
+use nexus_pipeline::ids::WorkflowId;
+use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys};
+use nexus_pipeline::stream::entry_of;
+use nexus_proto::v1::WorkflowEvent;
+use prost::Message;
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tonic::Status;
+
+/// Events read per round trip while replaying.
+const PAGE: usize = 256;
+/// A watcher re-reads at least this often even without a notification.
+const POLL_FALLBACK: Duration = Duration::from_secs(2);
+/// How long a watch keeps retrying Redis before giving up on the client.
+const REDIS_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Wakes the local watchers of a workflow when it has new events.
+#[derive(Default)]
+pub struct WatchHub {
+    watched: Mutex<HashMap<String, Weak<Notify>>>,
+}
+
+impl WatchHub {
+    /// The notifier for one workflow, shared by all its local watchers.
+    fn subscribe(&self, workflow_id: &str) -> Arc<Notify> {
+        let mut watched = self.watched.lock().expect("watch hub lock");
+        if let Some(notify) = watched.get(workflow_id).and_then(Weak::upgrade) {
+            return notify;
+        }
+        watched.retain(|_, notify| notify.strong_count() > 0);
+        let notify = Arc::new(Notify::new());
+        watched.insert(workflow_id.to_string(), Arc::downgrade(&notify));
+        notify
+    }
+
+    fn wake(&self, workflow_id: &str) {
+        let notify = self.watched.lock().expect("watch hub lock").get(workflow_id).and_then(Weak::upgrade);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        let all: Vec<_> = self.watched.lock().expect("watch hub lock").values().filter_map(Weak::upgrade).collect();
+        all.iter().for_each(|notify| notify.notify_waiters());
+    }
+
+    /// Listens for event notifications until the process ends, reconnecting
+    /// after Redis restarts.
+    pub async fn listen(self: Arc<Self>, redis_url: String) {
+        loop {
+            if let Err(error) = self.listen_once(&redis_url).await {
+                tracing::warn!(%error, "event notifications interrupted; reconnecting");
+            }
+            self.wake_all();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(redis_url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(EVENTS_CHANNEL).await?;
+        self.wake_all();
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            if let Ok(workflow_id) = message.get_payload::<String>() {
+                self.wake(&workflow_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts streaming a workflow's events into a channel; the receiver is the
+/// gRPC response stream. Fails fast when the workflow does not exist.
+pub async fn watch(
+    hub: Arc<WatchHub>,
+    conn: ConnectionManager,
+    id: WorkflowId,
+    after_cursor: String,
+) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
+    let keys = WorkflowKeys::new(&id);
+    let exists: bool = redis::AsyncCommands::exists(&mut conn.clone(), keys.state()).await?;
+    if !exists {
+        return Err(ApiError::NotFound(id.to_string()));
+    }
+    let (sender, receiver) = mpsc::channel(64);
+    let watcher = Watcher { hub, conn, id, events_key: keys.events(), cursor: after_cursor, sender };
+    tokio::spawn(watcher.run());
+    Ok(receiver)
+}
+
+struct Watcher {
+    hub: Arc<WatchHub>,
+    conn: ConnectionManager,
+    id: WorkflowId,
+    events_key: String,
+    cursor: String,
+    sender: mpsc::Sender<Result<WorkflowEvent, Status>>,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        let notify = self.hub.subscribe(&self.id.to_string());
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            // Registered before reading, so a notification that arrives
+            // while we read is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.read_page().await {
+                Ok(events) => {
+                    failing_since = None;
+                    let count = events.len();
+                    match self.forward(events).await {
+                        Flow::Continue if count == PAGE => continue,
+                        Flow::Continue => {}
+                        Flow::Stop => return,
+                    }
+                }
+                Err(error) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    tracing::warn!(%error, workflow_id = %self.id, "watch cannot read events; retrying");
+                    if since.elapsed() > REDIS_PATIENCE {
+                        let _ = self.sender.send(Err(Status::unavailable("workflow storage unavailable; reconnect with your last cursor"))).await;
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(POLL_FALLBACK) => {}
+                _ = self.sender.closed() => return,
+            }
+        }
+    }
+
+    async fn read_page(&mut self) -> redis::RedisResult<Vec<WorkflowEvent>> {
+        let start = if self.cursor.is_empty() { "-".to_string() } else { format!("({}", self.cursor) };
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.events_key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(entry_of)
+            .filter_map(|entry| {
+                let mut event = WorkflowEvent::decode(entry.payload.as_slice()).ok()?;
+                event.cursor = entry.id;
+                event.workflow_id = self.id.to_string();
+                Some(event)
+            })
+            .collect())
+    }
+
+    async fn forward(&mut self, events: Vec<WorkflowEvent>) -> Flow {
+        for event in events {
+            self.cursor = event.cursor.clone();
+            let terminal = is_terminal(&event);
+            if self.sender.send(Ok(event)).await.is_err() || terminal {
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}

@@ -1,0 +1,83 @@
+//! Aborting in-flight model calls of cancelled workflows.
+//!
+//! Each running task registers a token under its workflow id. One pub/sub
+//! connection per worker listens on the cancel channel and cancels the
+//! tokens of the named workflow, which aborts the HTTP request within
+//! milliseconds. The pub/sub message is only the fast path: the heartbeat
+//! and every event append re-check the workflow, so a lost message delays
+//! the abort, it does not prevent it.
+
+use futures::StreamExt;
+use nexus_pipeline::keys::CANCEL_CHANNEL;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    running: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    next_id: AtomicU64,
+}
+
+/// Removes its token from the registry when the task ends.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    workflow_id: String,
+    id: u64,
+    pub token: CancellationToken,
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>, workflow_id: &str, parent: &CancellationToken) -> Registration {
+        let token = parent.child_token();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut running = self.running.lock().expect("cancel registry lock");
+        running.entry(workflow_id.to_string()).or_default().insert(id, token.clone());
+        Registration { registry: self.clone(), workflow_id: workflow_id.to_string(), id, token }
+    }
+
+    fn cancel(&self, workflow_id: &str) {
+        let running = self.running.lock().expect("cancel registry lock");
+        if let Some(tokens) = running.get(workflow_id) {
+            tracing::info!(%workflow_id, calls = tokens.len(), "workflow cancelled; aborting its model calls");
+            tokens.values().for_each(CancellationToken::cancel);
+        }
+    }
+
+    /// Listens for cancellations until the process ends.
+    pub async fn listen(self: Arc<Self>, redis_url: String) {
+        loop {
+            if let Err(error) = self.listen_once(&redis_url).await {
+                tracing::warn!(%error, "cancel notifications interrupted; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(redis_url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(CANCEL_CHANNEL).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            if let Ok(workflow_id) = message.get_payload::<String>() {
+                self.cancel(&workflow_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut running = self.registry.running.lock().expect("cancel registry lock");
+        if let Some(tokens) = running.get_mut(&self.workflow_id) {
+            tokens.remove(&self.id);
+            if tokens.is_empty() {
+                running.remove(&self.workflow_id);
+            }
+        }
+    }
+}

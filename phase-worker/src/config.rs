@@ -1,0 +1,144 @@
+//! The phase worker's configuration: flags with environment fallbacks.
+
+use crate::model_client::ModelClientConfig;
+use clap::Parser;
+use secrecy::SecretString;
+use std::time::Duration;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "phase-worker",
+    version,
+    about = "Claims Nexus phase tasks from Redis Streams, calls the model through OpenRouter (streaming) and publishes deltas and results.",
+    long_about = "Claims Nexus phase tasks from Redis Streams, calls the model through OpenRouter's chat completions API (streaming) and publishes output deltas and the result. Stateless: run as many as you like; a task held by a worker that dies is reclaimed by another after the visibility timeout."
+)]
+pub struct Config {
+    /// Redis URL (redis://[:password@]host:port[/db]).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Number of shards; must match the orchestrators' NEXUS_SHARDS.
+    #[arg(long, env = "NEXUS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
+
+    /// Base URL of OpenRouter or any OpenAI-compatible server (a local model
+    /// server, the stand-in). Requests go to {base}/api/v1/chat/completions.
+    #[arg(long, env = "OPENROUTER_BASE_URL", default_value = "https://openrouter.ai")]
+    pub openrouter_base_url: String,
+
+    /// OpenRouter API key, sent as a bearer token. Never logged.
+    #[arg(long, env = "OPENROUTER_API_KEY", hide_env_values = true)]
+    pub openrouter_api_key: Option<String>,
+
+    /// Sent as HTTP-Referer (OpenRouter's app attribution). Empty: not sent.
+    #[arg(long, env = "NEXUS_HTTP_REFERER", default_value = "https://github.com/nexus-workflows/nexus")]
+    pub http_referer: String,
+
+    /// Sent as X-Title (OpenRouter's app attribution). Empty: not sent.
+    #[arg(long, env = "NEXUS_APP_TITLE", default_value = "Nexus")]
+    pub app_title: String,
+
+    /// Model calls this worker runs at once. A call mostly waits, so this can
+    /// be in the thousands.
+    #[arg(long, env = "NEXUS_WORKER_MAX_IN_FLIGHT", default_value_t = 1000)]
+    pub max_in_flight: usize,
+
+    /// A task not heartbeated for this long is presumed lost with its worker
+    /// and reclaimed by another, in milliseconds. Live workers heartbeat
+    /// every third of it.
+    #[arg(long, env = "NEXUS_VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub visibility_timeout_ms: u64,
+
+    /// After this many deliveries a task goes to the dead-letter stream and
+    /// its workflow fails.
+    #[arg(long, env = "NEXUS_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u64,
+
+    /// Model call: TCP/TLS connect timeout, in milliseconds.
+    #[arg(long, env = "NEXUS_MODEL_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Model call: longest wait for the first token, in milliseconds.
+    #[arg(long, env = "NEXUS_MODEL_FIRST_TOKEN_TIMEOUT_MS", default_value_t = 120_000)]
+    pub first_token_timeout_ms: u64,
+
+    /// Model call: longest silence (not even a keep-alive comment) on an open
+    /// stream, in milliseconds.
+    #[arg(long, env = "NEXUS_MODEL_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Model call: longest duration of one try, in milliseconds.
+    #[arg(long, env = "NEXUS_MODEL_TOTAL_TIMEOUT_MS", default_value_t = 600_000)]
+    pub total_timeout_ms: u64,
+
+    /// Model call: tries per phase (retryable errors only).
+    #[arg(long, env = "NEXUS_MODEL_MAX_TRIES", default_value_t = 3)]
+    pub max_tries: u32,
+
+    /// Model call: first backoff before a retry, in milliseconds; doubles per
+    /// try, with full jitter. A Retry-After from the provider wins if longer.
+    #[arg(long, env = "NEXUS_MODEL_BACKOFF_BASE_MS", default_value_t = 500)]
+    pub backoff_base_ms: u64,
+
+    /// Model call: longest backoff between tries, in milliseconds.
+    #[arg(long, env = "NEXUS_MODEL_BACKOFF_MAX_MS", default_value_t = 10_000)]
+    pub backoff_max_ms: u64,
+
+    /// This worker's consumer name. Default: host, pid and a random suffix.
+    #[arg(long, env = "NEXUS_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+
+    /// Log format: "text" or "json". Filter with RUST_LOG (default "info").
+    #[arg(long, env = "NEXUS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("redis_url", &nexus_pipeline::connection::redacted_url(&self.redis_url))
+            .field("shards", &self.shards)
+            .field("openrouter_base_url", &self.openrouter_base_url)
+            .field("openrouter_api_key", &self.openrouter_api_key.as_ref().map(|_| "<set>"))
+            .field("max_in_flight", &self.max_in_flight)
+            .field("visibility_timeout_ms", &self.visibility_timeout_ms)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("first_token_timeout_ms", &self.first_token_timeout_ms)
+            .field("total_timeout_ms", &self.total_timeout_ms)
+            .field("max_tries", &self.max_tries)
+            .field("consumer_name", &self.consumer_name)
+            .finish()
+    }
+}
+
+impl Config {
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_millis(self.visibility_timeout_ms)
+    }
+
+    pub fn model_client(&self) -> ModelClientConfig {
+        let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_string());
+        ModelClientConfig {
+            base_url: self.openrouter_base_url.clone(),
+            api_key: self.openrouter_api_key.clone().filter(|key| !key.is_empty()).map(SecretString::from),
+            http_referer: non_empty(&self.http_referer),
+            app_title: non_empty(&self.app_title),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            first_token_timeout: Duration::from_millis(self.first_token_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            total_timeout: Duration::from_millis(self.total_timeout_ms),
+            max_tries: self.max_tries.max(1),
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A consumer name unique to this process.
+pub fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("worker-{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}

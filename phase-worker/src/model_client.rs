@@ -1,0 +1,1100 @@
+//! The one place that talks HTTP to the model: OpenRouter, or anything that speaks its
+//! OpenAI-style chat completions API (the stand-in model in tests and the offline demo).
+//!
+//! Every call streams, because streaming is the only way to show progress, to notice a stalled
+//! provider early and to see errors that arrive after the `200` status has gone out. A call is a
+//! series of tries: each try either yields a complete answer (text, usage from the last chunk,
+//! generation id) or fails with a [`ModelError`] that says whether trying again can help. The
+//! retry policy (exponential backoff with full jitter, `Retry-After` as a floor) lives here so
+//! the worker only sees deltas, retry notices and one final outcome. Wire facts follow
+//! `/work/shared/OPENROUTER.md`.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::{Stream, StreamExt};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const CHAT_PATH: &str = "/api/v1/chat/completions";
+const GENERATION_ID_HEADER: &str = "x-generation-id";
+const DONE_MARKER: &str = "[DONE]";
+/// Code assumed when an error chunk carries none we can read: OpenRouter's "model down".
+const UNKNOWN_ERROR_CODE: u16 = 502;
+const EXCERPT_CHARS: usize = 120;
+
+/// reqwest is built without a default TLS crypto provider; this installs ring's. Safe to call
+/// any number of times: "already installed" is not an error.
+pub fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Where the model lives and how patient to be with it.
+#[derive(Clone, Debug)]
+pub struct ModelClientConfig {
+    /// Server root such as `https://openrouter.ai`; the chat path is appended.
+    pub base_url: String,
+    /// Sent as a bearer token when set. `Debug` prints it redacted.
+    pub api_key: Option<SecretString>,
+    /// OpenRouter attribution: sent as `HTTP-Referer`.
+    pub http_referer: Option<String>,
+    /// OpenRouter attribution: sent as `X-Title`.
+    pub app_title: Option<String>,
+    pub connect_timeout: Duration,
+    /// From sending the request to the first non-empty content delta; keep-alive comments do
+    /// not count, so a provider that only says "processing" still times out.
+    pub first_token_timeout: Duration,
+    /// Longest silence between two pieces of the body, comments included.
+    pub idle_timeout: Duration,
+    /// Ceiling on one whole try.
+    pub total_timeout: Duration,
+    pub max_tries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// A server's `Retry-After` is honoured up to this long.
+    pub max_retry_after: Duration,
+}
+
+impl Default for ModelClientConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://openrouter.ai".into(),
+            api_key: None,
+            http_referer: None,
+            app_title: None,
+            connect_timeout: Duration::from_secs(10),
+            first_token_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(300),
+            max_tries: 3,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What to ask. `response_format` is passed through as is (e.g. a `json_schema` object).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub response_format: Option<Value>,
+}
+
+/// Token counts and cost as the provider reported them in the stream's last chunk.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: f64,
+    pub cached_prompt_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+/// A finished answer from the try that succeeded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub usage: Usage,
+    pub generation_id: Option<String>,
+    pub finish_reason: Option<String>,
+    /// Tries it took, counting the successful one.
+    pub tries: u32,
+}
+
+/// Progress reported while a call runs. Deltas of a failed try have already been sent when
+/// its `Retrying` arrives; `try_number` tells the tries apart.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelEvent {
+    Delta {
+        try_number: u32,
+        text: String,
+    },
+    Retrying {
+        failed_try: u32,
+        reason: String,
+        delay: Duration,
+    },
+}
+
+/// Checks the final text of a try (e.g. that structured output parses); an `Err` makes the
+/// try fail and be retried.
+pub type OutputValidator = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Which clock ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutKind {
+    Connect,
+    FirstToken,
+    Total,
+}
+
+impl fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Connect => "connecting to the model server",
+            TimeoutKind::FirstToken => "the first token",
+            TimeoutKind::Total => "the whole try",
+        })
+    }
+}
+
+/// Why a call or a try failed. Messages carry what the provider said and never the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model client misconfigured: {0}")]
+    Config(String),
+    #[error("could not encode the request: {0}")]
+    Request(String),
+    #[error("{status} from provider (not retried): {message}")]
+    Rejected { status: u16, message: String },
+    #[error("{status} from provider: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("provider failed mid-stream ({code}): {message}")]
+    MidStream { code: u16, message: String },
+    #[error("timed out after {after:.1?} waiting for {which}")]
+    Timeout { which: TimeoutKind, after: Duration },
+    #[error("stream stalled: no bytes for {0:.1?}")]
+    Stalled(Duration),
+    #[error("transport error: {0}")]
+    Transport(String),
+    #[error("malformed stream: {0}")]
+    Malformed(String),
+    #[error("model output rejected: {0}")]
+    InvalidOutput(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("gave up after {tries} {}; last error: {last}", tries_word(*tries))]
+    Exhausted { tries: u32, last: Box<ModelError> },
+}
+
+impl ModelError {
+    /// Whether another try can plausibly succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ModelError::Status { .. }
+            | ModelError::Timeout { .. }
+            | ModelError::Stalled(_)
+            | ModelError::Transport(_)
+            | ModelError::Malformed(_)
+            | ModelError::InvalidOutput(_) => true,
+            ModelError::MidStream { code, .. } => !is_permanent_code(*code),
+            ModelError::Config(_)
+            | ModelError::Request(_)
+            | ModelError::Rejected { .. }
+            | ModelError::Cancelled
+            | ModelError::Exhausted { .. } => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ModelError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+fn tries_word(tries: u32) -> &'static str {
+    if tries == 1 { "try" } else { "tries" }
+}
+
+/// Bad request, bad key, no credits, moderation: the same request will fail the same way.
+fn is_permanent_code(code: u16) -> bool {
+    (400..=403).contains(&code)
+}
+
+fn is_retryable_status(status: u16) -> bool {
+    status == 408 || status == 429 || status >= 500
+}
+
+/// A configured connection to the model server. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct ModelClient {
+    http: reqwest::Client,
+    endpoint: String,
+    headers: HeaderMap,
+    config: ModelClientConfig,
+}
+
+impl fmt::Debug for ModelClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelClient")
+            .field("endpoint", &self.endpoint)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelClient {
+    pub fn new(config: ModelClientConfig) -> Result<Self, ModelError> {
+        install_crypto_provider();
+        let endpoint = endpoint(&config.base_url)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .build()
+            .map_err(|e| ModelError::Config(describe_reqwest_error(e)))?;
+        Ok(Self {
+            http,
+            endpoint,
+            headers: request_headers(&config)?,
+            config,
+        })
+    }
+
+    /// Asks the model, retrying failed tries per the config. Deltas and retry notices go to
+    /// `events` as they happen; a slow receiver slows the stream down rather than losing text.
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        validator: Option<&OutputValidator>,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, ModelError> {
+        let body = encode_request(request)?;
+        let mut try_number = 0;
+        loop {
+            try_number += 1;
+            let error = match self
+                .try_once(&body, try_number, validator, events, cancel)
+                .await
+            {
+                Ok(completion) => {
+                    return Ok(Completion {
+                        tries: try_number,
+                        ..completion
+                    });
+                }
+                Err(error) => error,
+            };
+            self.wait_before_retry(error, try_number, events, cancel)
+                .await?;
+        }
+    }
+
+    /// Gives up with `error` unless it is retryable and tries remain; otherwise reports the
+    /// retry and sleeps out the backoff.
+    async fn wait_before_retry(
+        &self,
+        error: ModelError,
+        failed_try: u32,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ModelError> {
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        if failed_try >= self.config.max_tries.max(1) {
+            let last = Box::new(error);
+            return Err(ModelError::Exhausted {
+                tries: failed_try,
+                last,
+            });
+        }
+        let delay = self
+            .backoff()
+            .delay(failed_try, error.retry_after(), rand::random());
+        let reason = format!("{error}; retrying in {delay:.1?}");
+        tracing::warn!(failed_try, %reason, "model try failed");
+        let event = ModelEvent::Retrying {
+            failed_try,
+            reason,
+            delay,
+        };
+        with_cancel(cancel, async {
+            let _receiver_gone = events.send(event).await;
+            tokio::time::sleep(delay).await;
+            Ok(())
+        })
+        .await
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.config.backoff_base,
+            max: self.config.backoff_max,
+            max_retry_after: self.config.max_retry_after,
+        }
+    }
+
+    /// One try under the total timeout and the cancel token, then the validator.
+    async fn try_once(
+        &self,
+        body: &[u8],
+        try_number: u32,
+        validator: Option<&OutputValidator>,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, ModelError> {
+        tracing::debug!(try_number, endpoint = %self.endpoint, "model try starting");
+        let total = self.config.total_timeout;
+        let attempt = tokio::time::timeout(total, self.stream_once(body, try_number, events));
+        let completion = with_cancel(cancel, async {
+            attempt.await.unwrap_or(Err(ModelError::Timeout {
+                which: TimeoutKind::Total,
+                after: total,
+            }))
+        })
+        .await?;
+        if let Some(validate) = validator {
+            validate(&completion.text).map_err(ModelError::InvalidOutput)?;
+        }
+        Ok(completion)
+    }
+
+    async fn stream_once(
+        &self,
+        body: &[u8],
+        try_number: u32,
+        events: &mpsc::Sender<ModelEvent>,
+    ) -> Result<Completion, ModelError> {
+        let first_token_due = Instant::now() + self.config.first_token_timeout;
+        let response = self.send(body, first_token_due).await?;
+        let generation_id = response
+            .headers()
+            .get(GENERATION_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let reply = self
+            .read_reply(response, try_number, first_token_due, events)
+            .await?;
+        reply.finish(generation_id)
+    }
+
+    /// Reads the SSE body, forwarding each delta as it arrives.
+    async fn read_reply(
+        &self,
+        response: reqwest::Response,
+        try_number: u32,
+        first_token_due: Instant,
+        events: &mpsc::Sender<ModelEvent>,
+    ) -> Result<Reply, ModelError> {
+        let bytes = idle_guarded(response.bytes_stream(), self.config.idle_timeout);
+        let mut sse = Box::pin(bytes.eventsource());
+        let mut reply = Reply::default();
+        while let Some(event) = self
+            .next_event(&mut sse, reply.started, first_token_due)
+            .await?
+        {
+            let Data::Chunk(chunk) = parse_data(&event.data)? else {
+                reply.done = true;
+                break;
+            };
+            if let Some(text) = reply.apply(chunk) {
+                let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Sends the request; a non-2xx answer becomes the matching error.
+    async fn send(
+        &self,
+        body: &[u8],
+        first_token_due: Instant,
+    ) -> Result<reqwest::Response, ModelError> {
+        let request = self
+            .http
+            .post(&self.endpoint)
+            .headers(self.headers.clone())
+            .body(body.to_vec())
+            .send();
+        let response = tokio::time::timeout_at(first_token_due, request)
+            .await
+            .map_err(|_| self.first_token_timeout())?
+            .map_err(|e| self.transport_error(e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(self.error_from_response(response).await)
+    }
+
+    async fn error_from_response(&self, response: reqwest::Response) -> ModelError {
+        let status = response.status().as_u16();
+        let retry_after = parse_retry_after(response.headers());
+        let body = tokio::time::timeout(self.config.idle_timeout, response.text())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        http_error(status, &body, retry_after)
+    }
+
+    /// The next SSE event; until the first token arrives, also bounded by its deadline.
+    async fn next_event<S>(
+        &self,
+        sse: &mut S,
+        started: bool,
+        first_token_due: Instant,
+    ) -> Result<Option<Event>, ModelError>
+    where
+        S: Stream<Item = Result<Event, EventStreamError<BodyError>>> + Unpin,
+    {
+        let next = if started {
+            sse.next().await
+        } else {
+            tokio::time::timeout_at(first_token_due, sse.next())
+                .await
+                .map_err(|_| self.first_token_timeout())?
+        };
+        next.transpose().map_err(|e| self.stream_error(e))
+    }
+
+    fn first_token_timeout(&self) -> ModelError {
+        ModelError::Timeout {
+            which: TimeoutKind::FirstToken,
+            after: self.config.first_token_timeout,
+        }
+    }
+
+    fn transport_error(&self, error: reqwest::Error) -> ModelError {
+        if error.is_connect() && error.is_timeout() {
+            let after = self.config.connect_timeout;
+            return ModelError::Timeout {
+                which: TimeoutKind::Connect,
+                after,
+            };
+        }
+        ModelError::Transport(describe_reqwest_error(error))
+    }
+
+    fn stream_error(&self, error: EventStreamError<BodyError>) -> ModelError {
+        match error {
+            EventStreamError::Transport(BodyError::Idle) => {
+                ModelError::Stalled(self.config.idle_timeout)
+            }
+            EventStreamError::Transport(BodyError::Transport(e)) => self.transport_error(e),
+            EventStreamError::Utf8(e) => ModelError::Malformed(format!("stream is not UTF-8: {e}")),
+            EventStreamError::Parser(_) => {
+                ModelError::Malformed("stream is not valid server-sent events".into())
+            }
+        }
+    }
+}
+
+fn endpoint(base_url: &str) -> Result<String, ModelError> {
+    let endpoint = format!("{}{CHAT_PATH}", base_url.trim_end_matches('/'));
+    reqwest::Url::parse(&endpoint)
+        .map_err(|e| ModelError::Config(format!("model base URL is not a valid URL: {e}")))?;
+    Ok(endpoint)
+}
+
+fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, ModelError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+    if let Some(key) = &config.api_key {
+        let mut value =
+            HeaderValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {
+                ModelError::Config("the API key has characters not allowed in a header".into())
+            })?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    let optional = [
+        ("http-referer", &config.http_referer),
+        ("x-title", &config.app_title),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            let value = HeaderValue::try_from(value.as_str())
+                .map_err(|_| ModelError::Config(format!("{name} is not a valid header value")))?;
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(headers)
+}
+
+/// The OpenAI-style body; always streaming.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a Value>,
+}
+
+fn encode_request(request: &ChatRequest) -> Result<Vec<u8>, ModelError> {
+    let wire = WireRequest {
+        model: &request.model,
+        messages: &request.messages,
+        stream: true,
+        temperature: request.temperature,
+        max_tokens: request.max_tokens,
+        response_format: request.response_format.as_ref(),
+    };
+    serde_json::to_vec(&wire).map_err(|e| ModelError::Request(e.to_string()))
+}
+
+/// Runs `work` unless and until `cancel` fires first.
+async fn with_cancel<T>(
+    cancel: &CancellationToken,
+    work: impl Future<Output = Result<T, ModelError>>,
+) -> Result<T, ModelError> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(ModelError::Cancelled),
+        result = work => result,
+    }
+}
+
+/// Exponential backoff with full jitter; a server's `Retry-After` is a floor, itself capped.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    max_retry_after: Duration,
+}
+
+impl Backoff {
+    /// `jitter` in `[0, 1]` picks the point between zero and the exponential ceiling.
+    fn delay(&self, failed_try: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+        let jittered = self.ceiling(failed_try).mul_f64(jitter.clamp(0.0, 1.0));
+        let floor = retry_after.map_or(Duration::ZERO, |wait| wait.min(self.max_retry_after));
+        jittered.max(floor)
+    }
+
+    fn ceiling(&self, failed_try: u32) -> Duration {
+        let doublings = failed_try.saturating_sub(1).min(31);
+        self.base.saturating_mul(1 << doublings).min(self.max)
+    }
+}
+
+/// `Retry-After` in seconds, integer or decimal. The HTTP-date form is ignored.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    Duration::try_from_secs_f64(text.trim().parse().ok()?).ok()
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: WireError,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(default)]
+    code: Value,
+    #[serde(default)]
+    message: String,
+}
+
+impl WireError {
+    fn code(&self) -> Option<u16> {
+        let code = match &self.code {
+            Value::String(text) => text.parse().ok(),
+            other => other.as_u64(),
+        };
+        code.and_then(|c| u16::try_from(c).ok())
+    }
+}
+
+/// A non-2xx response as an error, with the provider's own message when it sent one.
+fn http_error(status: u16, body: &str, retry_after: Option<Duration>) -> ModelError {
+    let message = serde_json::from_str::<ErrorBody>(body)
+        .map(|b| b.error.message)
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| fallback_message(status, body));
+    if is_retryable_status(status) {
+        ModelError::Status {
+            status,
+            message,
+            retry_after,
+        }
+    } else {
+        ModelError::Rejected { status, message }
+    }
+}
+
+fn fallback_message(status: u16, body: &str) -> String {
+    let body = excerpt(body.trim());
+    if body.is_empty() {
+        let reason = reqwest::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason());
+        reason.unwrap_or("no error message").to_owned()
+    } else {
+        body
+    }
+}
+
+fn excerpt(text: &str) -> String {
+    let mut excerpt: String = text.chars().take(EXCERPT_CHARS).collect();
+    if excerpt.len() < text.len() {
+        excerpt.push('…');
+    }
+    excerpt
+}
+
+/// reqwest's message plus its causes (the useful part, e.g. "connection refused"), with the
+/// URL reduced to scheme, host and path so no query string can leak.
+fn describe_reqwest_error(error: reqwest::Error) -> String {
+    let url = error.url().map(redact_url);
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if let Some(url) = url {
+        text.push_str(&format!(" ({url})"));
+    }
+    text
+}
+
+fn redact_url(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    url.to_string()
+}
+
+/// What can interrupt the byte stream before SSE parsing.
+#[derive(Debug)]
+enum BodyError {
+    Idle,
+    Transport(reqwest::Error),
+}
+
+/// The body's bytes, failing with [`BodyError::Idle`] when none arrive for `idle`. It sits
+/// below the SSE parser so keep-alive comments count as activity.
+fn idle_guarded<B>(
+    bytes: impl Stream<Item = reqwest::Result<B>> + Send + 'static,
+    idle: Duration,
+) -> impl Stream<Item = Result<B, BodyError>> {
+    futures::stream::unfold(Some(Box::pin(bytes)), move |state| async move {
+        let mut bytes = state?;
+        match tokio::time::timeout(idle, bytes.next()).await {
+            Err(_) => Some((Err(BodyError::Idle), None)),
+            Ok(None) => None,
+            Ok(Some(item)) => Some((item.map_err(BodyError::Transport), Some(bytes))),
+        }
+    })
+}
+
+/// What one SSE `data:` payload says.
+#[derive(Debug, PartialEq)]
+enum Data {
+    Done,
+    Chunk(Chunk),
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Chunk {
+    content: Option<String>,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Lenient on purpose: providers omit or null fields they do not track.
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    cost: Option<f64>,
+    prompt_tokens_details: Option<WirePromptDetails>,
+    completion_tokens_details: Option<WireCompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct WirePromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WireCompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(wire: WireUsage) -> Self {
+        let prompt_tokens = wire.prompt_tokens.unwrap_or(0);
+        let completion_tokens = wire.completion_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: wire
+                .total_tokens
+                .unwrap_or(prompt_tokens + completion_tokens),
+            cost_usd: wire.cost.unwrap_or(0.0),
+            cached_prompt_tokens: wire
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: wire
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Parses one `data:` payload. An `error` object is a failed try even though the HTTP status
+/// was 200: OpenRouter reports failures after the stream started this way.
+fn parse_data(data: &str) -> Result<Data, ModelError> {
+    if data.trim() == DONE_MARKER {
+        return Ok(Data::Done);
+    }
+    let wire: WireChunk = serde_json::from_str(data).map_err(|e| {
+        ModelError::Malformed(format!("chunk is not valid JSON ({e}): {}", excerpt(data)))
+    })?;
+    if let Some(error) = wire.error {
+        let code = error.code().unwrap_or(UNKNOWN_ERROR_CODE);
+        return Err(ModelError::MidStream {
+            code,
+            message: error.message,
+        });
+    }
+    let choice = wire.choices.into_iter().next();
+    let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
+    Ok(Data::Chunk(Chunk {
+        content: delta
+            .and_then(|d| d.content)
+            .filter(|text| !text.is_empty()),
+        finish_reason,
+        usage: wire.usage.map(Usage::from),
+    }))
+}
+
+/// The answer as it accumulates during one try.
+#[derive(Debug, Default)]
+struct Reply {
+    text: String,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+    started: bool,
+    done: bool,
+}
+
+impl Reply {
+    /// Folds a chunk in and returns its new text, if any.
+    fn apply(&mut self, chunk: Chunk) -> Option<String> {
+        if chunk.finish_reason.is_some() {
+            self.finish_reason = chunk.finish_reason;
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        let text = chunk.content?;
+        self.started = true;
+        self.text.push_str(&text);
+        Some(text)
+    }
+
+    /// A try counts as complete only if the stream said so: `[DONE]` or the usage chunk.
+    fn finish(self, generation_id: Option<String>) -> Result<Completion, ModelError> {
+        if !self.done && self.usage.is_none() {
+            return Err(ModelError::Malformed("stream ended before [DONE]".into()));
+        }
+        if self.finish_reason.as_deref() == Some("error") {
+            let message = "finish_reason \"error\" without error details".into();
+            return Err(ModelError::MidStream {
+                code: UNKNOWN_ERROR_CODE,
+                message,
+            });
+        }
+        Ok(Completion {
+            text: self.text,
+            usage: self.usage.unwrap_or_default(),
+            generation_id,
+            finish_reason: self.finish_reason,
+            tries: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BACKOFF: Backoff = Backoff {
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(10),
+        max_retry_after: Duration::from_secs(60),
+    };
+
+    fn chunk(data: &str) -> Chunk {
+        match parse_data(data).expect("chunk parses") {
+            Data::Chunk(chunk) => chunk,
+            Data::Done => panic!("expected a chunk, got [DONE]"),
+        }
+    }
+
+    #[test]
+    fn backoff_ceiling_doubles_per_try_and_stops_at_the_max() {
+        assert_eq!(BACKOFF.delay(1, None, 1.0), Duration::from_millis(500));
+        assert_eq!(BACKOFF.delay(2, None, 1.0), Duration::from_secs(1));
+        assert_eq!(BACKOFF.delay(3, None, 1.0), Duration::from_secs(2));
+        assert_eq!(BACKOFF.delay(10, None, 1.0), Duration::from_secs(10));
+        assert_eq!(BACKOFF.delay(u32::MAX, None, 1.0), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn full_jitter_spans_zero_to_the_ceiling() {
+        assert_eq!(BACKOFF.delay(2, None, 0.0), Duration::ZERO);
+        assert_eq!(BACKOFF.delay(2, None, 0.25), Duration::from_millis(250));
+        assert_eq!(BACKOFF.delay(2, None, 7.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_capped_by_max_retry_after() {
+        let one = Some(Duration::from_secs(1));
+        assert_eq!(BACKOFF.delay(1, one, 0.0), Duration::from_secs(1));
+        assert_eq!(BACKOFF.delay(5, one, 1.0), Duration::from_secs(8));
+        let huge = Some(Duration::from_secs(3600));
+        assert_eq!(BACKOFF.delay(1, huge, 0.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retry_after_header_accepts_integer_and_decimal_seconds() {
+        let parse = |text: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(text).unwrap());
+            parse_retry_after(&headers)
+        };
+        assert_eq!(parse("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse(" 1.5 "), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse("NaN"), None);
+        assert_eq!(parse_retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn content_chunk_yields_text_and_finish_reason() {
+        let parsed = chunk(
+            r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}"#,
+        );
+        assert_eq!(parsed.content.as_deref(), Some("Hi"));
+        assert_eq!(parsed.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(parsed.usage, None);
+    }
+
+    #[test]
+    fn empty_or_null_delta_yields_no_text() {
+        assert_eq!(
+            chunk(r#"{"choices":[{"delta":{"content":""}}]}"#).content,
+            None
+        );
+        assert_eq!(chunk(r#"{"choices":[{"delta":null}]}"#).content, None);
+        assert_eq!(chunk(r#"{"choices":[]}"#), Chunk::default());
+    }
+
+    #[test]
+    fn usage_chunk_reads_cost_and_token_details() {
+        let parsed = chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+                "cost":0.00042,"cost_details":{"upstream_inference_cost":0.00042},
+                "prompt_tokens_details":{"cached_tokens":4},
+                "completion_tokens_details":{"reasoning_tokens":2}}}"#,
+        );
+        let usage = parsed.usage.expect("usage present");
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (10, 5, 15)
+        );
+        assert_eq!(usage.cost_usd, 0.00042);
+        assert_eq!((usage.cached_prompt_tokens, usage.reasoning_tokens), (4, 2));
+    }
+
+    #[test]
+    fn done_marker_ends_the_stream() {
+        assert_eq!(parse_data("[DONE]").unwrap(), Data::Done);
+    }
+
+    #[test]
+    fn error_chunk_is_a_failed_try_retryable_by_code() {
+        let provider_down = parse_data(
+            r#"{"error":{"code":502,"message":"Provider disconnected"},"choices":[{"delta":{"content":""},"finish_reason":"error"}]}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            provider_down,
+            ModelError::MidStream { code: 502, .. }
+        ));
+        assert!(provider_down.is_retryable());
+        let moderated = parse_data(r#"{"error":{"code":"403","message":"flagged"}}"#).unwrap_err();
+        assert!(!moderated.is_retryable());
+        assert!(moderated.to_string().contains("flagged"));
+    }
+
+    #[test]
+    fn non_json_chunk_is_a_retryable_malformed_error() {
+        let error = parse_data("{this is not json").unwrap_err();
+        assert!(matches!(error, ModelError::Malformed(_)));
+        assert!(error.is_retryable());
+    }
+
+    #[test]
+    fn stream_without_done_or_usage_is_not_a_completion() {
+        let mut reply = Reply::default();
+        reply.apply(Chunk {
+            content: Some("partial".into()),
+            ..Chunk::default()
+        });
+        assert!(matches!(reply.finish(None), Err(ModelError::Malformed(_))));
+    }
+
+    #[test]
+    fn finished_stream_keeps_text_usage_and_finish_reason() {
+        let mut reply = Reply::default();
+        reply.apply(Chunk {
+            content: Some("a".into()),
+            ..Chunk::default()
+        });
+        reply.apply(Chunk {
+            content: Some("b".into()),
+            finish_reason: Some("stop".into()),
+            usage: None,
+        });
+        reply.apply(Chunk {
+            usage: Some(Usage {
+                total_tokens: 3,
+                ..Usage::default()
+            }),
+            ..Chunk::default()
+        });
+        let completion = reply.finish(Some("gen-1".into())).unwrap();
+        assert_eq!(completion.text, "ab");
+        assert_eq!(completion.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(completion.usage.total_tokens, 3);
+        assert_eq!(completion.generation_id.as_deref(), Some("gen-1"));
+    }
+
+    #[test]
+    fn http_errors_split_into_rejected_and_retryable() {
+        let body = r#"{"error":{"code":402,"message":"Insufficient credits"}}"#;
+        let error = http_error(402, body, None);
+        assert!(matches!(error, ModelError::Rejected { status: 402, .. }));
+        assert!(error.to_string().contains("Insufficient credits"));
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert!(http_error(status, "", None).is_retryable(), "{status}");
+        }
+        for status in [400, 401, 402, 403, 404] {
+            assert!(!http_error(status, "", None).is_retryable(), "{status}");
+        }
+        assert!(
+            http_error(503, "", None)
+                .to_string()
+                .contains("Service Unavailable")
+        );
+    }
+
+    #[test]
+    fn urls_in_errors_lose_query_and_credentials() {
+        let url =
+            reqwest::Url::parse("https://user:pw@example.com/api/v1/x?key=sk-secret#f").unwrap();
+        assert_eq!(redact_url(&url), "https://example.com/api/v1/x");
+    }
+
+    #[test]
+    fn headers_carry_the_key_only_when_set_and_config_debug_hides_it() {
+        let anonymous = ModelClientConfig::default();
+        assert!(
+            request_headers(&anonymous)
+                .unwrap()
+                .get(AUTHORIZATION)
+                .is_none()
+        );
+        let config = ModelClientConfig {
+            api_key: Some("sk-or-TESTSECRET".into()),
+            app_title: Some("Nexus".into()),
+            ..ModelClientConfig::default()
+        };
+        let headers = request_headers(&config).unwrap();
+        assert!(headers[AUTHORIZATION].is_sensitive());
+        assert_eq!(headers["x-title"], "Nexus");
+        assert!(!format!("{config:?}").contains("TESTSECRET"));
+    }
+
+    #[test]
+    fn endpoint_appends_the_chat_path_once() {
+        let expected = "http://127.0.0.1:1/api/v1/chat/completions";
+        assert_eq!(endpoint("http://127.0.0.1:1/").unwrap(), expected);
+        assert!(matches!(endpoint("not a url"), Err(ModelError::Config(_))));
+    }
+
+    #[test]
+    fn request_body_always_streams_and_omits_unset_options() {
+        let request = ChatRequest {
+            model: "m".into(),
+            messages: vec![ChatMessage::new("user", "hi")],
+            ..ChatRequest::default()
+        };
+        let body: Value = serde_json::from_slice(&encode_request(&request).unwrap()).unwrap();
+        assert_eq!(body["stream"], true);
+        assert!(body.get("temperature").is_none());
+        assert_eq!(body["messages"][0]["content"], "hi");
+    }
+}

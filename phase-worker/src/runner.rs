@@ -1,0 +1,288 @@
+//! Running one phase task: announce it, render its prompt from stored
+//! outputs, call the model while streaming deltas into the workflow's event
+//! log and heartbeating the claim, then publish the result.
+
+use crate::cancellation::CancelRegistry;
+use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
+use crate::rating;
+use crate::task_lifecycle::TaskHandle;
+use nexus_pipeline::definition::render_prompt;
+use nexus_proto::internal::{OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome};
+use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, Usage, workflow_event::Kind};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Deltas are coalesced for at most this long before one event is written.
+const DELTA_FLUSH: Duration = Duration::from_millis(100);
+/// ... or until this many bytes are buffered.
+const DELTA_MAX_BYTES: usize = 4096;
+
+/// What a worker shares among its tasks.
+pub struct RunnerContext {
+    pub client: ModelClient,
+    pub cancels: Arc<CancelRegistry>,
+    pub shutdown: CancellationToken,
+    pub heartbeat_every: Duration,
+}
+
+/// Runs a task to its end. Errors talking to Redis leave the task
+/// unacknowledged, so it is reclaimed and run again.
+pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
+    let Some(spec) = task.spec.clone() else {
+        tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
+        finish(&handle, None).await;
+        return;
+    };
+    let started = Kind::PhaseStarted(PhaseStarted {
+        index: task.phase_index,
+        phase: spec.name.clone(),
+        model: spec.model.clone(),
+        delivery: delivery as u32,
+        worker: handle.consumer.clone(),
+    });
+    match handle.append(started).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
+            finish(&handle, None).await;
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not start task; it will be redelivered");
+            return;
+        }
+    }
+    let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
+    let outcome = call_model(ctx, &handle, &task, &spec, delivery, &registration.token).await;
+    match outcome {
+        CallOutcome::Result(result) => finish(&handle, Some(&result)).await,
+        CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
+            tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker")
+        }
+        CallOutcome::Stopped => finish(&handle, None).await,
+    }
+}
+
+enum CallOutcome {
+    Result(PhaseResult),
+    /// Cancelled, reclaimed by another worker, or shutting down: no result.
+    Stopped,
+}
+
+async fn call_model(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    delivery: u64,
+    stop: &CancellationToken,
+) -> CallOutcome {
+    let request = match chat_request(handle, spec).await {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(%error, "could not load phase inputs; the task will be redelivered");
+            stop.cancel();
+            return CallOutcome::Stopped;
+        }
+    };
+    let (events, receiver) = mpsc::channel(256);
+    let forwarder = tokio::spawn(forward_events(handle.clone(), spec.name.clone(), delivery, receiver, stop.clone()));
+    let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
+    let started = Instant::now();
+    let validator: Option<&OutputValidator> = match spec.output() {
+        OutputKind::Rating => Some(&validate_rating),
+        _ => None,
+    };
+    let answer = ctx.client.complete(&request, validator, &events, stop).await;
+    drop(events);
+    forwarder.await.ok();
+    heartbeat.abort();
+    match answer {
+        Err(ModelError::Cancelled) => CallOutcome::Stopped,
+        _ if stop.is_cancelled() => CallOutcome::Stopped,
+        Ok(completion) => CallOutcome::Result(success(handle, task, spec, completion, started.elapsed())),
+        Err(error) => CallOutcome::Result(result(handle, task, spec, Outcome::Failure(PhaseFailure { reason: error.to_string() }))),
+    }
+}
+
+fn validate_rating(text: &str) -> Result<(), String> {
+    rating::parse_rating(text).map(|_| ())
+}
+
+/// Loads the phase's inputs and renders its prompt.
+async fn chat_request(handle: &TaskHandle, spec: &PhaseSpec) -> redis::RedisResult<ChatRequest> {
+    let values: Vec<Option<String>> = if spec.inputs.is_empty() {
+        Vec::new()
+    } else {
+        redis::cmd("HMGET").arg(handle.keys.outputs()).arg(&spec.inputs).query_async(&mut handle.conn.clone()).await?
+    };
+    let inputs: HashMap<String, String> =
+        spec.inputs.iter().cloned().zip(values.into_iter().map(Option::unwrap_or_default)).collect();
+    let mut messages = Vec::new();
+    if !spec.system_prompt.is_empty() {
+        messages.push(ChatMessage { role: "system".into(), content: spec.system_prompt.clone() });
+    }
+    messages.push(ChatMessage { role: "user".into(), content: render_prompt(&spec.prompt_template, &inputs) });
+    Ok(ChatRequest {
+        model: spec.model.clone(),
+        messages,
+        temperature: spec.temperature,
+        max_tokens: (spec.max_tokens > 0).then_some(spec.max_tokens),
+        response_format: (spec.output() == OutputKind::Rating).then(rating::response_format),
+    })
+}
+
+/// Writes the model's deltas and retries into the event log, coalesced. A
+/// refused append (the workflow was cancelled or moved on) stops the call.
+async fn forward_events(
+    handle: TaskHandle,
+    phase: String,
+    delivery: u64,
+    mut receiver: mpsc::Receiver<ModelEvent>,
+    stop: CancellationToken,
+) {
+    let mut buffer = DeltaBuffer::default();
+    let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
+    loop {
+        let next = tokio::select! {
+            event = receiver.recv() => event,
+            _ = flush_timer.tick() => {
+                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                continue;
+            }
+        };
+        match next {
+            Some(ModelEvent::Delta { try_number, text }) => {
+                if buffer.try_number != try_number {
+                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                    buffer.try_number = try_number;
+                }
+                buffer.text.push_str(&text);
+                if buffer.text.len() >= DELTA_MAX_BYTES {
+                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                }
+            }
+            Some(ModelEvent::Retrying { failed_try, reason, delay }) => {
+                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                let retrying = Kind::PhaseRetrying(PhaseRetrying {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    r#try: failed_try,
+                    reason,
+                    retry_in_ms: delay.as_millis() as u64,
+                });
+                append_or_stop(&handle, retrying, &stop).await;
+            }
+            None => {
+                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct DeltaBuffer {
+    try_number: u32,
+    text: String,
+}
+
+async fn flush(handle: &TaskHandle, phase: &str, delivery: u64, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
+    if buffer.text.is_empty() {
+        return;
+    }
+    let delta = Kind::PhaseOutputDelta(PhaseOutputDelta {
+        index: handle.phase_index,
+        phase: phase.to_string(),
+        text: std::mem::take(&mut buffer.text),
+        delivery: delivery as u32,
+        r#try: buffer.try_number,
+    });
+    append_or_stop(handle, delta, stop).await;
+}
+
+async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {
+    match handle.append(kind).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(workflow_id = %handle.workflow, "workflow cancelled or moved on; aborting the model call");
+            stop.cancel();
+        }
+        Err(error) => tracing::warn!(%error, "could not append an event; continuing"),
+    }
+}
+
+/// Heartbeats the claim until the call ends; stops the call when the task
+/// was taken over or is no longer current.
+async fn keep_claim(handle: TaskHandle, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        match handle.heartbeat().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
+                stop.cancel();
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat failed; will retry"),
+        }
+    }
+}
+
+fn success(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, completion: Completion, elapsed: Duration) -> PhaseResult {
+    let rating = match spec.output() {
+        OutputKind::Rating => rating::parse_rating(&completion.text).ok(),
+        _ => None,
+    };
+    let usage = &completion.usage;
+    let success = PhaseSuccess {
+        usage: Some(Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+            cost_usd: usage.cost_usd,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+        }),
+        duration_ms: elapsed.as_millis() as u64,
+        tries: completion.tries,
+        rating,
+        generation_id: completion.generation_id.unwrap_or_default(),
+        output: completion.text,
+    };
+    result(handle, task, spec, Outcome::Success(success))
+}
+
+fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outcome) -> PhaseResult {
+    PhaseResult {
+        version: nexus_proto::STREAM_MESSAGE_VERSION,
+        workflow_id: task.workflow_id.clone(),
+        phase_index: task.phase_index,
+        attempt: task.attempt,
+        outcome: Some(outcome),
+        worker: handle.consumer.clone(),
+        traceparent: task.traceparent.clone(),
+        model: spec.model.clone(),
+        published_at_ms: nexus_pipeline::now_ms(),
+        pipeline_id: task.pipeline_id.clone(),
+    }
+}
+
+async fn finish(handle: &TaskHandle, result: Option<&PhaseResult>) {
+    if let Err(error) = handle.finish(result).await {
+        tracing::warn!(%error, workflow_id = %handle.workflow, "could not publish the result; the task will be redelivered");
+    }
+}
+
+/// The failure result reported for a task sent to the dead-letter stream.
+pub fn dead_letter_result(handle: &TaskHandle, task: &PhaseTask, deliveries: u64) -> PhaseResult {
+    let spec = task.spec.clone().unwrap_or_default();
+    let reason = format!("the task was delivered {deliveries} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream");
+    result(handle, task, &spec, Outcome::Failure(PhaseFailure { reason }))
+}

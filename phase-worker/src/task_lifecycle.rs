@@ -1,0 +1,111 @@
+//! A task's life in Redis, from the worker's side: fenced event appends,
+//! heartbeats that keep the claim, and the final acknowledgement together
+//! with the result (or the move to the dead-letter stream). Each step that
+//! must be atomic is one Lua script under `lua/`.
+
+use nexus_pipeline::ids::WorkflowId;
+use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys};
+use nexus_pipeline::stream::WORKERS_GROUP;
+use nexus_proto::internal::{PhaseResult, PhaseTask};
+use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
+use prost::Message;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use std::sync::LazyLock;
+
+static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/append_event.lua")));
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
+static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish_task.lua")));
+static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dead_letter.lua")));
+
+/// One claimed task and where it lives.
+#[derive(Clone)]
+pub struct TaskHandle {
+    pub conn: ConnectionManager,
+    pub entry_id: String,
+    pub consumer: String,
+    pub workflow: WorkflowId,
+    pub keys: WorkflowKeys,
+    pub phase_index: u32,
+    pub attempt: u32,
+}
+
+impl TaskHandle {
+    pub fn new(conn: ConnectionManager, entry_id: String, consumer: String, task: &PhaseTask) -> Result<Self, String> {
+        let workflow = WorkflowId::parse(&task.workflow_id).map_err(|error| error.to_string())?;
+        Ok(Self {
+            conn,
+            entry_id,
+            consumer,
+            keys: WorkflowKeys::new(&workflow),
+            workflow,
+            phase_index: task.phase_index,
+            attempt: task.attempt,
+        })
+    }
+
+    /// Appends an event if the task is still current; `false` means stop.
+    pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
+        let event = WorkflowEvent {
+            time: Some(nexus_proto::timestamp_from_ms(nexus_pipeline::now_ms())),
+            kind: Some(kind),
+            ..Default::default()
+        };
+        let appended: i64 = APPEND_EVENT
+            .key(self.keys.state())
+            .key(self.keys.events())
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(event.encode_to_vec())
+            .arg(nexus_pipeline::now_ms())
+            .arg(EVENTS_CHANNEL)
+            .arg(self.workflow.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(appended == 1)
+    }
+
+    /// Extends the claim; `false` means the task was reclaimed by another
+    /// worker or is no longer current, so this worker should stop.
+    pub async fn heartbeat(&self) -> redis::RedisResult<bool> {
+        let alive: i64 = HEARTBEAT
+            .key(self.keys.shard.tasks())
+            .key(self.keys.state())
+            .arg(WORKERS_GROUP)
+            .arg(&self.entry_id)
+            .arg(&self.consumer)
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(alive == 1)
+    }
+
+    /// Publishes the result (if any) and acknowledges the task, atomically.
+    pub async fn finish(&self, result: Option<&PhaseResult>) -> redis::RedisResult<()> {
+        let payload = result.map(Message::encode_to_vec).unwrap_or_default();
+        FINISH_TASK
+            .key(self.keys.shard.results())
+            .key(self.keys.shard.tasks())
+            .arg(payload)
+            .arg(WORKERS_GROUP)
+            .arg(&self.entry_id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Moves a poison task to the dead-letter stream and reports the failure.
+    pub async fn dead_letter(&self, task: &[u8], failure: &PhaseResult, deliveries: u64) -> redis::RedisResult<()> {
+        DEAD_LETTER
+            .key(self.keys.shard.dead_letter())
+            .key(self.keys.shard.results())
+            .key(self.keys.shard.tasks())
+            .arg(task)
+            .arg(failure.encode_to_vec())
+            .arg(WORKERS_GROUP)
+            .arg(&self.entry_id)
+            .arg(deliveries)
+            .invoke_async(&mut self.conn.clone())
+            .await
+    }
+}

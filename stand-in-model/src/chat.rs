@@ -1,0 +1,116 @@
+//! `POST /api/v1/chat/completions`: checks the bearer token, logs the request, draws a fault,
+//! then answers with an error, a stream or a whole completion.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header::{AUTHORIZATION, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::faults::Fault;
+use crate::plan::{ChatBody, Plan};
+use crate::state::{Outcome, RequestRecord, Shared};
+use crate::{stream, wire};
+
+const MALFORMED_BODY: &str = "{this is not json";
+
+pub(crate) async fn completions(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = match serde_json::from_slice::<ChatBody>(&body) {
+        Ok(body) => body,
+        Err(err) => return reject_unreadable(&shared, &err),
+    };
+    let outcome = shared.record(body.record());
+    if !has_bearer(&headers) {
+        outcome.settle("status 401");
+        return error_response(401, "No auth credentials found", None, false);
+    }
+    let fault = shared.take_fault(&body.model);
+    if let Some(Fault::Status {
+        status,
+        message,
+        retry_after_secs,
+    }) = &fault
+    {
+        outcome.settle(format!("status {status}"));
+        let message = message
+            .clone()
+            .unwrap_or_else(|| format!("Stand-in fault: status {status}"));
+        return error_response(*status, &message, *retry_after_secs, true);
+    }
+    let plan = Plan::new(&body, shared.config(), outcome.seq(), fault);
+    if body.stream {
+        stream::respond(plan, outcome)
+    } else {
+        whole(plan, outcome).await
+    }
+}
+
+/// Any non-empty bearer token will do; the token itself is never looked at or logged.
+fn has_bearer(headers: &HeaderMap) -> bool {
+    let value = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    value
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| !token.trim().is_empty())
+}
+
+fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
+    let record = RequestRecord {
+        seq: 0,
+        model: String::new(),
+        stream: false,
+        structured: false,
+        prompt_excerpt: String::new(),
+        outcome: String::new(),
+    };
+    shared.record(record).settle("status 400");
+    error_response(400, &format!("Invalid request body: {err}"), None, false)
+}
+
+fn error_response(
+    status: u16,
+    message: &str,
+    retry_after_secs: Option<f64>,
+    scripted: bool,
+) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (code, Json(wire::error_body(status, message, scripted))).into_response();
+    let retry_after =
+        retry_after_secs.and_then(|secs| HeaderValue::try_from(secs.to_string()).ok());
+    if let Some(value) = retry_after {
+        response.headers_mut().insert(RETRY_AFTER, value);
+    }
+    response
+}
+
+/// A non-streaming answer: same latency and faults, delivered in one body.
+async fn whole(plan: Plan, outcome: Outcome) -> Response {
+    tokio::time::sleep(plan.first_token_latency).await;
+    let response = match &plan.fault {
+        Some(Fault::Stall { secs, .. }) => {
+            tokio::time::sleep(Duration::try_from_secs_f64(*secs).unwrap_or_default()).await;
+            completion_response(&plan)
+        }
+        Some(Fault::Malformed { .. }) => MALFORMED_BODY.into_response(),
+        Some(Fault::MidStreamError { code, message, .. }) => {
+            let message = message
+                .as_deref()
+                .unwrap_or("Provider disconnected (stand-in)");
+            error_response(*code, message, None, true)
+        }
+        _ => completion_response(&plan),
+    };
+    outcome.settle(plan.outcome_label());
+    response
+}
+
+fn completion_response(plan: &Plan) -> Response {
+    let body = wire::completion(&plan.meta, &plan.text(), plan.finish_reason, &plan.usage);
+    ([("x-generation-id", plan.meta.id.clone())], Json(body)).into_response()
+}

@@ -1,0 +1,157 @@
+//! What one chat request will produce, decided up front from the request, the config and the
+//! fault it drew: the deltas, the usage, the timing. The HTTP layers then only play it out.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::StandInConfig;
+use crate::faults::Fault;
+use crate::reply;
+use crate::state::RequestRecord;
+use crate::wire::{self, Meta};
+
+const EXCERPT_CHARS: usize = 160;
+
+/// The parts of an OpenAI-style request body the stand-in reads.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatBody {
+    pub model: String,
+    #[serde(default)]
+    messages: Vec<Message>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    #[serde(default)]
+    role: String,
+    /// A string, or OpenAI's array of `{"type": "text", "text": ...}` parts.
+    #[serde(default)]
+    content: Value,
+}
+
+impl Message {
+    fn text(&self) -> String {
+        match &self.content {
+            Value::String(text) => text.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        }
+    }
+}
+
+impl ChatBody {
+    pub(crate) fn structured(&self) -> bool {
+        let kind = self.response_format.as_ref().and_then(|f| f.get("type"));
+        matches!(
+            kind.and_then(Value::as_str),
+            Some("json_schema" | "json_object")
+        )
+    }
+
+    fn last_user_text(&self) -> String {
+        let last = self.messages.iter().rev().find(|m| m.role == "user");
+        last.map(Message::text).unwrap_or_default()
+    }
+
+    /// About four characters per token, like the real tokenizers on English.
+    fn prompt_tokens(&self) -> u64 {
+        let chars: usize = self.messages.iter().map(|m| m.text().chars().count()).sum();
+        (chars as u64 / 4).max(1)
+    }
+
+    pub(crate) fn record(&self) -> RequestRecord {
+        RequestRecord {
+            seq: 0,
+            model: self.model.clone(),
+            stream: self.stream,
+            structured: self.structured(),
+            prompt_excerpt: self.last_user_text().chars().take(EXCERPT_CHARS).collect(),
+            outcome: String::new(),
+        }
+    }
+}
+
+/// Everything one generation will send.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub meta: Meta,
+    pub chunks: Vec<String>,
+    pub finish_reason: &'static str,
+    pub usage: Value,
+    pub first_token_latency: Duration,
+    pub token_interval: Option<Duration>,
+    pub keepalive_comments: bool,
+    pub fault: Option<Fault>,
+}
+
+impl Plan {
+    pub(crate) fn new(
+        body: &ChatBody,
+        config: &StandInConfig,
+        seq: u64,
+        fault: Option<Fault>,
+    ) -> Self {
+        let mut chunks = reply::chunks(&reply_text(body, config, fault.as_ref()));
+        let mut finish_reason = "stop";
+        if let Some(max) = body.max_tokens.filter(|max| *max < chunks.len()) {
+            chunks.truncate(max.max(1));
+            finish_reason = "length";
+        }
+        let first_token_latency = match fault {
+            Some(Fault::Latency { first_token_ms }) => Duration::from_millis(first_token_ms),
+            _ => config.first_token_latency,
+        };
+        Self {
+            meta: Meta {
+                id: format!("gen-standin-{seq}"),
+                model: body.model.clone(),
+                created: unix_now(),
+            },
+            usage: wire::usage(&body.model, body.prompt_tokens(), chunks.len() as u64),
+            chunks,
+            finish_reason,
+            first_token_latency,
+            token_interval: config.token_interval(),
+            keepalive_comments: config.keepalive_comments,
+            fault,
+        }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        self.chunks.concat()
+    }
+
+    /// What the request log records when the plan plays out to the end.
+    pub(crate) fn outcome_label(&self) -> String {
+        self.fault
+            .as_ref()
+            .map_or_else(|| "ok".into(), Fault::outcome_label)
+    }
+}
+
+fn reply_text(body: &ChatBody, config: &StandInConfig, fault: Option<&Fault>) -> String {
+    let prompt = body.last_user_text();
+    match (body.structured(), fault) {
+        (true, Some(Fault::BadJsonOutput)) => reply::BAD_JSON_OUTPUT.to_owned(),
+        (true, _) => reply::structured_text(&body.model, &prompt),
+        (false, _) => reply::free_text(&body.model, &prompt, config.reply_words),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

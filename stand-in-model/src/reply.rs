@@ -1,0 +1,89 @@
+//! The reply text. It is deterministic so tests and benchmarks are repeatable, derived from the
+//! prompt so different phases visibly differ, and always labelled as the stand-in's so nobody
+//! mistakes demo output for a real model's.
+
+const FALLBACK_WORDS: [&str; 4] = ["stand-in", "reply", "without", "prompt"];
+
+/// Banner plus `words` words cycled from the prompt.
+pub(crate) fn free_text(model: &str, prompt: &str, words: usize) -> String {
+    let mut source: Vec<&str> = prompt.split_whitespace().collect();
+    if source.is_empty() {
+        source = FALLBACK_WORDS.to_vec();
+    }
+    let mut text = format!("[stand-in model for {model}; not a real LLM]");
+    for word in source.iter().cycle().take(words) {
+        text.push(' ');
+        text.push_str(word);
+    }
+    text
+}
+
+/// A structured-output answer: a score from 1 to 10 fixed by the prompt, and reasons that say
+/// where it came from.
+pub(crate) fn structured_text(model: &str, prompt: &str) -> String {
+    let verdict = Verdict {
+        score: 1 + fnv1a(prompt.as_bytes()) % 10,
+        reasons: [
+            format!("stand-in: score for {model} derived from a hash of the prompt"),
+            "stand-in: not a real evaluation".to_owned(),
+        ],
+    };
+    serde_json::to_string(&verdict).expect("a struct of strings and numbers serializes")
+}
+
+/// Field order matters to humans reading demo output: score first.
+#[derive(serde::Serialize)]
+struct Verdict {
+    score: u64,
+    reasons: [String; 2],
+}
+
+/// Text a structured request gets under the `bad_json_output` fault.
+pub(crate) const BAD_JSON_OUTPUT: &str = "not json at all (stand-in)";
+
+/// Splits text into word-sized deltas whose concatenation is exactly the text.
+pub(crate) fn chunks(text: &str) -> Vec<String> {
+    text.split(' ')
+        .enumerate()
+        .map(|(i, word)| {
+            if i == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            }
+        })
+        .collect()
+}
+
+/// FNV-1a: stable across Rust releases, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_text_names_the_stand_in_and_cycles_prompt_words() {
+        let text = free_text("m/x", "alpha beta", 3);
+        assert_eq!(
+            text,
+            "[stand-in model for m/x; not a real LLM] alpha beta alpha"
+        );
+        assert_eq!(chunks(&text).concat(), text);
+    }
+
+    #[test]
+    fn structured_text_is_json_with_a_stable_score_in_range() {
+        let text = structured_text("m", "judge this");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let score = value["score"].as_u64().unwrap();
+        assert!((1..=10).contains(&score));
+        assert_eq!(text, structured_text("m", "judge this"));
+        assert!(value["reasons"][0].as_str().unwrap().contains("stand-in"));
+        assert_eq!(chunks(&text).concat(), text);
+    }
+}

@@ -1,0 +1,156 @@
+//! Plays a [`Plan`] out as an SSE body, the way OpenRouter streams: keep-alive comments while
+//! "processing", one `data:` chunk per word, a usage chunk, `[DONE]`, and any scripted
+//! mid-stream fault. A spawned task writes into a small channel that feeds the body, so it
+//! notices at once when the client hangs up (the channel closes) and stops generating.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::faults::Fault;
+use crate::plan::Plan;
+use crate::state::Outcome;
+use crate::wire;
+
+/// How often OpenRouter-style comments are repeated while waiting for the first token.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_COMMENT: &str = ": OPENROUTER PROCESSING\n\n";
+const MALFORMED_CHUNK: &str = "data: {this is not json\n\n";
+const DONE: &str = "data: [DONE]\n\n";
+
+/// Starts the producer and returns the streaming response.
+pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let generation_id = plan.meta.id.clone();
+    tokio::spawn(produce(plan, Sink(tx), outcome));
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
+    (
+        [
+            (CONTENT_TYPE, "text/event-stream"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        [("x-generation-id", generation_id)],
+        body,
+    )
+        .into_response()
+}
+
+/// The client went away.
+struct Gone;
+
+/// The writing end of the body.
+struct Sink(mpsc::Sender<Bytes>);
+
+impl Sink {
+    async fn send(&self, frame: impl Into<String>) -> Result<(), Gone> {
+        self.0
+            .send(Bytes::from(frame.into()))
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn send_data(&self, chunk: &Value) -> Result<(), Gone> {
+        self.send(format!("data: {chunk}\n\n")).await
+    }
+
+    /// Waits, but gives up as soon as the client hangs up.
+    async fn pause(&self, wait: Duration) -> Result<(), Gone> {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => Ok(()),
+            () = self.0.closed() => Err(Gone),
+        }
+    }
+}
+
+async fn produce(plan: Plan, sink: Sink, outcome: Outcome) {
+    if play(&plan, &sink).await.is_ok() {
+        outcome.settle(plan.outcome_label());
+    }
+}
+
+async fn play(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
+    wait_for_first_token(plan, sink).await?;
+    let words = plan.chunks.len();
+    let fault_at = plan
+        .fault
+        .as_ref()
+        .and_then(Fault::fires_after)
+        .map(|at| at.min(words));
+    for index in 0..=words {
+        if fault_at == Some(index) && !fault_mid_stream(plan, sink).await? {
+            return Ok(());
+        }
+        if index < words {
+            send_word(plan, sink, index).await?;
+        }
+    }
+    sink.send_data(&wire::usage_chunk(&plan.meta, &plan.usage))
+        .await?;
+    sink.send(DONE).await
+}
+
+/// One paced content chunk; the last one carries the finish reason.
+async fn send_word(plan: &Plan, sink: &Sink, index: usize) -> Result<(), Gone> {
+    if let Some(interval) = plan.token_interval.filter(|_| index > 0) {
+        sink.pause(interval).await?;
+    }
+    let finish = (index + 1 == plan.chunks.len()).then_some(plan.finish_reason);
+    let chunk = wire::content_chunk(&plan.meta, &plan.chunks[index], finish);
+    sink.send_data(&chunk).await
+}
+
+/// Comments now and every [`KEEPALIVE_INTERVAL`] until the first token is due.
+async fn wait_for_first_token(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
+    let due = Instant::now() + plan.first_token_latency;
+    loop {
+        if plan.keepalive_comments {
+            sink.send(KEEPALIVE_COMMENT).await?;
+        }
+        let left = due.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let wait = if plan.keepalive_comments {
+            left.min(KEEPALIVE_INTERVAL)
+        } else {
+            left
+        };
+        sink.pause(wait).await?;
+        if Instant::now() >= due {
+            return Ok(());
+        }
+    }
+}
+
+/// Plays the plan's mid-stream fault; `Ok(true)` means the stream carries on afterwards.
+async fn fault_mid_stream(plan: &Plan, sink: &Sink) -> Result<bool, Gone> {
+    match &plan.fault {
+        Some(Fault::Stall { secs, .. }) => {
+            sink.pause(Duration::try_from_secs_f64(*secs).unwrap_or_default())
+                .await?;
+            Ok(true)
+        }
+        Some(Fault::Malformed { .. }) => {
+            sink.send(MALFORMED_CHUNK).await?;
+            Ok(false)
+        }
+        Some(Fault::MidStreamError { code, message, .. }) => {
+            let message = message
+                .as_deref()
+                .unwrap_or("Provider disconnected (stand-in)");
+            sink.send_data(&wire::error_chunk(&plan.meta, *code, message))
+                .await?;
+            sink.send(DONE).await?;
+            Ok(false)
+        }
+        _ => Ok(true),
+    }
+}

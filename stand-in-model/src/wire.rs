@@ -1,0 +1,94 @@
+//! The JSON OpenRouter puts on the wire: completion chunks, the final usage chunk, whole
+//! completions and error bodies. Kept in one place so the shapes match the real API docs.
+
+use serde_json::{Value, json};
+
+/// Identity shared by every chunk of one generation.
+#[derive(Clone, Debug)]
+pub(crate) struct Meta {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+}
+
+pub(crate) fn content_chunk(meta: &Meta, text: &str, finish_reason: Option<&str>) -> Value {
+    json!({
+        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+        "model": meta.model, "provider": "Stand-in",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason}],
+    })
+}
+
+/// The last chunk before `[DONE]`: no choices, only usage.
+pub(crate) fn usage_chunk(meta: &Meta, usage: &Value) -> Value {
+    json!({
+        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+        "model": meta.model, "provider": "Stand-in", "choices": [], "usage": usage,
+    })
+}
+
+/// How OpenRouter reports a failure after the 200 status has gone out.
+pub(crate) fn error_chunk(meta: &Meta, code: u16, message: &str) -> Value {
+    json!({
+        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+        "model": meta.model, "error": {"code": code, "message": message},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+    })
+}
+
+pub(crate) fn completion(meta: &Meta, text: &str, finish_reason: &str, usage: &Value) -> Value {
+    json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created,
+        "model": meta.model, "provider": "Stand-in",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason}],
+        "usage": usage,
+    })
+}
+
+/// OpenRouter's error body; `metadata` marks errors that a scripted fault produced.
+pub(crate) fn error_body(status: u16, message: &str, scripted: bool) -> Value {
+    let mut error = json!({"code": status, "message": message});
+    if scripted {
+        error["metadata"] = json!({"stand_in": true});
+    }
+    json!({ "error": error })
+}
+
+/// Usage with cost from a small built-in price table, so cost accounting can be tested.
+pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64) -> Value {
+    let (input, output) = usd_per_million_tokens(model);
+    let cost = (prompt_tokens as f64 * input + completion_tokens as f64 * output) / 1e6;
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "cost": cost,
+        "cost_details": {"upstream_inference_cost": cost},
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    })
+}
+
+fn usd_per_million_tokens(model: &str) -> (f64, f64) {
+    if model.starts_with("anthropic/") {
+        (3.0, 15.0)
+    } else if model.starts_with("google/") {
+        (2.0, 12.0)
+    } else {
+        (1.0, 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_follows_the_price_table() {
+        let usage = usage("anthropic/claude", 1_000_000, 1_000_000);
+        assert_eq!(usage["cost"].as_f64(), Some(18.0));
+        assert_eq!(usage["total_tokens"].as_u64(), Some(2_000_000));
+    }
+}

@@ -1,0 +1,120 @@
+//! What a test does as a user: a real tonic client of the public API, and the
+//! stand-in model's control API for scripting failures.
+
+use nexus_proto::v1::workflow_event::Kind;
+use nexus_proto::v1::workflow_service_client::WorkflowServiceClient;
+use nexus_proto::v1::{
+    GetWorkflowRequest, ProjectPlan, StartWorkflowRequest, WatchWorkflowRequest, Workflow, WorkflowEvent, WorkflowStatus,
+};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub type Client = WorkflowServiceClient<Channel>;
+
+pub async fn connect(endpoint: &str) -> Client {
+    WorkflowServiceClient::connect(endpoint.to_string()).await.expect("connect to orchestrator")
+}
+
+pub fn sample_plan(name: &str) -> ProjectPlan {
+    ProjectPlan {
+        name: name.to_string(),
+        description: "Build an online shop for handmade furniture: catalogue, checkout, payments, \
+                      delivery tracking and an admin area. Team of four, launch in six months."
+            .to_string(),
+        fields: [("budget".to_string(), "120k EUR".to_string())].into(),
+    }
+}
+
+pub async fn start(client: &mut Client, name: &str) -> String {
+    let request = StartWorkflowRequest { plan: Some(sample_plan(name)), idempotency_key: String::new() };
+    client.start_workflow(request).await.expect("start workflow").into_inner().workflow_id
+}
+
+/// Watches from `after_cursor` until the stream ends (terminal event) or the
+/// timeout passes; returns the events seen.
+pub async fn watch_until_end(client: &mut Client, workflow_id: &str, after_cursor: &str, timeout: Duration) -> Vec<WorkflowEvent> {
+    let request = WatchWorkflowRequest { workflow_id: workflow_id.to_string(), after_cursor: after_cursor.to_string() };
+    let mut stream = client.watch_workflow(request).await.expect("watch workflow").into_inner();
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(event) = stream.message().await.expect("watch stream") {
+            events.push(event);
+        }
+    };
+    let _ = tokio::time::timeout(timeout, collect).await;
+    events
+}
+
+/// Polls GetWorkflow until the workflow is terminal.
+pub async fn wait_terminal(client: &mut Client, workflow_id: &str, timeout: Duration) -> Workflow {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let workflow = get_retrying(client, workflow_id).await;
+        let terminal = matches!(
+            workflow.status(),
+            WorkflowStatus::Completed | WorkflowStatus::Failed | WorkflowStatus::Cancelled
+        );
+        if terminal || tokio::time::Instant::now() > deadline {
+            return workflow;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GetWorkflow, retried while the service is briefly unavailable (a test
+/// may be restarting Redis or an orchestrator).
+pub async fn get_retrying(client: &mut Client, workflow_id: &str) -> Workflow {
+    for _ in 0..300 {
+        match client.get_workflow(GetWorkflowRequest { workflow_id: workflow_id.to_string() }).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => panic!("workflow {workflow_id} lost: {status}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("GetWorkflow kept failing for {workflow_id}");
+}
+
+pub fn kind_name(event: &WorkflowEvent) -> &'static str {
+    match &event.kind {
+        Some(Kind::Accepted(_)) => "accepted",
+        Some(Kind::PhaseStarted(_)) => "phase_started",
+        Some(Kind::PhaseOutputDelta(_)) => "phase_output_delta",
+        Some(Kind::PhaseCompleted(_)) => "phase_completed",
+        Some(Kind::PhaseRetrying(_)) => "phase_retrying",
+        Some(Kind::Completed(_)) => "completed",
+        Some(Kind::Failed(_)) => "failed",
+        Some(Kind::Cancelled(_)) => "cancelled",
+        None => "none",
+    }
+}
+
+/// Stream ids compare as (milliseconds, sequence).
+pub fn cursor_key(cursor: &str) -> (u64, u64) {
+    let (ms, seq) = cursor.split_once('-').expect("cursor is a stream id");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// The stand-in model's control API.
+pub struct ModelControl {
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl ModelControl {
+    pub fn new(base_url: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self { base_url: base_url.to_string(), http: reqwest::Client::new() }
+    }
+
+    /// Queues faults, each consumed by the next matching request.
+    pub async fn inject(&self, faults: serde_json::Value) {
+        let response = self.http.post(format!("{}/_stand-in/faults", self.base_url)).json(&faults).send().await.unwrap();
+        assert!(response.status().is_success(), "injecting faults: {}", response.status());
+    }
+
+    /// Every chat request the stand-in saw, in order.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        let response = self.http.get(format!("{}/_stand-in/requests", self.base_url)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+}

@@ -1,0 +1,244 @@
+//! Starting and killing the real processes a test needs.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Where cargo put the project's binaries: next to the test executable's
+/// `deps/` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build it first (scripts/test.sh runs `cargo build --workspace --bins`)", path.display());
+    path
+}
+
+/// A free loopback port (bound then released; good enough on loopback).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed with SIGKILL on drop.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Spawns and waits until a stdout line contains `ready_marker`; returns
+    /// the process and that line.
+    pub fn spawn(name: &str, mut command: Command, ready_marker: &str) -> (Self, String) {
+        command.stdout(Stdio::piped()).stderr(log_file(name));
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let process = Self { name: name.to_string(), child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match ready.recv_timeout(left) {
+                Ok(line) if line.contains(ready_marker) => return (process, line),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        panic!("{name} did not print {ready_marker:?} within 30 s (log: {})", log_path(name).display());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs, like a crash or an OOM kill.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// Each process logs to a file under target/test-logs, kept for debugging.
+fn log_path(name: &str) -> PathBuf {
+    let dir = binary_dir().join("test-logs");
+    std::fs::create_dir_all(&dir).ok();
+    dir.join(format!("{name}-{}.log", std::process::id()))
+}
+
+fn log_file(name: &str) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(name))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+}
+
+fn address_in(line: &str) -> SocketAddr {
+    let text = line.rsplit(' ').next().unwrap_or_default().trim_start_matches("http://");
+    text.parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
+}
+
+/// A real `redis-server` with AOF `appendfsync always`.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("nexus-test-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self { port, dir, process: None };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]);
+        command.args(["--appendfsync", "always", "--dir"]).arg(&self.dir);
+        let (process, _) = Process::spawn(&format!("redis-{}", self.port), command, "Ready to accept connections");
+        self.process = Some(process);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs Redis (what is not fsynced is lost; with `always`, nothing).
+    pub fn kill_hard(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill_hard();
+        }
+    }
+
+    /// Starts Redis again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        self.launch();
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill_hard();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The stand-in model server.
+pub struct StandIn {
+    pub address: SocketAddr,
+    pub process: Process,
+}
+
+impl StandIn {
+    pub fn start(args: &[&str]) -> Self {
+        let mut command = Command::new(binary("stand-in-model"));
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        let (process, line) = Process::spawn("stand-in-model", command, "listening on");
+        Self { address: address_in(&line), process }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+/// An orchestrator replica.
+pub struct Orchestrator {
+    pub address: SocketAddr,
+    pub process: Process,
+}
+
+impl Orchestrator {
+    pub fn start(redis_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary("orchestrator"));
+        command.args(["--listen", "127.0.0.1:0", "--redis-url", redis_url]).envs(env.iter().copied());
+        command.env("NEXUS_RESULT_CLAIM_IDLE_MS", "2000");
+        let (process, line) = Process::spawn("orchestrator", command, "orchestrator listening on");
+        Self { address: address_in(&line), process }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+/// A phase worker.
+pub struct Worker {
+    pub name: String,
+    pub process: Process,
+}
+
+impl Worker {
+    pub fn start(redis_url: &str, model_base_url: &str, env: &[(&str, &str)]) -> Self {
+        let name = format!("test-worker-{}", free_port());
+        let mut command = Command::new(binary("phase-worker"));
+        command
+            .args(["--redis-url", redis_url, "--openrouter-base-url", model_base_url, "--consumer-name", &name])
+            .env("OPENROUTER_API_KEY", "sk-or-test-not-a-real-key")
+            .env("NEXUS_MODEL_BACKOFF_BASE_MS", "50")
+            .env("NEXUS_VISIBILITY_TIMEOUT_MS", "3000")
+            .envs(env.iter().copied());
+        let (process, _) = Process::spawn("phase-worker", command, "phase-worker ready");
+        Self { name, process }
+    }
+}
+
+/// Redis, the stand-in model, orchestrators and workers.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub model: StandIn,
+    pub orchestrators: Vec<Orchestrator>,
+    pub workers: Vec<Worker>,
+}
+
+impl Stack {
+    /// One orchestrator and `workers` workers, the stand-in answering fast.
+    pub fn start(workers: usize) -> Self {
+        Self::start_with(1, workers, &["--first-token-latency-ms", "5", "--tokens-per-second", "2000", "--reply-words", "30"])
+    }
+
+    pub fn start_with(orchestrators: usize, workers: usize, model_args: &[&str]) -> Self {
+        let redis = RedisServer::start();
+        let model = StandIn::start(model_args);
+        let orchestrators = (0..orchestrators).map(|_| Orchestrator::start(&redis.url(), &[])).collect();
+        let workers = (0..workers).map(|_| Worker::start(&redis.url(), &model.base_url(), &[])).collect();
+        Self { redis, model, orchestrators, workers }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.orchestrators[0].endpoint()
+    }
+}

@@ -1,0 +1,241 @@
+//! The whole workflow end to end: real Redis, orchestrator, workers and
+//! stand-in model processes, driven through the public gRPC API.
+
+use nexus_proto::v1::workflow_event::Kind;
+use nexus_proto::v1::{GetWorkflowRequest, ListWorkflowsRequest, PhaseStatus, StartWorkflowRequest, WorkflowStatus};
+use nexus_tests::*;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+const PHASES: [&str; 6] = ["analyse", "feedback", "enterprise_plan", "quality_review", "improve", "rate"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn six_phases_complete_in_order_and_the_result_is_stored() {
+    let stack = Stack::start(1);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Furniture shop").await;
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+
+    let cursors: Vec<_> = events.iter().map(|e| cursor_key(&e.cursor)).collect();
+    assert!(cursors.windows(2).all(|pair| pair[0] < pair[1]), "cursors must increase: {cursors:?}");
+    assert!(events.iter().all(|e| e.workflow_id == id));
+    assert_eq!(kind_name(&events[0]), "accepted");
+    assert_eq!(kind_name(events.last().unwrap()), "completed", "stream ends with the terminal event");
+    let completed_phases: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::PhaseCompleted(done)) => Some(done.phase.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed_phases, PHASES, "each phase completes once, in order");
+    for (index, phase) in PHASES.iter().enumerate() {
+        let position = |kind: &str| events.iter().position(|e| kind_name(e) == kind && phase_of(e) == Some(index as u32));
+        let (started, delta, done) = (position("phase_started"), position("phase_output_delta"), position("phase_completed"));
+        assert!(started < delta && delta < done, "{phase}: started {started:?} < first delta {delta:?} < completed {done:?}");
+    }
+    let Some(Kind::Completed(finished)) = &events.last().unwrap().kind else { unreachable!() };
+    let rating = finished.rating.clone().expect("rating");
+    assert!((1..=10).contains(&rating.score) && !rating.reasons.is_empty(), "{rating:?}");
+    assert!(finished.final_plan.contains("stand-in"), "the stand-in's text says where it comes from");
+
+    let workflow = client.get_workflow(GetWorkflowRequest { workflow_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(workflow.status(), WorkflowStatus::Completed);
+    assert_eq!(workflow.final_plan, finished.final_plan);
+    assert_eq!(workflow.rating, Some(rating));
+    assert_eq!(workflow.phases.len(), 6);
+    for phase in &workflow.phases {
+        assert_eq!(phase.status(), PhaseStatus::Completed, "{}", phase.name);
+        assert!(!phase.output.is_empty() && phase.usage.is_some_and(|u| u.completion_tokens > 0 && u.cost_usd > 0.0), "{phase:?}");
+    }
+    assert_eq!(workflow.phases[0].model, "anthropic/claude-sonnet-4.5");
+    assert_eq!(workflow.phases[1].model, "google/gemini-3-pro-preview");
+    let total = workflow.total_usage.unwrap();
+    let summed: f64 = workflow.phases.iter().map(|p| p.usage.unwrap().cost_usd).sum();
+    assert!((total.cost_usd - summed).abs() < 1e-9 && total.cost_usd > 0.0);
+    assert_eq!(finished.total_usage.unwrap().total_tokens, total.total_tokens);
+}
+
+fn phase_of(event: &nexus_proto::v1::WorkflowEvent) -> Option<u32> {
+    match &event.kind {
+        Some(Kind::PhaseStarted(e)) => Some(e.index),
+        Some(Kind::PhaseOutputDelta(e)) => Some(e.index),
+        Some(Kind::PhaseCompleted(e)) => Some(e.index),
+        Some(Kind::PhaseRetrying(e)) => Some(e.index),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_concurrent_workflows_and_run_each_phase_once() {
+    let stack = Stack::start(2);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(start(&mut client, &format!("Plan {n}")).await);
+    }
+    let mut workers_seen = HashSet::new();
+    for id in &ids {
+        let events = watch_until_end(&mut client, id, "", Duration::from_secs(90)).await;
+        assert_eq!(kind_name(events.last().unwrap()), "completed", "{id}");
+        let completions = events.iter().filter(|e| kind_name(e) == "phase_completed").count();
+        assert_eq!(completions, 6, "{id}: each phase recorded once");
+        workers_seen.extend(events.iter().filter_map(|e| match &e.kind {
+            Some(Kind::PhaseStarted(started)) => Some(started.worker.clone()),
+            _ => None,
+        }));
+    }
+    let model_calls = ModelControl::new(&stack.model.base_url()).requests().await;
+    assert_eq!(model_calls.len(), 8 * 6, "each phase of each workflow called the model exactly once");
+    let expected: HashSet<_> = stack.workers.iter().map(|w| w.name.clone()).collect();
+    assert_eq!(workers_seen, expected, "both workers took tasks");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payment_required_fails_the_workflow_with_the_providers_message() {
+    let stack = Stack::start(1);
+    let control = ModelControl::new(&stack.model.base_url());
+    control
+        .inject(serde_json::json!([{"kind": "status", "status": 402, "message": "Insufficient credits: add more at openrouter.ai/credits (stand-in)"}]))
+        .await;
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Unfunded").await;
+
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+
+    assert_eq!(workflow.status(), WorkflowStatus::Failed);
+    assert!(workflow.reason.contains("Insufficient credits"), "reason carries the provider's message: {}", workflow.reason);
+    assert!(workflow.reason.contains("analyse"), "reason names the phase: {}", workflow.reason);
+    assert_eq!(control.requests().await.len(), 1, "402 is not retried");
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(5)).await;
+    assert_eq!(kind_name(events.last().unwrap()), "failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limited_call_waits_for_retry_after_then_the_run_completes() {
+    let stack = Stack::start(1);
+    let control = ModelControl::new(&stack.model.base_url());
+    control.inject(serde_json::json!([{"kind": "status", "status": 429, "message": "Rate limited (stand-in)", "retry_after_secs": 1}])).await;
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Busy").await;
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+    let retry = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(Kind::PhaseRetrying(retry)) => Some(retry.clone()),
+            _ => None,
+        })
+        .expect("a phase_retrying event");
+    assert_eq!((retry.phase.as_str(), retry.r#try), ("analyse", 1));
+    assert!(retry.retry_in_ms >= 1000, "Retry-After honoured: {}", retry.retry_in_ms);
+    assert!(retry.reason.contains("429"), "{}", retry.reason);
+    let calls = control.requests().await;
+    assert_eq!(calls.len(), 7, "six phases plus one retried call");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_status_and_changes_nothing() {
+    let stack = Stack::start(1);
+    let mut client = connect(&stack.endpoint()).await;
+    let existing = start(&mut client, "Existing").await;
+    wait_terminal(&mut client, &existing, Duration::from_secs(60)).await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let snapshot_before = redis_snapshot(&mut redis).await;
+
+    let empty = StartWorkflowRequest { plan: Some(nexus_proto::v1::ProjectPlan { name: "x".into(), ..Default::default() }), ..Default::default() };
+    let status = client.start_workflow(empty).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("description"), "{}", status.message());
+
+    let missing = client.start_workflow(StartWorkflowRequest::default()).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(missing.message().contains("plan is required"), "{}", missing.message());
+
+    let mut huge = sample_plan("Huge");
+    huge.description = "x".repeat(64 * 1024 + 1);
+    huge.fields.clear();
+    let status = client.start_workflow(StartWorkflowRequest { plan: Some(huge), ..Default::default() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("65537") && status.message().contains("65536"), "{}", status.message());
+
+    let malformed = client.get_workflow(GetWorkflowRequest { workflow_id: "not-an-id".into() }).await.unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    assert!(malformed.message().contains("malformed"), "{}", malformed.message());
+
+    let unknown_id = "wf_0_0192f5e3a1b27c3d8e9f001122334455".to_string();
+    let unknown = client.get_workflow(GetWorkflowRequest { workflow_id: unknown_id.clone() }).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(unknown.message().contains(&unknown_id));
+    let watch = nexus_proto::v1::WatchWorkflowRequest { workflow_id: unknown_id.clone(), after_cursor: String::new() };
+    assert_eq!(client.watch_workflow(watch).await.unwrap_err().code(), tonic::Code::NotFound);
+    let cancel = nexus_proto::v1::CancelWorkflowRequest { workflow_id: unknown_id, reason: String::new() };
+    assert_eq!(client.cancel_workflow(cancel).await.unwrap_err().code(), tonic::Code::NotFound);
+    let bad_cursor = nexus_proto::v1::WatchWorkflowRequest { workflow_id: existing.clone(), after_cursor: "yesterday".into() };
+    assert_eq!(client.watch_workflow(bad_cursor).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let bad_page = ListWorkflowsRequest { page_size: 1000, page_token: String::new() };
+    assert_eq!(client.list_workflows(bad_page).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    assert_eq!(redis_snapshot(&mut redis).await, snapshot_before, "nothing stored changed");
+    let after = client.get_workflow(GetWorkflowRequest { workflow_id: existing }).await.unwrap().into_inner();
+    assert_eq!(after.status(), WorkflowStatus::Completed);
+}
+
+/// Every key with its type and size: enough to see any write.
+async fn redis_snapshot(redis: &mut redis::aio::MultiplexedConnection) -> HashMap<String, String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:*").query_async(redis).await.unwrap();
+    let mut snapshot = HashMap::new();
+    for key in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(redis).await.unwrap();
+        snapshot.insert(key, format!("{:?}", dump.map(|d| d.len())));
+    }
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_idempotency_key_returns_the_same_workflow_and_starts_one_run() {
+    let stack = Stack::start(1);
+    let mut client = connect(&stack.endpoint()).await;
+    let request = StartWorkflowRequest { plan: Some(sample_plan("Once")), idempotency_key: "order-7".into() };
+    let first = client.start_workflow(request.clone()).await.unwrap().into_inner();
+    let second = client.start_workflow(request.clone()).await.unwrap().into_inner();
+    assert!(first.created && !second.created);
+    assert_eq!(first.workflow_id, second.workflow_id);
+
+    let mut other = request.clone();
+    other.plan.as_mut().unwrap().description = "A different plan".into();
+    let status = client.start_workflow(other).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains(&first.workflow_id), "{}", status.message());
+
+    wait_terminal(&mut client, &first.workflow_id, Duration::from_secs(60)).await;
+    let listed = client.list_workflows(ListWorkflowsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.workflows.len(), 1, "one run only");
+    assert_eq!(ModelControl::new(&stack.model.base_url()).requests().await.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_pages_through_every_workflow_newest_first() {
+    let stack = Stack::start(1);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut started = Vec::new();
+    for n in 0..5 {
+        started.push(start(&mut client, &format!("Listed {n}")).await);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client.list_workflows(ListWorkflowsRequest { page_size: 2, page_token: token }).await.unwrap().into_inner();
+        assert!(page.workflows.len() <= 2);
+        seen.extend(page.workflows.into_iter().map(|w| w.workflow_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    started.reverse();
+    assert_eq!(seen, started);
+}
