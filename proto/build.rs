@@ -9,10 +9,7 @@ const PROTOS: &[&str] = &["nexus/v1/workflow.proto", "nexus/v1/internal.proto"];
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("nexus_descriptor.bin"),
-        descriptors.encode_to_vec(),
-    )?;
+    std::fs::write(out_dir.join("nexus_descriptor.bin"), descriptors.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

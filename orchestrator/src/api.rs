@@ -33,17 +33,26 @@ impl WorkflowApi {
 
 #[tonic::async_trait]
 impl WorkflowService for WorkflowApi {
-    async fn start_workflow(&self, request: Request<StartWorkflowRequest>) -> Result<Response<StartWorkflowResponse>, Status> {
+    async fn start_workflow(
+        &self,
+        request: Request<StartWorkflowRequest>,
+    ) -> Result<Response<StartWorkflowResponse>, Status> {
         let request = request.into_inner();
         let valid = validate_start(&request, self.max_plan_bytes)?;
         let started = self.store.start(valid).await?;
         tracing::info!(workflow_id = %started.workflow_id, created = started.created, "workflow accepted");
-        Ok(Response::new(StartWorkflowResponse { workflow_id: started.workflow_id, created: started.created }))
+        Ok(Response::new(StartWorkflowResponse {
+            workflow_id: started.workflow_id,
+            created: started.created,
+        }))
     }
 
     type WatchWorkflowStream = ReceiverStream<Result<WorkflowEvent, Status>>;
 
-    async fn watch_workflow(&self, request: Request<WatchWorkflowRequest>) -> Result<Response<Self::WatchWorkflowStream>, Status> {
+    async fn watch_workflow(
+        &self,
+        request: Request<WatchWorkflowRequest>,
+    ) -> Result<Response<Self::WatchWorkflowStream>, Status> {
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
         validate_cursor(&request.after_cursor)?;
@@ -56,11 +65,17 @@ impl WorkflowService for WorkflowApi {
         Ok(Response::new(self.store.get(&id).await?))
     }
 
-    async fn list_workflows(&self, request: Request<ListWorkflowsRequest>) -> Result<Response<ListWorkflowsResponse>, Status> {
+    async fn list_workflows(
+        &self,
+        request: Request<ListWorkflowsRequest>,
+    ) -> Result<Response<ListWorkflowsResponse>, Status> {
         let request = request.into_inner();
         let size = page_size(request.page_size)?;
         let (workflows, next_page_token) = self.store.list(size, &request.page_token).await?;
-        Ok(Response::new(ListWorkflowsResponse { workflows, next_page_token }))
+        Ok(Response::new(ListWorkflowsResponse {
+            workflows,
+            next_page_token,
+        }))
     }
 
     async fn cancel_workflow(&self, request: Request<CancelWorkflowRequest>) -> Result<Response<Workflow>, Status> {

@@ -10,18 +10,26 @@ pub struct BearerToken {
 
 impl BearerToken {
     pub fn new(token: Option<String>) -> Self {
-        Self { expected: token.map(|token| format!("Bearer {token}")) }
+        Self {
+            expected: token.map(|token| format!("Bearer {token}")),
+        }
     }
 
     pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else {
             return Ok(request);
         };
-        let given = request.metadata().get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default();
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
         if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("missing or wrong token: send metadata \"authorization: Bearer <token>\""))
+            Err(Status::unauthenticated(
+                "missing or wrong token: send metadata \"authorization: Bearer <token>\"",
+            ))
         }
     }
 }

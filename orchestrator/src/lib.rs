@@ -37,13 +37,17 @@ use tokio_util::sync::CancellationToken;
 pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
     let definition = match &config.pipeline_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading pipeline file {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading pipeline file {}", path.display()))?;
             PipelineDefinition::from_toml(&text)?
         }
         None => PipelineDefinition::default_pipeline(),
     };
     let snapshot = definition.resolve(&config.models)?;
-    Ok(CurrentPipeline { fingerprint: fingerprint(&snapshot), snapshot: Arc::new(snapshot) })
+    Ok(CurrentPipeline {
+        fingerprint: fingerprint(&snapshot),
+        snapshot: Arc::new(snapshot),
+    })
 }
 
 /// Runs the orchestrator until `shutdown` is cancelled.
@@ -59,7 +63,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let consumer = results::ResultConsumer {
         store: store.clone(),
         redis_url: config.redis_url.clone(),
-        consumer: config.consumer_name.clone().unwrap_or_else(|| config::default_consumer_name("orchestrator")),
+        consumer: config
+            .consumer_name
+            .clone()
+            .unwrap_or_else(|| config::default_consumer_name("orchestrator")),
         claim_idle: Duration::from_millis(config.result_claim_idle_ms),
     };
     let results = tokio::spawn(consumer.run(shutdown.clone()));
@@ -68,28 +75,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-async fn serve(config: &Config, store: WorkflowStore, hub: Arc<watch::WatchHub>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let api = api::WorkflowApi { store, hub, max_plan_bytes: config.max_plan_bytes };
+async fn serve(
+    config: &Config,
+    store: WorkflowStore,
+    hub: Arc<watch::WatchHub>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api = api::WorkflowApi {
+        store,
+        hub,
+        max_plan_bytes: config.max_plan_bytes,
+    };
     let auth = auth::BearerToken::new(config.api_token.clone());
     let workflow_service = WorkflowServiceServer::new(api)
         .max_decoding_message_size(config.max_plan_bytes * 2 + 64 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<WorkflowServiceServer<api::WorkflowApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nexus_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    health_reporter
+        .set_serving::<WorkflowServiceServer<api::WorkflowApi>>()
+        .await;
+    // Both reflection versions: grpcurl before 1.9 and many generated tools
+    // only speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nexus_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     println!("orchestrator listening on {address}");
     tracing::info!(%address, "gRPC server listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(tonic::service::interceptor::InterceptedService::new(workflow_service, move |request| auth.check(request)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            workflow_service,
+            move |request| auth.check(request),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

@@ -81,8 +81,14 @@ impl ResultConsumer {
             .group(ORCHESTRATORS_GROUP, &self.consumer)
             .count(BATCH)
             .block(BLOCK_TIME.as_millis() as usize);
-        let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
-        Ok(reply.map(entries_of).unwrap_or_default().into_iter().map(|(_, entry)| entry).collect())
+        let reply: Option<StreamReadReply> =
+            redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
+        Ok(reply
+            .map(entries_of)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect())
     }
 
     /// Takes over results that another replica read but never applied.
@@ -100,7 +106,8 @@ impl ResultConsumer {
         if !reply.claimed.is_empty() {
             tracing::info!(count = reply.claimed.len(), %stream, "claimed results abandoned by another orchestrator");
         }
-        self.apply_all(stream, reply.claimed.into_iter().map(entry_of).collect()).await;
+        self.apply_all(stream, reply.claimed.into_iter().map(entry_of).collect())
+            .await;
         Ok(())
     }
 
@@ -142,7 +149,9 @@ impl ResultConsumer {
             Ok(ApplyOutcome::Missing) => {
                 tracing::warn!(workflow_id = %result.workflow_id, "result for a workflow that no longer exists")
             }
-            Err(error) => tracing::warn!(workflow_id = %result.workflow_id, %error, "applying result failed; it will be retried"),
+            Err(error) => {
+                tracing::warn!(workflow_id = %result.workflow_id, %error, "applying result failed; it will be retried")
+            }
         }
     }
 }

@@ -17,10 +17,7 @@ pub struct ValidStart<'a> {
 }
 
 pub fn validate_start(request: &StartWorkflowRequest, max_plan_bytes: usize) -> Result<ValidStart<'_>, ApiError> {
-    let plan = request
-        .plan
-        .as_ref()
-        .ok_or_else(|| invalid("plan is required"))?;
+    let plan = request.plan.as_ref().ok_or_else(|| invalid("plan is required"))?;
     validate_plan(plan, max_plan_bytes)?;
     let key = request.idempotency_key.as_str();
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -45,7 +42,9 @@ fn validate_plan(plan: &ProjectPlan, max_plan_bytes: usize) -> Result<(), ApiErr
         )));
     }
     if plan.description.trim().is_empty() {
-        return Err(invalid("plan.description is required: the plan's text must not be empty"));
+        return Err(invalid(
+            "plan.description is required: the plan's text must not be empty",
+        ));
     }
     validate_fields(plan)?;
     let size = plan_bytes(plan);
@@ -59,7 +58,10 @@ fn validate_plan(plan: &ProjectPlan, max_plan_bytes: usize) -> Result<(), ApiErr
 
 fn validate_fields(plan: &ProjectPlan) -> Result<(), ApiError> {
     if plan.fields.len() > MAX_FIELDS {
-        return Err(invalid(format!("plan.fields has {} entries; at most {MAX_FIELDS} are allowed", plan.fields.len())));
+        return Err(invalid(format!(
+            "plan.fields has {} entries; at most {MAX_FIELDS} are allowed",
+            plan.fields.len()
+        )));
     }
     let bad_key = plan.fields.keys().find(|key| {
         key.trim().is_empty() || key.chars().count() > MAX_FIELD_KEY_CHARS || key.chars().any(char::is_control)
@@ -125,14 +127,21 @@ mod tests {
 
     fn request(description: &str) -> StartWorkflowRequest {
         StartWorkflowRequest {
-            plan: Some(ProjectPlan { name: "Shop".into(), description: description.into(), ..Default::default() }),
+            plan: Some(ProjectPlan {
+                name: "Shop".into(),
+                description: description.into(),
+                ..Default::default()
+            }),
             idempotency_key: String::new(),
         }
     }
 
     #[test]
     fn empty_description_is_invalid() {
-        assert!(matches!(validate_start(&request("  "), 100), Err(ApiError::InvalidArgument(_))));
+        assert!(matches!(
+            validate_start(&request("  "), 100),
+            Err(ApiError::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -51,14 +51,25 @@ impl WatchHub {
     }
 
     fn wake(&self, workflow_id: &str) {
-        let notify = self.watched.lock().expect("watch hub lock").get(workflow_id).and_then(Weak::upgrade);
+        let notify = self
+            .watched
+            .lock()
+            .expect("watch hub lock")
+            .get(workflow_id)
+            .and_then(Weak::upgrade);
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
     }
 
     fn wake_all(&self) {
-        let all: Vec<_> = self.watched.lock().expect("watch hub lock").values().filter_map(Weak::upgrade).collect();
+        let all: Vec<_> = self
+            .watched
+            .lock()
+            .expect("watch hub lock")
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
         all.iter().for_each(|notify| notify.notify_waiters());
     }
 
@@ -103,7 +114,14 @@ pub async fn watch(
         return Err(ApiError::NotFound(id.to_string()));
     }
     let (sender, receiver) = mpsc::channel(64);
-    let watcher = Watcher { hub, conn, id, events_key: keys.events(), cursor: after_cursor, sender };
+    let watcher = Watcher {
+        hub,
+        conn,
+        id,
+        events_key: keys.events(),
+        cursor: after_cursor,
+        sender,
+    };
     tokio::spawn(watcher.run());
     Ok(receiver)
 }
@@ -141,7 +159,12 @@ impl Watcher {
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     tracing::warn!(%error, workflow_id = %self.id, "watch cannot read events; retrying");
                     if since.elapsed() > REDIS_PATIENCE {
-                        let _ = self.sender.send(Err(Status::unavailable("workflow storage unavailable; reconnect with your last cursor"))).await;
+                        let _ = self
+                            .sender
+                            .send(Err(Status::unavailable(
+                                "workflow storage unavailable; reconnect with your last cursor",
+                            )))
+                            .await;
                         return;
                     }
                 }
@@ -155,7 +178,11 @@ impl Watcher {
     }
 
     async fn read_page(&mut self) -> redis::RedisResult<Vec<WorkflowEvent>> {
-        let start = if self.cursor.is_empty() { "-".to_string() } else { format!("({}", self.cursor) };
+        let start = if self.cursor.is_empty() {
+            "-".to_string()
+        } else {
+            format!("({}", self.cursor)
+        };
         let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(&self.events_key)
             .arg(start)

@@ -34,8 +34,16 @@ impl CancelRegistry {
         let token = parent.child_token();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().expect("cancel registry lock");
-        running.entry(workflow_id.to_string()).or_default().insert(id, token.clone());
-        Registration { registry: self.clone(), workflow_id: workflow_id.to_string(), id, token }
+        running
+            .entry(workflow_id.to_string())
+            .or_default()
+            .insert(id, token.clone());
+        Registration {
+            registry: self.clone(),
+            workflow_id: workflow_id.to_string(),
+            id,
+            token,
+        }
     }
 
     fn cancel(&self, workflow_id: &str) {

@@ -31,7 +31,11 @@ pub struct Config {
     pub openrouter_api_key: Option<String>,
 
     /// Sent as HTTP-Referer (OpenRouter's app attribution). Empty: not sent.
-    #[arg(long, env = "NEXUS_HTTP_REFERER", default_value = "https://github.com/nexus-workflows/nexus")]
+    #[arg(
+        long,
+        env = "NEXUS_HTTP_REFERER",
+        default_value = "https://github.com/nexus-workflows/nexus"
+    )]
     pub http_referer: String,
 
     /// Sent as X-Title (OpenRouter's app attribution). Empty: not sent.
@@ -120,7 +124,11 @@ impl Config {
         let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_string());
         ModelClientConfig {
             base_url: self.openrouter_base_url.clone(),
-            api_key: self.openrouter_api_key.clone().filter(|key| !key.is_empty()).map(SecretString::from),
+            api_key: self
+                .openrouter_api_key
+                .clone()
+                .filter(|key| !key.is_empty())
+                .map(SecretString::from),
             http_referer: non_empty(&self.http_referer),
             app_title: non_empty(&self.app_title),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),

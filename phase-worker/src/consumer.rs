@@ -38,7 +38,9 @@ impl TaskConsumer {
     pub async fn read_loop(self: Arc<Self>, shard: u16, stop: CancellationToken) {
         let stream = ShardKeys::new(shard).tasks();
         while !stop.is_cancelled() {
-            let Ok(mut blocking) = connect_patiently(&self.redis_url, true).await else { continue };
+            let Ok(mut blocking) = connect_patiently(&self.redis_url, true).await else {
+                continue;
+            };
             if let Err(error) = ensure_group(&mut blocking, &stream, WORKERS_GROUP).await {
                 tracing::warn!(%error, %stream, "cannot create workers group; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -75,19 +77,34 @@ impl TaskConsumer {
         }
     }
 
-    async fn read_new(&self, conn: &mut ConnectionManager, stream: &str, count: usize) -> redis::RedisResult<Vec<Entry>> {
+    async fn read_new(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Entry>> {
         let options = StreamReadOptions::default()
             .group(WORKERS_GROUP, &self.consumer)
             .count(count.max(1))
             .block(BLOCK_TIME.as_millis() as usize);
-        let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
-        Ok(reply.map(entries_of).unwrap_or_default().into_iter().map(|(_, entry)| entry).collect())
+        let reply: Option<StreamReadReply> =
+            redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
+        Ok(reply
+            .map(entries_of)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect())
     }
 
     fn spawn_task(self: Arc<Self>, entry: Entry, delivery: u64) {
         tokio::spawn(async move {
-            let Ok(_slot) = self.slots.clone().acquire_owned().await else { return };
-            let Some((handle, task)) = self.decode(&entry).await else { return };
+            let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some((handle, task)) = self.decode(&entry).await else {
+                return;
+            };
             run_task(&self.ctx, handle, task, delivery).await;
         });
     }

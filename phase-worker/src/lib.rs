@@ -36,7 +36,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
     let client = model_client::ModelClient::new(config.model_client()).context("building the model client")?;
-    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false).await.context("connecting to redis")?;
+    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false)
+        .await
+        .context("connecting to redis")?;
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
     tokio::spawn(cancels.clone().listen(config.redis_url.clone()));
@@ -51,7 +53,10 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         ctx,
         conn,
         redis_url: config.redis_url.clone(),
-        consumer: config.consumer_name.clone().unwrap_or_else(config::default_consumer_name),
+        consumer: config
+            .consumer_name
+            .clone()
+            .unwrap_or_else(config::default_consumer_name),
         slots: slots.clone(),
         visibility_timeout: config.visibility_timeout(),
         max_deliveries: config.max_deliveries.max(1),

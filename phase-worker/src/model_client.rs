@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
-use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
-};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -287,10 +285,7 @@ impl ModelClient {
         let mut try_number = 0;
         loop {
             try_number += 1;
-            let error = match self
-                .try_once(&body, try_number, validator, events, cancel)
-                .await
-            {
+            let error = match self.try_once(&body, try_number, validator, events, cancel).await {
                 Ok(completion) => {
                     return Ok(Completion {
                         tries: try_number,
@@ -299,8 +294,7 @@ impl ModelClient {
                 }
                 Err(error) => error,
             };
-            self.wait_before_retry(error, try_number, events, cancel)
-                .await?;
+            self.wait_before_retry(error, try_number, events, cancel).await?;
         }
     }
 
@@ -323,9 +317,7 @@ impl ModelClient {
                 last,
             });
         }
-        let delay = self
-            .backoff()
-            .delay(failed_try, error.retry_after(), rand::random());
+        let delay = self.backoff().delay(failed_try, error.retry_after(), rand::random());
         let reason = format!("{error}; retrying in {delay:.1?}");
         tracing::warn!(failed_try, %reason, "model try failed");
         let event = ModelEvent::Retrying {
@@ -387,9 +379,7 @@ impl ModelClient {
             .get(GENERATION_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let reply = self
-            .read_reply(response, try_number, first_token_due, events)
-            .await?;
+        let reply = self.read_reply(response, try_number, first_token_due, events).await?;
         reply.finish(generation_id)
     }
 
@@ -404,10 +394,7 @@ impl ModelClient {
         let bytes = idle_guarded(response.bytes_stream(), self.config.idle_timeout);
         let mut sse = Box::pin(bytes.eventsource());
         let mut reply = Reply::default();
-        while let Some(event) = self
-            .next_event(&mut sse, reply.started, first_token_due)
-            .await?
-        {
+        while let Some(event) = self.next_event(&mut sse, reply.started, first_token_due).await? {
             let Data::Chunk(chunk) = parse_data(&event.data)? else {
                 reply.done = true;
                 break;
@@ -420,11 +407,7 @@ impl ModelClient {
     }
 
     /// Sends the request; a non-2xx answer becomes the matching error.
-    async fn send(
-        &self,
-        body: &[u8],
-        first_token_due: Instant,
-    ) -> Result<reqwest::Response, ModelError> {
+    async fn send(&self, body: &[u8], first_token_due: Instant) -> Result<reqwest::Response, ModelError> {
         let request = self
             .http
             .post(&self.endpoint)
@@ -492,14 +475,10 @@ impl ModelClient {
 
     fn stream_error(&self, error: EventStreamError<BodyError>) -> ModelError {
         match error {
-            EventStreamError::Transport(BodyError::Idle) => {
-                ModelError::Stalled(self.config.idle_timeout)
-            }
+            EventStreamError::Transport(BodyError::Idle) => ModelError::Stalled(self.config.idle_timeout),
             EventStreamError::Transport(BodyError::Transport(e)) => self.transport_error(e),
             EventStreamError::Utf8(e) => ModelError::Malformed(format!("stream is not UTF-8: {e}")),
-            EventStreamError::Parser(_) => {
-                ModelError::Malformed("stream is not valid server-sent events".into())
-            }
+            EventStreamError::Parser(_) => ModelError::Malformed("stream is not valid server-sent events".into()),
         }
     }
 }
@@ -516,17 +495,12 @@ fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, ModelError> 
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
     if let Some(key) = &config.api_key {
-        let mut value =
-            HeaderValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {
-                ModelError::Config("the API key has characters not allowed in a header".into())
-            })?;
+        let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose_secret()))
+            .map_err(|_| ModelError::Config("the API key has characters not allowed in a header".into()))?;
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
     }
-    let optional = [
-        ("http-referer", &config.http_referer),
-        ("x-title", &config.app_title),
-    ];
+    let optional = [("http-referer", &config.http_referer), ("x-title", &config.app_title)];
     for (name, value) in optional {
         if let Some(value) = value {
             let value = HeaderValue::try_from(value.as_str())
@@ -780,14 +754,9 @@ impl From<WireUsage> for Usage {
         Usage {
             prompt_tokens,
             completion_tokens,
-            total_tokens: wire
-                .total_tokens
-                .unwrap_or(prompt_tokens + completion_tokens),
+            total_tokens: wire.total_tokens.unwrap_or(prompt_tokens + completion_tokens),
             cost_usd: wire.cost.unwrap_or(0.0),
-            cached_prompt_tokens: wire
-                .prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+            cached_prompt_tokens: wire.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
             reasoning_tokens: wire
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
@@ -802,9 +771,8 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     if data.trim() == DONE_MARKER {
         return Ok(Data::Done);
     }
-    let wire: WireChunk = serde_json::from_str(data).map_err(|e| {
-        ModelError::Malformed(format!("chunk is not valid JSON ({e}): {}", excerpt(data)))
-    })?;
+    let wire: WireChunk = serde_json::from_str(data)
+        .map_err(|e| ModelError::Malformed(format!("chunk is not valid JSON ({e}): {}", excerpt(data))))?;
     if let Some(error) = wire.error {
         let code = error.code().unwrap_or(UNKNOWN_ERROR_CODE);
         return Err(ModelError::MidStream {
@@ -815,9 +783,7 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     let choice = wire.choices.into_iter().next();
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
     Ok(Data::Chunk(Chunk {
-        content: delta
-            .and_then(|d| d.content)
-            .filter(|text| !text.is_empty()),
+        content: delta.and_then(|d| d.content).filter(|text| !text.is_empty()),
         finish_reason,
         usage: wire.usage.map(Usage::from),
     }))
@@ -939,10 +905,7 @@ mod tests {
 
     #[test]
     fn empty_or_null_delta_yields_no_text() {
-        assert_eq!(
-            chunk(r#"{"choices":[{"delta":{"content":""}}]}"#).content,
-            None
-        );
+        assert_eq!(chunk(r#"{"choices":[{"delta":{"content":""}}]}"#).content, None);
         assert_eq!(chunk(r#"{"choices":[{"delta":null}]}"#).content, None);
         assert_eq!(chunk(r#"{"choices":[]}"#), Chunk::default());
     }
@@ -957,11 +920,7 @@ mod tests {
         );
         let usage = parsed.usage.expect("usage present");
         assert_eq!(
-            (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens
-            ),
+            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
             (10, 5, 15)
         );
         assert_eq!(usage.cost_usd, 0.00042);
@@ -979,10 +938,7 @@ mod tests {
             r#"{"error":{"code":502,"message":"Provider disconnected"},"choices":[{"delta":{"content":""},"finish_reason":"error"}]}"#,
         )
         .unwrap_err();
-        assert!(matches!(
-            provider_down,
-            ModelError::MidStream { code: 502, .. }
-        ));
+        assert!(matches!(provider_down, ModelError::MidStream { code: 502, .. }));
         assert!(provider_down.is_retryable());
         let moderated = parse_data(r#"{"error":{"code":"403","message":"flagged"}}"#).unwrap_err();
         assert!(!moderated.is_retryable());
@@ -1044,29 +1000,19 @@ mod tests {
         for status in [400, 401, 402, 403, 404] {
             assert!(!http_error(status, "", None).is_retryable(), "{status}");
         }
-        assert!(
-            http_error(503, "", None)
-                .to_string()
-                .contains("Service Unavailable")
-        );
+        assert!(http_error(503, "", None).to_string().contains("Service Unavailable"));
     }
 
     #[test]
     fn urls_in_errors_lose_query_and_credentials() {
-        let url =
-            reqwest::Url::parse("https://user:pw@example.com/api/v1/x?key=sk-secret#f").unwrap();
+        let url = reqwest::Url::parse("https://user:pw@example.com/api/v1/x?key=sk-secret#f").unwrap();
         assert_eq!(redact_url(&url), "https://example.com/api/v1/x");
     }
 
     #[test]
     fn headers_carry_the_key_only_when_set_and_config_debug_hides_it() {
         let anonymous = ModelClientConfig::default();
-        assert!(
-            request_headers(&anonymous)
-                .unwrap()
-                .get(AUTHORIZATION)
-                .is_none()
-        );
+        assert!(request_headers(&anonymous).unwrap().get(AUTHORIZATION).is_none());
         let config = ModelClientConfig {
             api_key: Some("sk-or-TESTSECRET".into()),
             app_title: Some("Nexus".into()),

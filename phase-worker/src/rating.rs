@@ -36,29 +36,43 @@ struct RatingAnswer {
 /// around the JSON, which some models add even when asked not to.
 pub fn parse_rating(text: &str) -> Result<Rating, String> {
     let json = strip_code_fence(text.trim());
-    let answer: RatingAnswer =
-        serde_json::from_str(json).map_err(|error| format!("rating is not the expected JSON ({error}): {}", excerpt(text)))?;
+    let answer: RatingAnswer = serde_json::from_str(json)
+        .map_err(|error| format!("rating is not the expected JSON ({error}): {}", excerpt(text)))?;
     let score = answer
         .score
         .as_u64()
         .filter(|score| (1..=10).contains(score))
         .ok_or_else(|| format!("rating score {} is not an integer from 1 to 10", answer.score))?;
-    let reasons: Vec<String> = answer.reasons.into_iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
+    let reasons: Vec<String> = answer
+        .reasons
+        .into_iter()
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
     if reasons.is_empty() {
         return Err("rating has no reasons".into());
     }
-    Ok(Rating { score: score as u32, reasons })
+    Ok(Rating {
+        score: score as u32,
+        reasons,
+    })
 }
 
 fn strip_code_fence(text: &str) -> &str {
-    let Some(inner) = text.strip_prefix("```") else { return text };
+    let Some(inner) = text.strip_prefix("```") else {
+        return text;
+    };
     let inner = inner.trim_start_matches("json");
     inner.strip_suffix("```").unwrap_or(inner).trim()
 }
 
 fn excerpt(text: &str) -> String {
     let short: String = text.chars().take(120).collect();
-    if short.len() < text.len() { format!("{short}…") } else { short }
+    if short.len() < text.len() {
+        format!("{short}…")
+    } else {
+        short
+    }
 }
 
 #[cfg(test)]
@@ -74,12 +88,21 @@ mod tests {
 
     #[test]
     fn fenced_json_is_accepted() {
-        assert_eq!(parse_rating("```json\n{\"score\": 3, \"reasons\": [\"thin\"]}\n```").unwrap().score, 3);
+        assert_eq!(
+            parse_rating("```json\n{\"score\": 3, \"reasons\": [\"thin\"]}\n```")
+                .unwrap()
+                .score,
+            3
+        );
     }
 
     #[test]
     fn out_of_range_or_fractional_scores_are_rejected() {
-        for bad in [r#"{"score": 0, "reasons": ["x"]}"#, r#"{"score": 11, "reasons": ["x"]}"#, r#"{"score": 7.5, "reasons": ["x"]}"#] {
+        for bad in [
+            r#"{"score": 0, "reasons": ["x"]}"#,
+            r#"{"score": 11, "reasons": ["x"]}"#,
+            r#"{"score": 7.5, "reasons": ["x"]}"#,
+        ] {
             assert!(parse_rating(bad).is_err(), "{bad}");
         }
     }
@@ -87,6 +110,10 @@ mod tests {
     #[test]
     fn missing_reasons_or_prose_are_rejected() {
         assert!(parse_rating(r#"{"score": 5, "reasons": []}"#).is_err());
-        assert!(parse_rating("I would rate it 7/10").unwrap_err().contains("not the expected JSON"));
+        assert!(
+            parse_rating("I would rate it 7/10")
+                .unwrap_err()
+                .contains("not the expected JSON")
+        );
     }
 }

@@ -7,7 +7,9 @@ use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, Mod
 use crate::rating;
 use crate::task_lifecycle::TaskHandle;
 use nexus_pipeline::definition::render_prompt;
-use nexus_proto::internal::{OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome};
+use nexus_proto::internal::{
+    OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
+};
 use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, Usage, workflow_event::Kind};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,7 +69,7 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
 }
 
 enum CallOutcome {
-    Result(PhaseResult),
+    Result(Box<PhaseResult>),
     /// Cancelled, reclaimed by another worker, or shutting down: no result.
     Stopped,
 }
@@ -89,7 +91,13 @@ async fn call_model(
         }
     };
     let (events, receiver) = mpsc::channel(256);
-    let forwarder = tokio::spawn(forward_events(handle.clone(), spec.name.clone(), delivery, receiver, stop.clone()));
+    let forwarder = tokio::spawn(forward_events(
+        handle.clone(),
+        spec.name.clone(),
+        delivery,
+        receiver,
+        stop.clone(),
+    ));
     let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
     let started = Instant::now();
     let validator: Option<&OutputValidator> = match spec.output() {
@@ -103,8 +111,15 @@ async fn call_model(
     match answer {
         Err(ModelError::Cancelled) => CallOutcome::Stopped,
         _ if stop.is_cancelled() => CallOutcome::Stopped,
-        Ok(completion) => CallOutcome::Result(success(handle, task, spec, completion, started.elapsed())),
-        Err(error) => CallOutcome::Result(result(handle, task, spec, Outcome::Failure(PhaseFailure { reason: error.to_string() }))),
+        Ok(completion) => CallOutcome::Result(Box::new(success(handle, task, spec, completion, started.elapsed()))),
+        Err(error) => CallOutcome::Result(Box::new(result(
+            handle,
+            task,
+            spec,
+            Outcome::Failure(PhaseFailure {
+                reason: error.to_string(),
+            }),
+        ))),
     }
 }
 
@@ -117,15 +132,29 @@ async fn chat_request(handle: &TaskHandle, spec: &PhaseSpec) -> redis::RedisResu
     let values: Vec<Option<String>> = if spec.inputs.is_empty() {
         Vec::new()
     } else {
-        redis::cmd("HMGET").arg(handle.keys.outputs()).arg(&spec.inputs).query_async(&mut handle.conn.clone()).await?
+        redis::cmd("HMGET")
+            .arg(handle.keys.outputs())
+            .arg(&spec.inputs)
+            .query_async(&mut handle.conn.clone())
+            .await?
     };
-    let inputs: HashMap<String, String> =
-        spec.inputs.iter().cloned().zip(values.into_iter().map(Option::unwrap_or_default)).collect();
+    let inputs: HashMap<String, String> = spec
+        .inputs
+        .iter()
+        .cloned()
+        .zip(values.into_iter().map(Option::unwrap_or_default))
+        .collect();
     let mut messages = Vec::new();
     if !spec.system_prompt.is_empty() {
-        messages.push(ChatMessage { role: "system".into(), content: spec.system_prompt.clone() });
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: spec.system_prompt.clone(),
+        });
     }
-    messages.push(ChatMessage { role: "user".into(), content: render_prompt(&spec.prompt_template, &inputs) });
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: render_prompt(&spec.prompt_template, &inputs),
+    });
     Ok(ChatRequest {
         model: spec.model.clone(),
         messages,
@@ -165,7 +194,11 @@ async fn forward_events(
                     flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                 }
             }
-            Some(ModelEvent::Retrying { failed_try, reason, delay }) => {
+            Some(ModelEvent::Retrying {
+                failed_try,
+                reason,
+                delay,
+            }) => {
                 flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                 let retrying = Kind::PhaseRetrying(PhaseRetrying {
                     index: handle.phase_index,
@@ -235,7 +268,13 @@ async fn keep_claim(handle: TaskHandle, every: Duration, stop: CancellationToken
     }
 }
 
-fn success(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, completion: Completion, elapsed: Duration) -> PhaseResult {
+fn success(
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    completion: Completion,
+    elapsed: Duration,
+) -> PhaseResult {
     let rating = match spec.output() {
         OutputKind::Rating => rating::parse_rating(&completion.text).ok(),
         _ => None,
@@ -283,6 +322,8 @@ async fn finish(handle: &TaskHandle, result: Option<&PhaseResult>) {
 /// The failure result reported for a task sent to the dead-letter stream.
 pub fn dead_letter_result(handle: &TaskHandle, task: &PhaseTask, deliveries: u64) -> PhaseResult {
     let spec = task.spec.clone().unwrap_or_default();
-    let reason = format!("the task was delivered {deliveries} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream");
+    let reason = format!(
+        "the task was delivered {deliveries} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream"
+    );
     result(handle, task, &spec, Outcome::Failure(PhaseFailure { reason }))
 }

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use phase_worker::model_client::{
-    ChatMessage, ChatRequest, Completion, ModelClient, ModelClientConfig, ModelError, ModelEvent,
-    OutputValidator, TimeoutKind, install_crypto_provider,
+    ChatMessage, ChatRequest, Completion, ModelClient, ModelClientConfig, ModelError, ModelEvent, OutputValidator,
+    TimeoutKind, install_crypto_provider,
 };
 use serde_json::{Value, json};
 use stand_in_model::StandInConfig;
@@ -146,11 +146,7 @@ impl Call {
     }
 }
 
-async fn call(
-    client: &ModelClient,
-    request: &ChatRequest,
-    validator: Option<&OutputValidator>,
-) -> Call {
+async fn call(client: &ModelClient, request: &ChatRequest, validator: Option<&OutputValidator>) -> Call {
     call_with_cancel(client, request, validator, &CancellationToken::new()).await
 }
 
@@ -194,32 +190,18 @@ async fn streamed_reply_arrives_as_deltas_with_usage_and_cost_from_the_last_chun
     let call = call(&stand_in.client(), &request, None).await;
 
     let completion = call.completion();
-    assert!(
-        completion
-            .text
-            .starts_with("[stand-in model for anthropic/claude-test")
-    );
+    assert!(completion.text.starts_with("[stand-in model for anthropic/claude-test"));
     assert!(completion.text.contains("quarterly"));
     assert_eq!(call.text_of_try(1), completion.text);
     assert_eq!(completion.tries, 1);
     assert_eq!(completion.finish_reason.as_deref(), Some("stop"));
-    assert!(
-        completion
-            .generation_id
-            .as_deref()
-            .unwrap()
-            .starts_with("gen-standin-")
-    );
+    assert!(completion.generation_id.as_deref().unwrap().starts_with("gen-standin-"));
 
     let usage = &completion.usage;
     let deltas = call.events.len() as u64;
     assert_eq!(usage.completion_tokens, deltas);
-    assert_eq!(
-        usage.total_tokens,
-        usage.prompt_tokens + usage.completion_tokens
-    );
-    let expected_cost =
-        (usage.prompt_tokens as f64 * 3.0 + usage.completion_tokens as f64 * 15.0) / 1e6;
+    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    let expected_cost = (usage.prompt_tokens as f64 * 3.0 + usage.completion_tokens as f64 * 15.0) / 1e6;
     assert!((usage.cost_usd - expected_cost).abs() < 1e-12);
     assert_eq!(stand_in.outcomes().await, ["ok"]);
 }
@@ -267,10 +249,7 @@ async fn payment_required_fails_fast_after_one_request_with_the_provider_message
         .await;
     let call = call(&stand_in.client(), &ask("m/a", "hello"), None).await;
 
-    assert!(matches!(
-        call.error(),
-        ModelError::Rejected { status: 402, .. }
-    ));
+    assert!(matches!(call.error(), ModelError::Rejected { status: 402, .. }));
     assert!(call.error().to_string().contains(message));
     assert!(call.retries().is_empty());
     assert_eq!(stand_in.outcomes().await, ["status 402"]);
@@ -342,11 +321,7 @@ async fn stall_beyond_idle_timeout_is_retried_and_the_stalled_request_is_abandon
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(call.retries()[0].0.contains("stalled"));
     let abandoned = || async { stand_in.outcomes().await == ["client_disconnected", "ok"] };
-    assert!(
-        eventually(abandoned).await,
-        "{:?}",
-        stand_in.outcomes().await
-    );
+    assert!(eventually(abandoned).await, "{:?}", stand_in.outcomes().await);
 }
 
 #[tokio::test]
@@ -397,9 +372,7 @@ async fn cancel_aborts_an_in_flight_call_within_200ms() {
 #[tokio::test]
 async fn structured_output_rejected_by_the_validator_is_retried_until_it_passes() {
     let stand_in = StandIn::start().await;
-    stand_in
-        .queue_faults(json!([{"kind": "bad_json_output"}]))
-        .await;
+    stand_in.queue_faults(json!([{"kind": "bad_json_output"}])).await;
     let validator = |text: &str| -> Result<(), String> {
         let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let score = value["score"].as_u64().ok_or("no score")?;
@@ -408,12 +381,7 @@ async fn structured_output_rejected_by_the_validator_is_retried_until_it_passes(
             .then_some(())
             .ok_or("score out of range".into())
     };
-    let call = call(
-        &stand_in.client(),
-        &ask_for_score("rate this plan"),
-        Some(&validator),
-    )
-    .await;
+    let call = call(&stand_in.client(), &ask_for_score("rate this plan"), Some(&validator)).await;
 
     let completion = call.completion();
     assert_eq!(completion.tries, 2);
@@ -421,11 +389,7 @@ async fn structured_output_rejected_by_the_validator_is_retried_until_it_passes(
     assert!(call.retries()[0].0.contains("model output rejected"));
     let verdict: Value = serde_json::from_str(&completion.text).unwrap();
     assert!(verdict["reasons"][0].as_str().unwrap().contains("stand-in"));
-    let structured = stand_in
-        .requests()
-        .await
-        .iter()
-        .all(|r| r["structured"] == true);
+    let structured = stand_in.requests().await.iter().all(|r| r["structured"] == true);
     assert!(structured);
 }
 
@@ -437,10 +401,7 @@ async fn api_key_never_appears_in_error_messages() {
         .await;
     let client = stand_in.client();
     let rejected = call(&client, &ask("m/a", "hello"), None).await;
-    assert!(matches!(
-        rejected.error(),
-        ModelError::Rejected { status: 401, .. }
-    ));
+    assert!(matches!(rejected.error(), ModelError::Rejected { status: 401, .. }));
 
     let closed_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -470,14 +431,7 @@ async fn missing_api_key_is_rejected_by_the_server_without_retrying() {
     let client = stand_in.client_with(|c| c.api_key = None);
     let call = call(&client, &ask("m/a", "hello"), None).await;
 
-    assert!(matches!(
-        call.error(),
-        ModelError::Rejected { status: 401, .. }
-    ));
-    assert!(
-        call.error()
-            .to_string()
-            .contains("No auth credentials found")
-    );
+    assert!(matches!(call.error(), ModelError::Rejected { status: 401, .. }));
+    assert!(call.error().to_string().contains("No auth credentials found"));
     assert_eq!(stand_in.requests().await.len(), 1);
 }

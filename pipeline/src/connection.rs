@@ -26,10 +26,7 @@ pub async fn connect_blocking(url: &str) -> redis::RedisResult<ConnectionManager
     connect_with_timeout(url, BLOCK_TIME + COMMAND_TIMEOUT).await
 }
 
-async fn connect_with_timeout(
-    url: &str,
-    response_timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
+async fn connect_with_timeout(url: &str, response_timeout: Duration) -> redis::RedisResult<ConnectionManager> {
     let client = redis::Client::open(url)?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
@@ -78,13 +75,7 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(
-            redacted_url("redis://:s3cret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(
-            redacted_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
+        assert_eq!(redacted_url("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redacted_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

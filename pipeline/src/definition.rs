@@ -85,36 +85,21 @@ impl PipelineDefinition {
         for phase in &self.phases {
             validate_phase(phase, &known).map_err(invalid)?;
             if !known.insert(&phase.name) {
-                return Err(invalid(format!(
-                    "phase name {:?} is used twice",
-                    phase.name
-                )));
+                return Err(invalid(format!("phase name {:?} is used twice", phase.name)));
             }
         }
-        let ratings = self
-            .phases
-            .iter()
-            .filter(|p| p.output == OutputFormat::Rating)
-            .count();
+        let ratings = self.phases.iter().filter(|p| p.output == OutputFormat::Rating).count();
         if ratings > 1 {
-            return Err(invalid(
-                "more than one phase has output = \"rating\"".into(),
-            ));
+            return Err(invalid("more than one phase has output = \"rating\"".into()));
         }
         if !self.phases.iter().any(|p| p.name == self.final_output) {
-            return Err(invalid(format!(
-                "final_output {:?} is not a phase",
-                self.final_output
-            )));
+            return Err(invalid(format!("final_output {:?} is not a phase", self.final_output)));
         }
         Ok(())
     }
 
     /// Maps each phase's role to a model id.
-    pub fn resolve(
-        &self,
-        models: &BTreeMap<String, String>,
-    ) -> Result<PipelineSnapshot, PipelineError> {
+    pub fn resolve(&self, models: &BTreeMap<String, String>) -> Result<PipelineSnapshot, PipelineError> {
         let phases = self
             .phases
             .iter()
@@ -140,11 +125,7 @@ fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), 
             phase.name
         ));
     }
-    if let Some(input) = phase
-        .inputs
-        .iter()
-        .find(|input| !known.contains(input.as_str()))
-    {
+    if let Some(input) = phase.inputs.iter().find(|input| !known.contains(input.as_str())) {
         return Err(format!(
             "phase {:?} reads {input:?}, which is neither \"plan\" nor an earlier phase",
             phase.name
@@ -161,16 +142,11 @@ fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), 
     Ok(())
 }
 
-fn phase_spec(
-    phase: &PhaseDefinition,
-    models: &BTreeMap<String, String>,
-) -> Result<PhaseSpec, PipelineError> {
-    let model = models
-        .get(&phase.role)
-        .ok_or_else(|| PipelineError::UnknownRole {
-            role: phase.role.clone(),
-            phase: phase.name.clone(),
-        })?;
+fn phase_spec(phase: &PhaseDefinition, models: &BTreeMap<String, String>) -> Result<PhaseSpec, PipelineError> {
+    let model = models.get(&phase.role).ok_or_else(|| PipelineError::UnknownRole {
+        role: phase.role.clone(),
+        phase: phase.name.clone(),
+    })?;
     let output = match phase.output {
         OutputFormat::Text => OutputKind::Text,
         OutputFormat::Rating => OutputKind::Rating,
@@ -205,8 +181,7 @@ fn placeholders(template: &str) -> impl Iterator<Item = &str> {
 /// inputs render empty; validation at load makes that impossible for a
 /// template that came through [`PipelineDefinition::from_toml`].
 pub fn render_prompt(template: &str, inputs: &HashMap<String, String>) -> String {
-    let mut rendered =
-        String::with_capacity(template.len() + inputs.values().map(String::len).sum::<usize>());
+    let mut rendered = String::with_capacity(template.len() + inputs.values().map(String::len).sum::<usize>());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         let Some(length) = rest[start..].find("}}") else {
@@ -227,14 +202,8 @@ mod tests {
 
     fn default_models() -> BTreeMap<String, String> {
         BTreeMap::from([
-            (
-                "primary".to_string(),
-                "anthropic/claude-sonnet-4.5".to_string(),
-            ),
-            (
-                "reviewer".to_string(),
-                "google/gemini-3-pro-preview".to_string(),
-            ),
+            ("primary".to_string(), "anthropic/claude-sonnet-4.5".to_string()),
+            ("reviewer".to_string(), "google/gemini-3-pro-preview".to_string()),
         ])
     }
 
@@ -278,15 +247,13 @@ mod tests {
             prompt = "x"
         "#;
         let error = PipelineDefinition::from_toml(text).unwrap_err().to_string();
-        assert!(
-            error.contains("neither \"plan\" nor an earlier phase"),
-            "{error}"
-        );
+        assert!(error.contains("neither \"plan\" nor an earlier phase"), "{error}");
     }
 
     #[test]
     fn a_placeholder_not_listed_in_inputs_is_rejected() {
-        let text = "name='x'\nfinal_output='a'\n[[phases]]\nname='a'\nrole='r'\ninputs=['plan']\nprompt='{{plan}} {{other}}'";
+        let text =
+            "name='x'\nfinal_output='a'\n[[phases]]\nname='a'\nrole='r'\ninputs=['plan']\nprompt='{{plan}} {{other}}'";
         let error = PipelineDefinition::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("{{other}}"), "{error}");
     }
@@ -299,10 +266,7 @@ mod tests {
             .resolve(&models)
             .unwrap_err()
             .to_string();
-        assert!(
-            error.contains("reviewer") && error.contains("feedback"),
-            "{error}"
-        );
+        assert!(error.contains("reviewer") && error.contains("feedback"), "{error}");
     }
 
     #[test]
@@ -311,10 +275,7 @@ mod tests {
             ("plan".to_string(), "P".to_string()),
             ("a".to_string(), "A".to_string()),
         ]);
-        assert_eq!(
-            render_prompt("x {{plan}} y {{ a }} z", &inputs),
-            "x P y A z"
-        );
+        assert_eq!(render_prompt("x {{plan}} y {{ a }} z", &inputs), "x P y A z");
     }
 
     #[test]

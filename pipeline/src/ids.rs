@@ -40,8 +40,7 @@ impl WorkflowId {
         let malformed = || IdError::Malformed(truncate(text, 80));
         let rest = text.strip_prefix("wf_").ok_or_else(malformed)?;
         let (shard, hex) = rest.split_once('_').ok_or_else(malformed)?;
-        let shard_ok =
-            !shard.is_empty() && shard.len() <= 5 && shard.bytes().all(|b| b.is_ascii_digit());
+        let shard_ok = !shard.is_empty() && shard.len() <= 5 && shard.bytes().all(|b| b.is_ascii_digit());
         let hex_ok = hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !shard_ok || !hex_ok {
             return Err(malformed());
@@ -101,10 +100,7 @@ mod tests {
             "wf_1_0123456789ABCDEF0123456789abcdef",
             "wf_a_0123456789abcdef0123456789abcdef",
         ] {
-            assert!(
-                matches!(WorkflowId::parse(bad), Err(IdError::Malformed(_))),
-                "{bad}"
-            );
+            assert!(matches!(WorkflowId::parse(bad), Err(IdError::Malformed(_))), "{bad}");
         }
         assert_eq!(WorkflowId::parse(""), Err(IdError::Empty));
     }

@@ -47,9 +47,7 @@ pub fn entries_of(reply: redis::streams::StreamReadReply) -> Vec<(String, Entry)
         .into_iter()
         .flat_map(|key| {
             let stream = key.key;
-            key.ids
-                .into_iter()
-                .map(move |id| (stream.clone(), entry_of(id)))
+            key.ids.into_iter().map(move |id| (stream.clone(), entry_of(id)))
         })
         .collect()
 }

@@ -26,8 +26,7 @@ pub use generated::nexus::v1;
 
 /// Encoded `FileDescriptorSet` of every Nexus proto, served by gRPC reflection
 /// so `grpcurl` works without the proto files.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/nexus_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nexus_descriptor.bin"));
 
 /// Version stamped on every stream message this build writes.
 pub const STREAM_MESSAGE_VERSION: u32 = 1;

@@ -17,11 +17,7 @@ use crate::{stream, wire};
 
 const MALFORMED_BODY: &str = "{this is not json";
 
-pub(crate) async fn completions(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let body = match serde_json::from_slice::<ChatBody>(&body) {
         Ok(body) => body,
         Err(err) => return reject_unreadable(&shared, &err),
@@ -73,16 +69,10 @@ fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
     error_response(400, &format!("Invalid request body: {err}"), None, false)
 }
 
-fn error_response(
-    status: u16,
-    message: &str,
-    retry_after_secs: Option<f64>,
-    scripted: bool,
-) -> Response {
+fn error_response(status: u16, message: &str, retry_after_secs: Option<f64>, scripted: bool) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (code, Json(wire::error_body(status, message, scripted))).into_response();
-    let retry_after =
-        retry_after_secs.and_then(|secs| HeaderValue::try_from(secs.to_string()).ok());
+    let retry_after = retry_after_secs.and_then(|secs| HeaderValue::try_from(secs.to_string()).ok());
     if let Some(value) = retry_after {
         response.headers_mut().insert(RETRY_AFTER, value);
     }
@@ -99,9 +89,7 @@ async fn whole(plan: Plan, outcome: Outcome) -> Response {
         }
         Some(Fault::Malformed { .. }) => MALFORMED_BODY.into_response(),
         Some(Fault::MidStreamError { code, message, .. }) => {
-            let message = message
-                .as_deref()
-                .unwrap_or("Provider disconnected (stand-in)");
+            let message = message.as_deref().unwrap_or("Provider disconnected (stand-in)");
             error_response(*code, message, None, true)
         }
         _ => completion_response(&plan),

@@ -89,8 +89,7 @@ pub(crate) struct FaultQueue {
 
 impl FaultQueue {
     pub(crate) fn extend(&mut self, specs: impl IntoIterator<Item = FaultSpec>) {
-        self.pending
-            .extend(specs.into_iter().filter(|spec| spec.times > 0));
+        self.pending.extend(specs.into_iter().filter(|spec| spec.times > 0));
     }
 
     pub(crate) fn clear(&mut self) -> usize {

@@ -46,15 +46,10 @@ async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     tracing::info!(?args, "starting stand-in model");
     let listener = TcpListener::bind(args.listen).await?;
-    println!(
-        "stand-in model listening on http://{}",
-        listener.local_addr()?
-    );
+    println!("stand-in model listening on http://{}", listener.local_addr()?);
     stand_in_model::serve(listener, args.config()).await
 }

@@ -54,10 +54,7 @@ impl Message {
 impl ChatBody {
     pub(crate) fn structured(&self) -> bool {
         let kind = self.response_format.as_ref().and_then(|f| f.get("type"));
-        matches!(
-            kind.and_then(Value::as_str),
-            Some("json_schema" | "json_object")
-        )
+        matches!(kind.and_then(Value::as_str), Some("json_schema" | "json_object"))
     }
 
     fn last_user_text(&self) -> String {
@@ -97,12 +94,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn new(
-        body: &ChatBody,
-        config: &StandInConfig,
-        seq: u64,
-        fault: Option<Fault>,
-    ) -> Self {
+    pub(crate) fn new(body: &ChatBody, config: &StandInConfig, seq: u64, fault: Option<Fault>) -> Self {
         let mut chunks = reply::chunks(&reply_text(body, config, fault.as_ref()));
         let mut finish_reason = "stop";
         if let Some(max) = body.max_tokens.filter(|max| *max < chunks.len()) {
@@ -135,9 +127,7 @@ impl Plan {
 
     /// What the request log records when the plan plays out to the end.
     pub(crate) fn outcome_label(&self) -> String {
-        self.fault
-            .as_ref()
-            .map_or_else(|| "ok".into(), Fault::outcome_label)
+        self.fault.as_ref().map_or_else(|| "ok".into(), Fault::outcome_label)
     }
 }
 
@@ -151,7 +141,5 @@ fn reply_text(body: &ChatBody, config: &StandInConfig, fault: Option<&Fault>) ->
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -45,13 +45,7 @@ pub(crate) const BAD_JSON_OUTPUT: &str = "not json at all (stand-in)";
 pub(crate) fn chunks(text: &str) -> Vec<String> {
     text.split(' ')
         .enumerate()
-        .map(|(i, word)| {
-            if i == 0 {
-                word.to_owned()
-            } else {
-                format!(" {word}")
-            }
-        })
+        .map(|(i, word)| if i == 0 { word.to_owned() } else { format!(" {word}") })
         .collect()
 }
 
@@ -69,10 +63,7 @@ mod tests {
     #[test]
     fn free_text_names_the_stand_in_and_cycles_prompt_words() {
         let text = free_text("m/x", "alpha beta", 3);
-        assert_eq!(
-            text,
-            "[stand-in model for m/x; not a real LLM] alpha beta alpha"
-        );
+        assert_eq!(text, "[stand-in model for m/x; not a real LLM] alpha beta alpha");
         assert_eq!(chunks(&text).concat(), text);
     }
 

@@ -32,9 +32,7 @@ struct Inner {
 
 /// Poisoning only means another handler panicked mid-update; the data is still usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -118,8 +116,7 @@ impl Outcome {
 impl Drop for Outcome {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared
-                .set_outcome(self.seq, "client_disconnected".into());
+            self.shared.set_outcome(self.seq, "client_disconnected".into());
         }
     }
 }

@@ -33,10 +33,7 @@ pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
     tokio::spawn(produce(plan, Sink(tx), outcome));
     let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
     (
-        [
-            (CONTENT_TYPE, "text/event-stream"),
-            (CACHE_CONTROL, "no-cache"),
-        ],
+        [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
         [("x-generation-id", generation_id)],
         body,
     )
@@ -51,10 +48,7 @@ struct Sink(mpsc::Sender<Bytes>);
 
 impl Sink {
     async fn send(&self, frame: impl Into<String>) -> Result<(), Gone> {
-        self.0
-            .send(Bytes::from(frame.into()))
-            .await
-            .map_err(|_| Gone)
+        self.0.send(Bytes::from(frame.into())).await.map_err(|_| Gone)
     }
 
     async fn send_data(&self, chunk: &Value) -> Result<(), Gone> {
@@ -79,11 +73,7 @@ async fn produce(plan: Plan, sink: Sink, outcome: Outcome) {
 async fn play(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
     wait_for_first_token(plan, sink).await?;
     let words = plan.chunks.len();
-    let fault_at = plan
-        .fault
-        .as_ref()
-        .and_then(Fault::fires_after)
-        .map(|at| at.min(words));
+    let fault_at = plan.fault.as_ref().and_then(Fault::fires_after).map(|at| at.min(words));
     for index in 0..=words {
         if fault_at == Some(index) && !fault_mid_stream(plan, sink).await? {
             return Ok(());
@@ -92,8 +82,7 @@ async fn play(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
             send_word(plan, sink, index).await?;
         }
     }
-    sink.send_data(&wire::usage_chunk(&plan.meta, &plan.usage))
-        .await?;
+    sink.send_data(&wire::usage_chunk(&plan.meta, &plan.usage)).await?;
     sink.send(DONE).await
 }
 
@@ -143,11 +132,8 @@ async fn fault_mid_stream(plan: &Plan, sink: &Sink) -> Result<bool, Gone> {
             Ok(false)
         }
         Some(Fault::MidStreamError { code, message, .. }) => {
-            let message = message
-                .as_deref()
-                .unwrap_or("Provider disconnected (stand-in)");
-            sink.send_data(&wire::error_chunk(&plan.meta, *code, message))
-                .await?;
+            let message = message.as_deref().unwrap_or("Provider disconnected (stand-in)");
+            sink.send_data(&wire::error_chunk(&plan.meta, *code, message)).await?;
             sink.send(DONE).await?;
             Ok(false)
         }

@@ -4,7 +4,8 @@
 use nexus_proto::v1::workflow_event::Kind;
 use nexus_proto::v1::workflow_service_client::WorkflowServiceClient;
 use nexus_proto::v1::{
-    GetWorkflowRequest, ProjectPlan, StartWorkflowRequest, WatchWorkflowRequest, Workflow, WorkflowEvent, WorkflowStatus,
+    GetWorkflowRequest, ProjectPlan, StartWorkflowRequest, WatchWorkflowRequest, Workflow, WorkflowEvent,
+    WorkflowStatus,
 };
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -12,7 +13,9 @@ use tonic::transport::Channel;
 pub type Client = WorkflowServiceClient<Channel>;
 
 pub async fn connect(endpoint: &str) -> Client {
-    WorkflowServiceClient::connect(endpoint.to_string()).await.expect("connect to orchestrator")
+    WorkflowServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("connect to orchestrator")
 }
 
 pub fn sample_plan(name: &str) -> ProjectPlan {
@@ -26,15 +29,35 @@ pub fn sample_plan(name: &str) -> ProjectPlan {
 }
 
 pub async fn start(client: &mut Client, name: &str) -> String {
-    let request = StartWorkflowRequest { plan: Some(sample_plan(name)), idempotency_key: String::new() };
-    client.start_workflow(request).await.expect("start workflow").into_inner().workflow_id
+    let request = StartWorkflowRequest {
+        plan: Some(sample_plan(name)),
+        idempotency_key: String::new(),
+    };
+    client
+        .start_workflow(request)
+        .await
+        .expect("start workflow")
+        .into_inner()
+        .workflow_id
 }
 
 /// Watches from `after_cursor` until the stream ends (terminal event) or the
 /// timeout passes; returns the events seen.
-pub async fn watch_until_end(client: &mut Client, workflow_id: &str, after_cursor: &str, timeout: Duration) -> Vec<WorkflowEvent> {
-    let request = WatchWorkflowRequest { workflow_id: workflow_id.to_string(), after_cursor: after_cursor.to_string() };
-    let mut stream = client.watch_workflow(request).await.expect("watch workflow").into_inner();
+pub async fn watch_until_end(
+    client: &mut Client,
+    workflow_id: &str,
+    after_cursor: &str,
+    timeout: Duration,
+) -> Vec<WorkflowEvent> {
+    let request = WatchWorkflowRequest {
+        workflow_id: workflow_id.to_string(),
+        after_cursor: after_cursor.to_string(),
+    };
+    let mut stream = client
+        .watch_workflow(request)
+        .await
+        .expect("watch workflow")
+        .into_inner();
     let mut events = Vec::new();
     let collect = async {
         while let Some(event) = stream.message().await.expect("watch stream") {
@@ -65,7 +88,12 @@ pub async fn wait_terminal(client: &mut Client, workflow_id: &str, timeout: Dura
 /// may be restarting Redis or an orchestrator).
 pub async fn get_retrying(client: &mut Client, workflow_id: &str) -> Workflow {
     for _ in 0..300 {
-        match client.get_workflow(GetWorkflowRequest { workflow_id: workflow_id.to_string() }).await {
+        match client
+            .get_workflow(GetWorkflowRequest {
+                workflow_id: workflow_id.to_string(),
+            })
+            .await
+        {
             Ok(response) => return response.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => panic!("workflow {workflow_id} lost: {status}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -103,18 +131,36 @@ pub struct ModelControl {
 impl ModelControl {
     pub fn new(base_url: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { base_url: base_url.to_string(), http: reqwest::Client::new() }
+        Self {
+            base_url: base_url.to_string(),
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Queues faults, each consumed by the next matching request.
     pub async fn inject(&self, faults: serde_json::Value) {
-        let response = self.http.post(format!("{}/_stand-in/faults", self.base_url)).json(&faults).send().await.unwrap();
-        assert!(response.status().is_success(), "injecting faults: {}", response.status());
+        let response = self
+            .http
+            .post(format!("{}/_stand-in/faults", self.base_url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "injecting faults: {}",
+            response.status()
+        );
     }
 
     /// Every chat request the stand-in saw, in order.
     pub async fn requests(&self) -> Vec<serde_json::Value> {
-        let response = self.http.get(format!("{}/_stand-in/requests", self.base_url)).send().await.unwrap();
+        let response = self
+            .http
+            .get(format!("{}/_stand-in/requests", self.base_url))
+            .send()
+            .await
+            .unwrap();
         response.json().await.unwrap()
     }
 }

@@ -13,7 +13,11 @@ pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build it first (scripts/test.sh runs `cargo build --workspace --bins`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (scripts/test.sh runs `cargo build --workspace --bins`)",
+        path.display()
+    );
     path
 }
 
@@ -41,7 +45,10 @@ impl Process {
                 let _ = lines.send(line);
             }
         });
-        let process = Self { name: name.to_string(), child: Some(child) };
+        let process = Self {
+            name: name.to_string(),
+            child: Some(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match ready.recv_timeout(left) {
@@ -50,7 +57,10 @@ impl Process {
                 Err(_) => break,
             }
         }
-        panic!("{name} did not print {ready_marker:?} within 30 s (log: {})", log_path(name).display());
+        panic!(
+            "{name} did not print {ready_marker:?} within 30 s (log: {})",
+            log_path(name).display()
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -66,7 +76,9 @@ impl Process {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 }
 
@@ -94,11 +106,18 @@ fn log_file(name: &str) -> Stdio {
 
 fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf()
 }
 
 fn address_in(line: &str) -> SocketAddr {
-    let text = line.rsplit(' ').next().unwrap_or_default().trim_start_matches("http://");
+    let text = line
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("http://");
     text.parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
 }
 
@@ -114,14 +133,27 @@ impl RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("nexus-test-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self { port, dir, process: None };
+        let mut server = Self {
+            port,
+            dir,
+            process: None,
+        };
         server.launch();
         server
     }
 
     fn launch(&mut self) {
         let mut command = Command::new("redis-server");
-        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]);
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+        ]);
         command.args(["--appendfsync", "always", "--dir"]).arg(&self.dir);
         let (process, _) = Process::spawn(&format!("redis-{}", self.port), command, "Ready to accept connections");
         self.process = Some(process);
@@ -167,7 +199,10 @@ impl StandIn {
         let mut command = Command::new(binary("stand-in-model"));
         command.args(["--listen", "127.0.0.1:0"]).args(args);
         let (process, line) = Process::spawn("stand-in-model", command, "listening on");
-        Self { address: address_in(&line), process }
+        Self {
+            address: address_in(&line),
+            process,
+        }
     }
 
     pub fn base_url(&self) -> String {
@@ -184,10 +219,15 @@ pub struct Orchestrator {
 impl Orchestrator {
     pub fn start(redis_url: &str, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary("orchestrator"));
-        command.args(["--listen", "127.0.0.1:0", "--redis-url", redis_url]).envs(env.iter().copied());
+        command
+            .args(["--listen", "127.0.0.1:0", "--redis-url", redis_url])
+            .envs(env.iter().copied());
         command.env("NEXUS_RESULT_CLAIM_IDLE_MS", "2000");
         let (process, line) = Process::spawn("orchestrator", command, "orchestrator listening on");
-        Self { address: address_in(&line), process }
+        Self {
+            address: address_in(&line),
+            process,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -206,7 +246,14 @@ impl Worker {
         let name = format!("test-worker-{}", free_port());
         let mut command = Command::new(binary("phase-worker"));
         command
-            .args(["--redis-url", redis_url, "--openrouter-base-url", model_base_url, "--consumer-name", &name])
+            .args([
+                "--redis-url",
+                redis_url,
+                "--openrouter-base-url",
+                model_base_url,
+                "--consumer-name",
+                &name,
+            ])
             .env("OPENROUTER_API_KEY", "sk-or-test-not-a-real-key")
             .env("NEXUS_MODEL_BACKOFF_BASE_MS", "50")
             .env("NEXUS_VISIBILITY_TIMEOUT_MS", "3000")
@@ -227,15 +274,35 @@ pub struct Stack {
 impl Stack {
     /// One orchestrator and `workers` workers, the stand-in answering fast.
     pub fn start(workers: usize) -> Self {
-        Self::start_with(1, workers, &["--first-token-latency-ms", "5", "--tokens-per-second", "2000", "--reply-words", "30"])
+        Self::start_with(
+            1,
+            workers,
+            &[
+                "--first-token-latency-ms",
+                "5",
+                "--tokens-per-second",
+                "2000",
+                "--reply-words",
+                "30",
+            ],
+        )
     }
 
     pub fn start_with(orchestrators: usize, workers: usize, model_args: &[&str]) -> Self {
         let redis = RedisServer::start();
         let model = StandIn::start(model_args);
-        let orchestrators = (0..orchestrators).map(|_| Orchestrator::start(&redis.url(), &[])).collect();
-        let workers = (0..workers).map(|_| Worker::start(&redis.url(), &model.base_url(), &[])).collect();
-        Self { redis, model, orchestrators, workers }
+        let orchestrators = (0..orchestrators)
+            .map(|_| Orchestrator::start(&redis.url(), &[]))
+            .collect();
+        let workers = (0..workers)
+            .map(|_| Worker::start(&redis.url(), &model.base_url(), &[]))
+            .collect();
+        Self {
+            redis,
+            model,
+            orchestrators,
+            workers,
+        }
     }
 
     pub fn endpoint(&self) -> String {

@@ -7,7 +7,14 @@ use nexus_tests::*;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-const PHASES: [&str; 6] = ["analyse", "feedback", "enterprise_plan", "quality_review", "improve", "rate"];
+const PHASES: [&str; 6] = [
+    "analyse",
+    "feedback",
+    "enterprise_plan",
+    "quality_review",
+    "improve",
+    "rate",
+];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn six_phases_complete_in_order_and_the_result_is_stored() {
@@ -18,10 +25,17 @@ async fn six_phases_complete_in_order_and_the_result_is_stored() {
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
 
     let cursors: Vec<_> = events.iter().map(|e| cursor_key(&e.cursor)).collect();
-    assert!(cursors.windows(2).all(|pair| pair[0] < pair[1]), "cursors must increase: {cursors:?}");
+    assert!(
+        cursors.windows(2).all(|pair| pair[0] < pair[1]),
+        "cursors must increase: {cursors:?}"
+    );
     assert!(events.iter().all(|e| e.workflow_id == id));
     assert_eq!(kind_name(&events[0]), "accepted");
-    assert_eq!(kind_name(events.last().unwrap()), "completed", "stream ends with the terminal event");
+    assert_eq!(
+        kind_name(events.last().unwrap()),
+        "completed",
+        "stream ends with the terminal event"
+    );
     let completed_phases: Vec<_> = events
         .iter()
         .filter_map(|e| match &e.kind {
@@ -31,23 +45,51 @@ async fn six_phases_complete_in_order_and_the_result_is_stored() {
         .collect();
     assert_eq!(completed_phases, PHASES, "each phase completes once, in order");
     for (index, phase) in PHASES.iter().enumerate() {
-        let position = |kind: &str| events.iter().position(|e| kind_name(e) == kind && phase_of(e) == Some(index as u32));
-        let (started, delta, done) = (position("phase_started"), position("phase_output_delta"), position("phase_completed"));
-        assert!(started < delta && delta < done, "{phase}: started {started:?} < first delta {delta:?} < completed {done:?}");
+        let position = |kind: &str| {
+            events
+                .iter()
+                .position(|e| kind_name(e) == kind && phase_of(e) == Some(index as u32))
+        };
+        let (started, delta, done) = (
+            position("phase_started"),
+            position("phase_output_delta"),
+            position("phase_completed"),
+        );
+        assert!(
+            started < delta && delta < done,
+            "{phase}: started {started:?} < first delta {delta:?} < completed {done:?}"
+        );
     }
-    let Some(Kind::Completed(finished)) = &events.last().unwrap().kind else { unreachable!() };
+    let Some(Kind::Completed(finished)) = &events.last().unwrap().kind else {
+        unreachable!()
+    };
     let rating = finished.rating.clone().expect("rating");
-    assert!((1..=10).contains(&rating.score) && !rating.reasons.is_empty(), "{rating:?}");
-    assert!(finished.final_plan.contains("stand-in"), "the stand-in's text says where it comes from");
+    assert!(
+        (1..=10).contains(&rating.score) && !rating.reasons.is_empty(),
+        "{rating:?}"
+    );
+    assert!(
+        finished.final_plan.contains("stand-in"),
+        "the stand-in's text says where it comes from"
+    );
 
-    let workflow = client.get_workflow(GetWorkflowRequest { workflow_id: id.clone() }).await.unwrap().into_inner();
+    let workflow = client
+        .get_workflow(GetWorkflowRequest {
+            workflow_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(workflow.status(), WorkflowStatus::Completed);
     assert_eq!(workflow.final_plan, finished.final_plan);
     assert_eq!(workflow.rating, Some(rating));
     assert_eq!(workflow.phases.len(), 6);
     for phase in &workflow.phases {
         assert_eq!(phase.status(), PhaseStatus::Completed, "{}", phase.name);
-        assert!(!phase.output.is_empty() && phase.usage.is_some_and(|u| u.completion_tokens > 0 && u.cost_usd > 0.0), "{phase:?}");
+        assert!(
+            !phase.output.is_empty() && phase.usage.is_some_and(|u| u.completion_tokens > 0 && u.cost_usd > 0.0),
+            "{phase:?}"
+        );
     }
     assert_eq!(workflow.phases[0].model, "anthropic/claude-sonnet-4.5");
     assert_eq!(workflow.phases[1].model, "google/gemini-3-pro-preview");
@@ -87,7 +129,11 @@ async fn two_workers_share_concurrent_workflows_and_run_each_phase_once() {
         }));
     }
     let model_calls = ModelControl::new(&stack.model.base_url()).requests().await;
-    assert_eq!(model_calls.len(), 8 * 6, "each phase of each workflow called the model exactly once");
+    assert_eq!(
+        model_calls.len(),
+        8 * 6,
+        "each phase of each workflow called the model exactly once"
+    );
     let expected: HashSet<_> = stack.workers.iter().map(|w| w.name.clone()).collect();
     assert_eq!(workers_seen, expected, "both workers took tasks");
 }
@@ -105,8 +151,16 @@ async fn payment_required_fails_the_workflow_with_the_providers_message() {
     let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
 
     assert_eq!(workflow.status(), WorkflowStatus::Failed);
-    assert!(workflow.reason.contains("Insufficient credits"), "reason carries the provider's message: {}", workflow.reason);
-    assert!(workflow.reason.contains("analyse"), "reason names the phase: {}", workflow.reason);
+    assert!(
+        workflow.reason.contains("Insufficient credits"),
+        "reason carries the provider's message: {}",
+        workflow.reason
+    );
+    assert!(
+        workflow.reason.contains("analyse"),
+        "reason names the phase: {}",
+        workflow.reason
+    );
     assert_eq!(control.requests().await.len(), 1, "402 is not retried");
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(5)).await;
     assert_eq!(kind_name(events.last().unwrap()), "failed");
@@ -146,41 +200,102 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
     let snapshot_before = redis_snapshot(&mut redis).await;
 
-    let empty = StartWorkflowRequest { plan: Some(nexus_proto::v1::ProjectPlan { name: "x".into(), ..Default::default() }), ..Default::default() };
+    let empty = StartWorkflowRequest {
+        plan: Some(nexus_proto::v1::ProjectPlan {
+            name: "x".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let status = client.start_workflow(empty).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("description"), "{}", status.message());
 
-    let missing = client.start_workflow(StartWorkflowRequest::default()).await.unwrap_err();
+    let missing = client
+        .start_workflow(StartWorkflowRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::InvalidArgument);
     assert!(missing.message().contains("plan is required"), "{}", missing.message());
 
     let mut huge = sample_plan("Huge");
     huge.description = "x".repeat(64 * 1024 + 1);
     huge.fields.clear();
-    let status = client.start_workflow(StartWorkflowRequest { plan: Some(huge), ..Default::default() }).await.unwrap_err();
+    let status = client
+        .start_workflow(StartWorkflowRequest {
+            plan: Some(huge),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-    assert!(status.message().contains("65537") && status.message().contains("65536"), "{}", status.message());
+    assert!(
+        status.message().contains("65537") && status.message().contains("65536"),
+        "{}",
+        status.message()
+    );
 
-    let malformed = client.get_workflow(GetWorkflowRequest { workflow_id: "not-an-id".into() }).await.unwrap_err();
+    let malformed = client
+        .get_workflow(GetWorkflowRequest {
+            workflow_id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
     assert!(malformed.message().contains("malformed"), "{}", malformed.message());
 
     let unknown_id = "wf_0_0192f5e3a1b27c3d8e9f001122334455".to_string();
-    let unknown = client.get_workflow(GetWorkflowRequest { workflow_id: unknown_id.clone() }).await.unwrap_err();
+    let unknown = client
+        .get_workflow(GetWorkflowRequest {
+            workflow_id: unknown_id.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     assert!(unknown.message().contains(&unknown_id));
-    let watch = nexus_proto::v1::WatchWorkflowRequest { workflow_id: unknown_id.clone(), after_cursor: String::new() };
-    assert_eq!(client.watch_workflow(watch).await.unwrap_err().code(), tonic::Code::NotFound);
-    let cancel = nexus_proto::v1::CancelWorkflowRequest { workflow_id: unknown_id, reason: String::new() };
-    assert_eq!(client.cancel_workflow(cancel).await.unwrap_err().code(), tonic::Code::NotFound);
-    let bad_cursor = nexus_proto::v1::WatchWorkflowRequest { workflow_id: existing.clone(), after_cursor: "yesterday".into() };
-    assert_eq!(client.watch_workflow(bad_cursor).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    let bad_page = ListWorkflowsRequest { page_size: 1000, page_token: String::new() };
-    assert_eq!(client.list_workflows(bad_page).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let watch = nexus_proto::v1::WatchWorkflowRequest {
+        workflow_id: unknown_id.clone(),
+        after_cursor: String::new(),
+    };
+    assert_eq!(
+        client.watch_workflow(watch).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let cancel = nexus_proto::v1::CancelWorkflowRequest {
+        workflow_id: unknown_id,
+        reason: String::new(),
+    };
+    assert_eq!(
+        client.cancel_workflow(cancel).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let bad_cursor = nexus_proto::v1::WatchWorkflowRequest {
+        workflow_id: existing.clone(),
+        after_cursor: "yesterday".into(),
+    };
+    assert_eq!(
+        client.watch_workflow(bad_cursor).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let bad_page = ListWorkflowsRequest {
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    assert_eq!(
+        client.list_workflows(bad_page).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
 
-    assert_eq!(redis_snapshot(&mut redis).await, snapshot_before, "nothing stored changed");
-    let after = client.get_workflow(GetWorkflowRequest { workflow_id: existing }).await.unwrap().into_inner();
+    assert_eq!(
+        redis_snapshot(&mut redis).await,
+        snapshot_before,
+        "nothing stored changed"
+    );
+    let after = client
+        .get_workflow(GetWorkflowRequest { workflow_id: existing })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after.status(), WorkflowStatus::Completed);
 }
 
@@ -199,7 +314,10 @@ async fn redis_snapshot(redis: &mut redis::aio::MultiplexedConnection) -> HashMa
 async fn same_idempotency_key_returns_the_same_workflow_and_starts_one_run() {
     let stack = Stack::start(1);
     let mut client = connect(&stack.endpoint()).await;
-    let request = StartWorkflowRequest { plan: Some(sample_plan("Once")), idempotency_key: "order-7".into() };
+    let request = StartWorkflowRequest {
+        plan: Some(sample_plan("Once")),
+        idempotency_key: "order-7".into(),
+    };
     let first = client.start_workflow(request.clone()).await.unwrap().into_inner();
     let second = client.start_workflow(request.clone()).await.unwrap().into_inner();
     assert!(first.created && !second.created);
@@ -212,7 +330,11 @@ async fn same_idempotency_key_returns_the_same_workflow_and_starts_one_run() {
     assert!(status.message().contains(&first.workflow_id), "{}", status.message());
 
     wait_terminal(&mut client, &first.workflow_id, Duration::from_secs(60)).await;
-    let listed = client.list_workflows(ListWorkflowsRequest::default()).await.unwrap().into_inner();
+    let listed = client
+        .list_workflows(ListWorkflowsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.workflows.len(), 1, "one run only");
     assert_eq!(ModelControl::new(&stack.model.base_url()).requests().await.len(), 6);
 }
@@ -228,7 +350,14 @@ async fn list_pages_through_every_workflow_newest_first() {
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
-        let page = client.list_workflows(ListWorkflowsRequest { page_size: 2, page_token: token }).await.unwrap().into_inner();
+        let page = client
+            .list_workflows(ListWorkflowsRequest {
+                page_size: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(page.workflows.len() <= 2);
         seen.extend(page.workflows.into_iter().map(|w| w.workflow_id));
         if page.next_page_token.is_empty() {

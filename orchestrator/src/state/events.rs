@@ -17,5 +17,8 @@ pub use nexus_proto::timestamp_from_ms as timestamp;
 
 /// Whether the event ends the workflow's stream.
 pub fn is_terminal(event: &WorkflowEvent) -> bool {
-    matches!(event.kind, Some(Kind::Completed(_) | Kind::Failed(_) | Kind::Cancelled(_)))
+    matches!(
+        event.kind,
+        Some(Kind::Completed(_) | Kind::Failed(_) | Kind::Cancelled(_))
+    )
 }

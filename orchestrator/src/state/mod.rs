@@ -128,8 +128,14 @@ impl WorkflowStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         match reply.as_slice() {
-            [created, workflow_id] if created == "1" => Ok(Started { workflow_id: workflow_id.clone(), created: true }),
-            [_, workflow_id, matched] if matched == "match" => Ok(Started { workflow_id: workflow_id.clone(), created: false }),
+            [created, workflow_id] if created == "1" => Ok(Started {
+                workflow_id: workflow_id.clone(),
+                created: true,
+            }),
+            [_, workflow_id, matched] if matched == "match" => Ok(Started {
+                workflow_id: workflow_id.clone(),
+                created: false,
+            }),
             [_, workflow_id, _] => Err(ApiError::IdempotencyMismatch {
                 key: request.idempotency_key.unwrap_or_default().to_string(),
                 workflow_id: workflow_id.clone(),
@@ -141,8 +147,14 @@ impl WorkflowStore {
     /// Cancels a pending or running workflow; returns it as it then stands.
     pub async fn cancel(&self, id: &WorkflowId, reason: &str) -> Result<Workflow, ApiError> {
         let keys = WorkflowKeys::new(id);
-        let reason = if reason.trim().is_empty() { "cancelled by request" } else { reason.trim() };
-        let cancelled = event(Kind::Cancelled(WorkflowCancelled { reason: reason.to_string() }));
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request"
+        } else {
+            reason.trim()
+        };
+        let cancelled = event(Kind::Cancelled(WorkflowCancelled {
+            reason: reason.to_string(),
+        }));
         let outcome: String = scripts::CANCEL_WORKFLOW
             .key(keys.state())
             .key(keys.events())

@@ -30,13 +30,19 @@ impl PipelineCache {
         shard: u16,
         fingerprint: &str,
     ) -> Result<Arc<PipelineSnapshot>, ApiError> {
-        if let Some(found) = self.by_fingerprint.read().expect("pipeline cache lock").get(fingerprint) {
+        if let Some(found) = self
+            .by_fingerprint
+            .read()
+            .expect("pipeline cache lock")
+            .get(fingerprint)
+        {
             return Ok(found.clone());
         }
         let bytes: Option<Vec<u8>> = conn.get(ShardKeys::new(shard).pipeline(fingerprint)).await?;
         let bytes = bytes.ok_or_else(|| ApiError::Corrupt(format!("pipeline {fingerprint} is not stored")))?;
         let snapshot = Arc::new(
-            PipelineSnapshot::decode(bytes.as_slice()).map_err(|e| ApiError::Corrupt(format!("pipeline {fingerprint}: {e}")))?,
+            PipelineSnapshot::decode(bytes.as_slice())
+                .map_err(|e| ApiError::Corrupt(format!("pipeline {fingerprint}: {e}")))?,
         );
         self.insert(fingerprint, snapshot.clone());
         Ok(snapshot)

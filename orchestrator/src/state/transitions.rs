@@ -86,10 +86,12 @@ impl WorkflowStore {
         pipeline: &PipelineSnapshot,
     ) -> Result<Transition, ApiError> {
         let index = result.phase_index as usize;
-        let spec = pipeline
-            .phases
-            .get(index)
-            .ok_or_else(|| ApiError::Corrupt(format!("result for phase {index} of a {}-phase pipeline", pipeline.phases.len())))?;
+        let spec = pipeline.phases.get(index).ok_or_else(|| {
+            ApiError::Corrupt(format!(
+                "result for phase {index} of a {}-phase pipeline",
+                pipeline.phases.len()
+            ))
+        })?;
         let record = Phase {
             index: result.phase_index,
             name: spec.name.clone(),
@@ -122,7 +124,8 @@ impl WorkflowStore {
         };
         match pipeline.phases.get(index + 1) {
             Some(next) => {
-                transition.follow_up = phase_task(id, result.phase_index + 1, next, &result.pipeline_id).encode_to_vec();
+                transition.follow_up =
+                    phase_task(id, result.phase_index + 1, next, &result.pipeline_id).encode_to_vec();
             }
             None => {
                 let finished = self.completion(id, pipeline, &record, success).await?;
@@ -142,16 +145,26 @@ impl WorkflowStore {
         last: &Phase,
         success: &PhaseSuccess,
     ) -> Result<WorkflowCompleted, ApiError> {
-        let stored = view::load_stored(&mut self.conn.clone(), id).await?.ok_or_else(|| ApiError::NotFound(id.to_string()))?;
+        let stored = view::load_stored(&mut self.conn.clone(), id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         let mut phases = stored.phase_records()?;
         phases.push(last.clone());
         let final_plan = if last.name == pipeline.final_output_phase {
             success.output.clone()
         } else {
-            stored.outputs.get(&pipeline.final_output_phase).cloned().unwrap_or_default()
+            stored
+                .outputs
+                .get(&pipeline.final_output_phase)
+                .cloned()
+                .unwrap_or_default()
         };
         let rating: Option<Rating> = success.rating.clone().or(stored.rating()?);
-        Ok(WorkflowCompleted { final_plan, rating, total_usage: Some(view::total_usage(&phases)) })
+        Ok(WorkflowCompleted {
+            final_plan,
+            rating,
+            total_usage: Some(view::total_usage(&phases)),
+        })
     }
 }
 
@@ -162,7 +175,10 @@ fn failure_transition(result: &PhaseResult, pipeline: &PipelineSnapshot, reason:
         .map(|spec| spec.name.clone())
         .unwrap_or_else(|| format!("#{}", result.phase_index));
     let reason = format!("phase {phase} failed: {reason}");
-    let failed = event(Kind::Failed(WorkflowFailed { reason: reason.clone(), phase: phase.clone() }));
+    let failed = event(Kind::Failed(WorkflowFailed {
+        reason: reason.clone(),
+        phase: phase.clone(),
+    }));
     Transition {
         outcome: "fail",
         phase_name: phase,

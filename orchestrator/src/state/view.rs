@@ -32,7 +32,10 @@ pub async fn load_stored(conn: &mut ConnectionManager, id: &WorkflowId) -> Resul
 
 impl StoredWorkflow {
     fn text(&self, name: &str) -> String {
-        self.state.get(name).map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default()
+        self.state
+            .get(name)
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+            .unwrap_or_default()
     }
 
     fn number(&self, name: &str) -> i64 {
@@ -71,7 +74,12 @@ impl StoredWorkflow {
         self.text(field::PIPELINE)
     }
 
-    pub fn into_workflow(self, id: &WorkflowId, pipeline: &PipelineSnapshot, with_outputs: bool) -> Result<Workflow, ApiError> {
+    pub fn into_workflow(
+        self,
+        id: &WorkflowId,
+        pipeline: &PipelineSnapshot,
+        with_outputs: bool,
+    ) -> Result<Workflow, ApiError> {
         let workflow_status = workflow_status(&self.status());
         let records = self.phase_records()?;
         let current = self.number(field::PHASE) as usize;
@@ -79,10 +87,14 @@ impl StoredWorkflow {
             .into_iter()
             .map(|planned| {
                 let index = planned.index as usize;
-                let mut phase = records.iter().find(|r| r.index == planned.index).cloned().unwrap_or(Phase {
-                    status: pending_phase_status(workflow_status, index, current) as i32,
-                    ..planned
-                });
+                let mut phase = records
+                    .iter()
+                    .find(|r| r.index == planned.index)
+                    .cloned()
+                    .unwrap_or(Phase {
+                        status: pending_phase_status(workflow_status, index, current) as i32,
+                        ..planned
+                    });
                 if with_outputs {
                     phase.output = self.outputs.get(&phase.name).cloned().unwrap_or_default();
                 }
@@ -96,7 +108,14 @@ impl StoredWorkflow {
             plan: Some(self.plan()?),
             created_at: Some(timestamp(self.number(field::CREATED_MS))),
             updated_at: Some(timestamp(self.number(field::UPDATED_MS))),
-            final_plan: if completed { self.outputs.get(&pipeline.final_output_phase).cloned().unwrap_or_default() } else { String::new() },
+            final_plan: if completed {
+                self.outputs
+                    .get(&pipeline.final_output_phase)
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
             rating: if completed { self.rating()? } else { None },
             total_usage: Some(total_usage(&phases)),
             phases,
@@ -148,14 +167,17 @@ pub fn planned_phases(pipeline: &PipelineSnapshot) -> Vec<Phase> {
 }
 
 pub fn total_usage(phases: &[Phase]) -> Usage {
-    phases.iter().filter_map(|phase| phase.usage.as_ref()).fold(Usage::default(), |sum, usage| Usage {
-        prompt_tokens: sum.prompt_tokens + usage.prompt_tokens,
-        completion_tokens: sum.completion_tokens + usage.completion_tokens,
-        total_tokens: sum.total_tokens + usage.total_tokens,
-        cost_usd: sum.cost_usd + usage.cost_usd,
-        cached_prompt_tokens: sum.cached_prompt_tokens + usage.cached_prompt_tokens,
-        reasoning_tokens: sum.reasoning_tokens + usage.reasoning_tokens,
-    })
+    phases
+        .iter()
+        .filter_map(|phase| phase.usage.as_ref())
+        .fold(Usage::default(), |sum, usage| Usage {
+            prompt_tokens: sum.prompt_tokens + usage.prompt_tokens,
+            completion_tokens: sum.completion_tokens + usage.completion_tokens,
+            total_tokens: sum.total_tokens + usage.total_tokens,
+            cost_usd: sum.cost_usd + usage.cost_usd,
+            cached_prompt_tokens: sum.cached_prompt_tokens + usage.cached_prompt_tokens,
+            reasoning_tokens: sum.reasoning_tokens + usage.reasoning_tokens,
+        })
 }
 
 /// Where the previous page ended: (created ms, workflow id).
@@ -163,7 +185,9 @@ type PageCursor = (i64, WorkflowId);
 
 impl WorkflowStore {
     pub async fn get(&self, id: &WorkflowId) -> Result<Workflow, ApiError> {
-        self.load(id, true).await?.ok_or_else(|| ApiError::NotFound(id.to_string()))
+        self.load(id, true)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(id.to_string()))
     }
 
     async fn load(&self, id: &WorkflowId, with_outputs: bool) -> Result<Option<Workflow>, ApiError> {
@@ -202,7 +226,12 @@ impl WorkflowStore {
     }
 
     /// Up to `count` index entries of one shard older than `after`.
-    async fn newest_in_shard(&self, shard: u16, count: usize, after: Option<&PageCursor>) -> Result<Vec<PageCursor>, ApiError> {
+    async fn newest_in_shard(
+        &self,
+        shard: u16,
+        count: usize,
+        after: Option<&PageCursor>,
+    ) -> Result<Vec<PageCursor>, ApiError> {
         let index = nexus_pipeline::keys::ShardKeys::new(shard).index();
         let max = after.map(|(ms, _)| ms.to_string()).unwrap_or_else(|| "+inf".into());
         let mut found = Vec::new();
@@ -240,5 +269,8 @@ fn parse_page_token(token: &str) -> Result<Option<PageCursor>, ApiError> {
     }
     let invalid = || ApiError::InvalidArgument("page_token is not a token from a previous ListWorkflows page".into());
     let (ms, id) = token.split_once(':').ok_or_else(invalid)?;
-    Ok(Some((ms.parse().map_err(|_| invalid())?, WorkflowId::parse(id).map_err(|_| invalid())?)))
+    Ok(Some((
+        ms.parse().map_err(|_| invalid())?,
+        WorkflowId::parse(id).map_err(|_| invalid())?,
+    )))
 }
