@@ -164,3 +164,52 @@ impl ModelControl {
         response.json().await.unwrap()
     }
 }
+
+/// Watches until an event matches `predicate`; returns the events up to and
+/// including it. Panics if none matches in time.
+pub async fn wait_for_event(
+    client: &mut Client,
+    workflow_id: &str,
+    timeout: Duration,
+    predicate: impl Fn(&WorkflowEvent) -> bool,
+) -> Vec<WorkflowEvent> {
+    let request = WatchWorkflowRequest {
+        workflow_id: workflow_id.to_string(),
+        after_cursor: String::new(),
+    };
+    let mut stream = client
+        .watch_workflow(request)
+        .await
+        .expect("watch workflow")
+        .into_inner();
+    let mut events = Vec::new();
+    let found = tokio::time::timeout(timeout, async {
+        while let Some(event) = stream.message().await.expect("watch stream") {
+            let matched = predicate(&event);
+            events.push(event);
+            if matched {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "no matching event for {workflow_id}; saw {:?}",
+        events.iter().map(kind_name).collect::<Vec<_>>()
+    );
+    events
+}
+
+/// The phase index an event is about, if it is about one.
+pub fn phase_of(event: &WorkflowEvent) -> Option<u32> {
+    match &event.kind {
+        Some(Kind::PhaseStarted(e)) => Some(e.index),
+        Some(Kind::PhaseOutputDelta(e)) => Some(e.index),
+        Some(Kind::PhaseCompleted(e)) => Some(e.index),
+        Some(Kind::PhaseRetrying(e)) => Some(e.index),
+        _ => None,
+    }
+}

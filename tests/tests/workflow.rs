@@ -99,16 +99,6 @@ async fn six_phases_complete_in_order_and_the_result_is_stored() {
     assert_eq!(finished.total_usage.unwrap().total_tokens, total.total_tokens);
 }
 
-fn phase_of(event: &nexus_proto::v1::WorkflowEvent) -> Option<u32> {
-    match &event.kind {
-        Some(Kind::PhaseStarted(e)) => Some(e.index),
-        Some(Kind::PhaseOutputDelta(e)) => Some(e.index),
-        Some(Kind::PhaseCompleted(e)) => Some(e.index),
-        Some(Kind::PhaseRetrying(e)) => Some(e.index),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_share_concurrent_workflows_and_run_each_phase_once() {
     let stack = Stack::start(2);

@@ -1,0 +1,382 @@
+//! Every guarantee of DESIGN.md under real failures: processes killed with
+//! SIGKILL, Redis killed and restarted, tasks delivered twice.
+
+use nexus_proto::v1::workflow_event::Kind;
+use nexus_proto::v1::{CancelWorkflowRequest, StartWorkflowRequest, WorkflowEvent, WorkflowStatus};
+use nexus_tests::*;
+use std::time::{Duration, Instant};
+
+/// About two seconds per phase, so a test can act in the middle of one.
+const SLOW_MODEL: &[&str] = &[
+    "--first-token-latency-ms",
+    "50",
+    "--tokens-per-second",
+    "20",
+    "--reply-words",
+    "40",
+];
+
+fn started_delivery(event: &WorkflowEvent) -> Option<(u32, u32)> {
+    match &event.kind {
+        Some(Kind::PhaseStarted(started)) => Some((started.index, started.delivery)),
+        _ => None,
+    }
+}
+
+fn completions_per_phase(events: &[WorkflowEvent]) -> Vec<usize> {
+    (0..6)
+        .map(|index| {
+            events
+                .iter()
+                .filter(|e| kind_name(e) == "phase_completed" && phase_of(e) == Some(index))
+                .count()
+        })
+        .collect()
+}
+
+fn analyse_calls(requests: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    requests
+        .iter()
+        .filter(|r| r["prompt_excerpt"].as_str().unwrap_or_default().starts_with("Analyse"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_mid_phase_is_reclaimed_and_the_phase_is_recorded_once() {
+    let mut stack = Stack::start_with(1, 1, SLOW_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Crash me").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_output_delta"
+    })
+    .await;
+
+    stack.workers[0].process.kill_hard();
+    stack
+        .workers
+        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(90)).await;
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+    assert_eq!(
+        completions_per_phase(&events),
+        [1; 6],
+        "each phase recorded exactly once"
+    );
+    let deliveries: Vec<_> = events
+        .iter()
+        .filter_map(started_delivery)
+        .filter(|(index, _)| *index == 0)
+        .collect();
+    assert_eq!(
+        deliveries,
+        [(0, 1), (0, 2)],
+        "analyse started, then was redelivered to the new worker"
+    );
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    let calls = analyse_calls(&requests);
+    assert_eq!(calls.len(), 2, "the model log shows the retried call");
+    assert_eq!(calls[0]["outcome"], "client_disconnected");
+    assert_eq!(calls[1]["outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_phase_is_not_stolen_from_a_live_worker() {
+    let slower = [
+        "--first-token-latency-ms",
+        "2500",
+        "--tokens-per-second",
+        "0",
+        "--reply-words",
+        "10",
+    ];
+    let mut stack = Stack::start_with(1, 0, &slower);
+    for _ in 0..2 {
+        let env = [("NEXUS_VISIBILITY_TIMEOUT_MS", "1000")];
+        stack
+            .workers
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &env));
+    }
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Slow but alive").await;
+    let events = wait_for_event(&mut client, &id, Duration::from_secs(30), |e| {
+        kind_name(e) == "phase_completed"
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .filter_map(started_delivery)
+            .all(|(_, delivery)| delivery == 1),
+        "heartbeats kept the claim"
+    );
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    assert_eq!(
+        analyse_calls(&requests).len(),
+        1,
+        "a 2.5 s phase with a 1 s visibility timeout ran once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_delivery_of_a_task_records_its_result_once() {
+    let stack = Stack::start_with(1, 2, SLOW_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Twice").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_started"
+    })
+    .await;
+
+    // Deliver the running task a second time, as a reclaim race would.
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("nexus:{nx0}:tasks")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let payload = match tasks.ids[0].map.get("m") {
+        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+        other => panic!("task payload: {other:?}"),
+    };
+    let _: String = redis::cmd("XADD")
+        .arg("nexus:{nx0}:tasks")
+        .arg("*")
+        .arg("m")
+        .arg(payload)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(90)).await;
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+    assert_eq!(
+        completions_per_phase(&events),
+        [1; 6],
+        "the duplicate's result changed nothing"
+    );
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    assert_eq!(
+        analyse_calls(&requests).len(),
+        2,
+        "both deliveries really ran the model"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_task_goes_to_the_dead_letter_stream_and_fails_the_workflow() {
+    let mut stack = Stack::start_with(1, 0, SLOW_MODEL);
+    let env = [("NEXUS_VISIBILITY_TIMEOUT_MS", "800"), ("NEXUS_MAX_DELIVERIES", "2")];
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Poison").await;
+    // The task kills every worker that takes it.
+    for delivery in 1..=2u32 {
+        stack
+            .workers
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &env));
+        wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+            started_delivery(e) == Some((0, delivery))
+        })
+        .await;
+        stack.workers.last_mut().unwrap().process.kill_hard();
+    }
+    stack
+        .workers
+        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &env));
+
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Failed);
+    assert!(
+        workflow.reason.contains("analyse") && workflow.reason.contains("dead-letter"),
+        "{}",
+        workflow.reason
+    );
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let dead: usize = redis::cmd("XLEN")
+        .arg("nexus:{nx0}:deadletter")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(dead, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_run_within_a_second_and_aborts_the_model_call() {
+    let stack = Stack::start_with(
+        1,
+        1,
+        &[
+            "--first-token-latency-ms",
+            "100",
+            "--tokens-per-second",
+            "5",
+            "--reply-words",
+            "100",
+        ],
+    );
+    let control = ModelControl::new(&stack.model.base_url());
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Stop me").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_output_delta"
+    })
+    .await;
+
+    let asked = Instant::now();
+    let cancelled = client
+        .cancel_workflow(CancelWorkflowRequest {
+            workflow_id: id.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status(), WorkflowStatus::Cancelled);
+    let aborted = loop {
+        let requests = control.requests().await;
+        if requests[0]["outcome"] == "client_disconnected" {
+            break asked.elapsed();
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "model call not aborted: {requests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        aborted < Duration::from_secs(1),
+        "in-flight call aborted after {aborted:?}"
+    );
+    println!(
+        "cancel: model call aborted {} ms after CancelWorkflow",
+        aborted.as_millis()
+    );
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(5)).await;
+    let Some(Kind::Cancelled(event)) = &events.last().unwrap().kind else {
+        panic!("last event is not cancelled")
+    };
+    assert_eq!(event.reason, "changed my mind");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(control.requests().await.len(), 1, "no phase ran after the cancel");
+    let again = client
+        .cancel_workflow(CancelWorkflowRequest {
+            workflow_id: id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        again.into_inner().status(),
+        WorkflowStatus::Cancelled,
+        "cancelling twice is harmless"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_starts_with_one_idempotency_key_create_one_workflow() {
+    let stack = Stack::start(1);
+    let endpoint = stack.endpoint();
+    let starts = (0..10).map(|_| {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let mut client = connect(&endpoint).await;
+            let request = StartWorkflowRequest {
+                plan: Some(sample_plan("Racy")),
+                idempotency_key: "same-key".into(),
+            };
+            client.start_workflow(request).await.unwrap().into_inner()
+        })
+    });
+    let responses: Vec<_> = futures::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(responses.iter().filter(|r| r.created).count(), 1);
+    assert!(responses.iter().all(|r| r.workflow_id == responses[0].workflow_id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_resumes_from_a_cursor_on_another_replica_without_gap_or_duplicate() {
+    let mut stack = Stack::start_with(2, 1, SLOW_MODEL);
+    let mut first = connect(&stack.orchestrators[0].endpoint()).await;
+    let id = start(&mut first, "Resume").await;
+    let seen = wait_for_event(&mut first, &id, Duration::from_secs(30), |e| {
+        kind_name(e) == "phase_completed"
+    })
+    .await;
+    stack.orchestrators[0].process.kill_hard();
+
+    let mut second = connect(&stack.orchestrators[1].endpoint()).await;
+    let rest = watch_until_end(&mut second, &id, &seen.last().unwrap().cursor, Duration::from_secs(90)).await;
+    let full = watch_until_end(&mut second, &id, "", Duration::from_secs(10)).await;
+
+    let resumed: Vec<_> = seen.iter().chain(&rest).map(|e| e.cursor.clone()).collect();
+    let replayed: Vec<_> = full.iter().map(|e| e.cursor.clone()).collect();
+    assert_eq!(resumed, replayed, "seen + resumed = the full log, in order, once each");
+    assert_eq!(kind_name(full.last().unwrap()), "completed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orchestrator_killed_mid_run_leaves_the_other_replica_to_finish_and_restarts_cleanly() {
+    let mut stack = Stack::start_with(2, 2, SLOW_MODEL);
+    let mut first = connect(&stack.orchestrators[0].endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(start(&mut first, &format!("Replica {n}")).await);
+    }
+    wait_for_event(&mut first, &ids[0], Duration::from_secs(30), |e| {
+        kind_name(e) == "phase_completed"
+    })
+    .await;
+    stack.orchestrators[0].process.kill_hard();
+
+    let mut second = connect(&stack.orchestrators[1].endpoint()).await;
+    let halfway = wait_for_event(&mut second, &ids[0], Duration::from_secs(60), |e| {
+        phase_of(e) == Some(3)
+    })
+    .await;
+    assert!(!halfway.is_empty());
+    stack.orchestrators[0] = Orchestrator::start(&stack.redis.url(), &[]);
+    let mut restarted = connect(&stack.orchestrators[0].endpoint()).await;
+    for id in &ids {
+        let workflow = wait_terminal(&mut restarted, id, Duration::from_secs(90)).await;
+        assert_eq!(workflow.status(), WorkflowStatus::Completed, "{id}");
+        let events = watch_until_end(&mut second, id, "", Duration::from_secs(10)).await;
+        assert_eq!(completions_per_phase(&events), [1; 6], "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_and_restarted_mid_run_loses_no_accepted_workflow() {
+    let mut stack = Stack::start_with(1, 2, SLOW_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(start(&mut client, &format!("Durable {n}")).await);
+    }
+    wait_for_event(&mut client, &ids[0], Duration::from_secs(30), |e| {
+        kind_name(e) == "phase_completed"
+    })
+    .await;
+
+    stack.redis.kill_hard();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.redis.restart();
+
+    for id in &ids {
+        let workflow = wait_terminal(&mut client, id, Duration::from_secs(120)).await;
+        assert_eq!(
+            workflow.status(),
+            WorkflowStatus::Completed,
+            "{id}: {}",
+            workflow.reason
+        );
+        let events = watch_until_end(&mut client, id, "", Duration::from_secs(10)).await;
+        assert_eq!(completions_per_phase(&events), [1; 6], "{id}");
+    }
+    assert!(stack.orchestrators[0].process.is_running() && stack.workers.iter_mut().all(|w| w.process.is_running()));
+}
