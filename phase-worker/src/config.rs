@@ -88,6 +88,13 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MODEL_BACKOFF_MAX_MS", default_value_t = 10_000)]
     pub backoff_max_ms: u64,
 
+    /// Shared per-model rate limits, as "model=N/s,model=N/min,*=N/s" ("*":
+    /// every other model). Calls are spaced evenly (at most one per 1/N s)
+    /// across all workers, through Redis. Empty: no limit. A provider's
+    /// Retry-After always holds off all workers for that model.
+    #[arg(long, env = "NEXUS_MODEL_RATE_LIMITS", default_value = "", value_parser = crate::pacing::RateLimits::parse)]
+    pub model_rate_limits: crate::pacing::RateLimits,
+
     /// This worker's consumer name. Default: host, pid and a random suffix.
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
@@ -110,6 +117,7 @@ impl std::fmt::Debug for Config {
             .field("first_token_timeout_ms", &self.first_token_timeout_ms)
             .field("total_timeout_ms", &self.total_timeout_ms)
             .field("max_tries", &self.max_tries)
+            .field("model_rate_limits", &self.model_rate_limits)
             .field("consumer_name", &self.consumer_name)
             .finish()
     }

@@ -7,6 +7,8 @@
 //! - [`task_lifecycle`]: the task's Redis side (fenced appends, heartbeat,
 //!   acknowledgement with result), one Lua script per atomic step.
 //! - [`model_client`]: the only code that talks HTTP to OpenRouter.
+//! - [`pacing`]: per-model rate limits and provider back-off shared by all
+//!   workers through Redis.
 //! - [`rating`]: the rating phase's JSON schema and validation.
 //! - [`cancellation`]: aborts in-flight calls of cancelled workflows.
 //! - [`config`]: flags and environment.
@@ -18,6 +20,7 @@ pub mod cancellation;
 pub mod config;
 pub mod consumer;
 pub mod model_client;
+pub mod pacing;
 pub mod rating;
 pub mod runner;
 pub mod task_lifecycle;
@@ -35,10 +38,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the worker until `stop` is cancelled, then drains.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
-    let client = model_client::ModelClient::new(config.model_client()).context("building the model client")?;
     let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false)
         .await
         .context("connecting to redis")?;
+    let pacer = pacing::RedisPacer {
+        conn: conn.clone(),
+        limits: config.model_rate_limits.clone(),
+    };
+    let client = model_client::ModelClient::new(config.model_client())
+        .context("building the model client")?
+        .with_pacer(Arc::new(pacer));
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
     tokio::spawn(cancels.clone().listen(config.redis_url.clone()));

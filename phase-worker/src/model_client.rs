@@ -11,6 +11,8 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
@@ -238,6 +240,21 @@ fn is_retryable_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
 
+/// A boxed future, so [`Pacer`] stays object-safe.
+pub type PacerFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Decides when a try may start, shared by every caller of a model (the
+/// worker's implementation keeps its state in Redis, so all workers share
+/// one rate limit and one provider back-off per model). Waiting for the pacer
+/// is not a try.
+pub trait Pacer: Send + Sync {
+    /// How long to wait before a try of `model` may start; zero means go now
+    /// (and the slot is taken).
+    fn reserve<'a>(&'a self, model: &'a str) -> PacerFuture<'a, Duration>;
+    /// The provider asked callers of `model` to wait `wait` (a `Retry-After`).
+    fn back_off<'a>(&'a self, model: &'a str, wait: Duration) -> PacerFuture<'a, ()>;
+}
+
 /// A configured connection to the model server. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct ModelClient {
@@ -245,6 +262,7 @@ pub struct ModelClient {
     endpoint: String,
     headers: HeaderMap,
     config: ModelClientConfig,
+    pacer: Option<Arc<dyn Pacer>>,
 }
 
 impl fmt::Debug for ModelClient {
@@ -269,7 +287,31 @@ impl ModelClient {
             endpoint,
             headers: request_headers(&config)?,
             config,
+            pacer: None,
         })
+    }
+
+    /// Paces every try through `pacer` (rate limits, shared back-off).
+    pub fn with_pacer(mut self, pacer: Arc<dyn Pacer>) -> Self {
+        self.pacer = Some(pacer);
+        self
+    }
+
+    /// Waits until the pacer lets a try of `model` start.
+    async fn wait_turn(&self, model: &str, cancel: &CancellationToken) -> Result<(), ModelError> {
+        let Some(pacer) = &self.pacer else { return Ok(()) };
+        loop {
+            let wait = pacer.reserve(model).await;
+            if wait.is_zero() {
+                return Ok(());
+            }
+            tracing::debug!(model, ?wait, "waiting for the model's shared rate limit");
+            with_cancel(cancel, async {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            })
+            .await?;
+        }
     }
 
     /// Asks the model, retrying failed tries per the config. Deltas and retry notices go to
@@ -285,6 +327,7 @@ impl ModelClient {
         let mut try_number = 0;
         loop {
             try_number += 1;
+            self.wait_turn(&request.model, cancel).await?;
             let error = match self.try_once(&body, try_number, validator, events, cancel).await {
                 Ok(completion) => {
                     return Ok(Completion {
@@ -294,6 +337,11 @@ impl ModelClient {
                 }
                 Err(error) => error,
             };
+            if let (Some(pacer), Some(wait)) = (&self.pacer, error.retry_after()) {
+                pacer
+                    .back_off(&request.model, wait.min(self.config.max_retry_after))
+                    .await;
+            }
             self.wait_before_retry(error, try_number, events, cancel).await?;
         }
     }

@@ -16,6 +16,7 @@
 //! nexus:{nx0}:wf:<id>            hash    workflow state (see `field`)
 //! nexus:{nx0}:wf:<id>:events     stream  WorkflowEvent, the watch log
 //! nexus:{nx0}:wf:<id>:outputs    hash    "plan" and each phase's output
+//! nexus:model:{<model>}:pace     hash    shared rate limit and back-off of one model
 //! nexus:events                   pubsub  "<id>" when a workflow has a new event
 //! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
 //! ```
@@ -68,6 +69,13 @@ impl ShardKeys {
     pub fn pipeline(&self, fingerprint: &str) -> String {
         format!("{}:pipeline:{fingerprint}", self.prefix)
     }
+}
+
+/// Pacing state of one model (its shared rate limit and provider back-off),
+/// shared by every worker. Tagged by the model, so each model's pacing lives
+/// in one slot of its own.
+pub fn model_pace(model: &str) -> String {
+    format!("nexus:model:{{{model}}}:pace")
 }
 
 /// Keys of one workflow.

@@ -64,6 +64,7 @@ fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
         structured: false,
         prompt_excerpt: String::new(),
         outcome: String::new(),
+        received_ms: 0,
     };
     shared.record(record).settle("status 400");
     error_response(400, &format!("Invalid request body: {err}"), None, false)

@@ -76,6 +76,7 @@ impl ChatBody {
             structured: self.structured(),
             prompt_excerpt: self.last_user_text().chars().take(EXCERPT_CHARS).collect(),
             outcome: String::new(),
+            received_ms: 0,
         }
     }
 }

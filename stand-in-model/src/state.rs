@@ -18,6 +18,9 @@ pub(crate) struct RequestRecord {
     pub structured: bool,
     pub prompt_excerpt: String,
     pub outcome: String,
+    /// When the request arrived, in milliseconds since the Unix epoch, so
+    /// tests can check pacing and back-off across workers.
+    pub received_ms: u64,
 }
 
 #[derive(Clone)]
@@ -77,6 +80,10 @@ impl Shared {
     pub(crate) fn record(&self, mut record: RequestRecord) -> Outcome {
         record.seq = self.0.next_seq.fetch_add(1, Ordering::Relaxed);
         record.outcome = "in_progress".into();
+        record.received_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or_default();
         let seq = record.seq;
         lock(&self.0.log).push(record);
         Outcome {

@@ -1,0 +1,125 @@
+//! Per-model rate limits and provider back-off, shared by all workers
+//! through Redis (`lua/pace.lua`), so ten workers together respect a limit
+//! meant for one account, and one 429 with `Retry-After` holds off every
+//! worker calling that model, not just the one that received it.
+
+use crate::model_client::{Pacer, PacerFuture};
+use nexus_pipeline::keys::model_pace;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+static PACE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/pace.lua")));
+
+/// Minimum spacing of calls per model, from `NEXUS_MODEL_RATE_LIMITS`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimits {
+    per_model: HashMap<String, Duration>,
+    default: Option<Duration>,
+}
+
+impl RateLimits {
+    /// Parses "model=N/s,other=N/min,*=N/s" (`*` applies to unlisted models).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut limits = Self::default();
+        for entry in text.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+            let (model, rate) = entry
+                .rsplit_once('=')
+                .ok_or_else(|| format!("{entry:?} is not model=N/s or model=N/min"))?;
+            let interval = parse_rate(rate.trim()).ok_or_else(|| format!("{rate:?} is not N/s or N/min with N > 0"))?;
+            match model.trim() {
+                "*" => limits.default = Some(interval),
+                model => {
+                    limits.per_model.insert(model.to_string(), interval);
+                }
+            }
+        }
+        Ok(limits)
+    }
+
+    /// The minimum spacing of calls to `model` (zero: unlimited).
+    pub fn interval(&self, model: &str) -> Duration {
+        self.per_model.get(model).copied().or(self.default).unwrap_or_default()
+    }
+}
+
+fn parse_rate(rate: &str) -> Option<Duration> {
+    let (count, unit) = rate.split_once('/')?;
+    let count: f64 = count.trim().parse().ok().filter(|count: &f64| *count > 0.0)?;
+    let period = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "min" | "m" | "minute" => 60.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(period / count))
+}
+
+/// The [`Pacer`] backed by Redis. Fails open: if Redis cannot be asked, the
+/// call goes ahead rather than stalling the phase.
+pub struct RedisPacer {
+    pub conn: ConnectionManager,
+    pub limits: RateLimits,
+}
+
+impl RedisPacer {
+    async fn pace(&self, model: &str, mode: &str, millis: u128) -> Duration {
+        let reply: redis::RedisResult<u64> = PACE
+            .key(model_pace(model))
+            .arg(mode)
+            .arg(millis as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        match reply {
+            Ok(wait_ms) => Duration::from_millis(wait_ms),
+            Err(error) => {
+                tracing::warn!(%error, model, "cannot reach the shared pacing state; not waiting");
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+impl Pacer for RedisPacer {
+    fn reserve<'a>(&'a self, model: &'a str) -> PacerFuture<'a, Duration> {
+        Box::pin(self.pace(model, "reserve", self.limits.interval(model).as_millis()))
+    }
+
+    fn back_off<'a>(&'a self, model: &'a str, wait: Duration) -> PacerFuture<'a, ()> {
+        tracing::info!(
+            model,
+            ?wait,
+            "provider asked to back off; holding off every worker for this model"
+        );
+        Box::pin(async move {
+            self.pace(model, "back_off", wait.as_millis()).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_per_model_and_default() {
+        let limits = RateLimits::parse("anthropic/claude-sonnet-4.5=2/s, *=120/min").unwrap();
+        assert_eq!(
+            limits.interval("anthropic/claude-sonnet-4.5"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            limits.interval("google/gemini-3-pro-preview"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(RateLimits::parse("").unwrap().interval("x"), Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_limits_are_rejected_with_the_entry() {
+        assert!(RateLimits::parse("model=fast").unwrap_err().contains("fast"));
+        assert!(RateLimits::parse("model=0/s").is_err());
+        assert!(RateLimits::parse("no-equals").is_err());
+    }
+}

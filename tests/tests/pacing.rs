@@ -1,0 +1,96 @@
+//! Model calls are paced across all workers through Redis: a per-model rate
+//! limit, and a provider's Retry-After that holds off every worker.
+
+use nexus_proto::v1::WorkflowStatus;
+use nexus_tests::*;
+use std::time::Duration;
+
+fn arrival_times(requests: &[serde_json::Value], model: &str) -> Vec<u64> {
+    let mut times: Vec<u64> = requests
+        .iter()
+        .filter(|r| r["model"] == model)
+        .map(|r| r["received_ms"].as_u64().unwrap())
+        .collect();
+    times.sort();
+    times
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_is_shared_by_all_workers_and_waiting_is_not_a_failed_try() {
+    let mut stack = Stack::start_with(
+        1,
+        0,
+        &[
+            "--first-token-latency-ms",
+            "1",
+            "--tokens-per-second",
+            "0",
+            "--reply-words",
+            "5",
+        ],
+    );
+    for _ in 0..2 {
+        let env = [("NEXUS_MODEL_RATE_LIMITS", "*=4/s")];
+        stack
+            .workers
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &env));
+    }
+    let mut client = connect(&stack.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(start(&mut client, &format!("Paced {n}")).await);
+    }
+    for id in &ids {
+        let workflow = wait_terminal(&mut client, id, Duration::from_secs(60)).await;
+        assert_eq!(workflow.status(), WorkflowStatus::Completed);
+        assert!(
+            workflow.phases.iter().all(|p| p.tries == 1),
+            "waiting for the limit cost no try: {:?}",
+            workflow.phases
+        );
+    }
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    for model in ["anthropic/claude-sonnet-4.5", "google/gemini-3-pro-preview"] {
+        let times = arrival_times(&requests, model);
+        assert_eq!(times.len(), 12);
+        let gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        assert!(
+            gaps.iter().all(|gap| *gap >= 220),
+            "{model}: calls at most 4/s across both workers, gaps {gaps:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_from_the_provider_holds_off_every_worker_for_that_model() {
+    let stack = Stack::start(2);
+    let control = ModelControl::new(&stack.model.base_url());
+    control.inject(serde_json::json!([{"kind": "status", "status": 429, "message": "Rate limited (stand-in)", "retry_after_secs": 2}])).await;
+    let mut client = connect(&stack.endpoint()).await;
+    let first = start(&mut client, "Told to wait").await;
+    let limited_at = loop {
+        let requests = control.requests().await;
+        if let Some(limited) = requests.iter().find(|r| r["outcome"] == "status 429") {
+            break limited["received_ms"].as_u64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let second = start(&mut client, "Not told").await;
+    for id in [&first, &second] {
+        assert_eq!(
+            wait_terminal(&mut client, id, Duration::from_secs(60)).await.status(),
+            WorkflowStatus::Completed
+        );
+    }
+    let requests = control.requests().await;
+    let later: Vec<u64> = arrival_times(&requests, "anthropic/claude-sonnet-4.5")
+        .into_iter()
+        .filter(|t| *t > limited_at)
+        .collect();
+    assert!(later.len() >= 2, "the retry and the second workflow's call");
+    assert!(
+        later[0] >= limited_at + 1950,
+        "no worker called the model during Retry-After: first call {} ms after the 429",
+        later[0] - limited_at
+    );
+}
