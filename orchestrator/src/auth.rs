@@ -9,7 +9,9 @@ pub struct BearerToken {
 }
 
 impl BearerToken {
+    /// An empty token counts as none, so `NEXUS_API_TOKEN=` turns auth off.
     pub fn new(token: Option<String>) -> Self {
+        let token = token.filter(|token| !token.is_empty());
         Self {
             expected: token.map(|token| format!("Bearer {token}")),
         }

@@ -2,6 +2,7 @@
 //! same binary runs from a shell, a process script, compose or Kubernetes.
 
 use clap::Parser;
+use nexus_pipeline::connection::RedisArgs;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,14 +20,8 @@ pub struct Config {
     #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://[:password@]host:port[/db]). All state lives there.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-
-    /// Number of shards (task and result streams, each with its own hash
-    /// tag). Use more than one on Redis Cluster. May grow, never shrink.
-    #[arg(long, env = "NEXUS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub shards: u16,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Pipeline definition file (TOML). Without it the built-in six-phase
     /// pipeline runs.
@@ -77,8 +72,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field("redis_url", &nexus_pipeline::connection::redacted_url(&self.redis_url))
-            .field("shards", &self.shards)
+            .field("redis", &self.redis)
             .field("pipeline_file", &self.pipeline_file)
             .field("models", &self.models)
             .field("max_plan_bytes", &self.max_plan_bytes)

@@ -7,6 +7,8 @@
 //! - [`results`]: consumes phase results from workers and applies them.
 //! - [`watch`]: serves `WatchWorkflow` from the per-workflow event stream,
 //!   woken by one pub/sub connection per replica.
+//! - [`housekeeping`]: trims what TTLs cannot (index entries, departed
+//!   consumers).
 //! - [`errors`]: error types and their mapping to gRPC statuses.
 //! - [`auth`]: the optional bearer-token interceptor.
 //! - [`config`]: flags and environment.
@@ -18,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod errors;
+pub mod housekeeping;
 pub mod results;
 pub mod state;
 pub mod validation;
@@ -54,15 +57,17 @@ pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = load_pipeline(&config)?;
     tracing::info!(pipeline = %pipeline.snapshot.name, fingerprint = %pipeline.fingerprint, "pipeline loaded");
-    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false)
+    let conn = config
+        .redis
+        .connect_patiently(false)
         .await
         .context("connecting to redis")?;
-    let store = WorkflowStore::new(conn, config.shards, config.retention_secs, pipeline);
+    let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, pipeline);
     let hub = Arc::new(watch::WatchHub::default());
-    tokio::spawn(hub.clone().listen(config.redis_url.clone()));
+    tokio::spawn(hub.clone().listen(config.redis.clone()));
     let consumer = results::ResultConsumer {
         store: store.clone(),
-        redis_url: config.redis_url.clone(),
+        redis: config.redis.clone(),
         consumer: config
             .consumer_name
             .clone()
@@ -70,6 +75,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         claim_idle: Duration::from_millis(config.result_claim_idle_ms),
     };
     let results = tokio::spawn(consumer.run(shutdown.clone()));
+    tokio::spawn(housekeeping::run(
+        store.connection(),
+        config.redis.shards,
+        config.retention_secs,
+        shutdown.clone(),
+    ));
     serve(&config, store, hub, shutdown).await?;
     results.await.ok();
     Ok(())

@@ -7,12 +7,11 @@
 //! nothing the second time.
 
 use crate::state::{ApplyOutcome, WorkflowStore};
-use nexus_pipeline::connection::{BLOCK_TIME, connect_patiently};
+use nexus_pipeline::connection::{BLOCK_TIME, Connection, RedisArgs};
 use nexus_pipeline::keys::ShardKeys;
 use nexus_pipeline::stream::{Entry, ORCHESTRATORS_GROUP, ensure_group, entries_of, entry_of};
 use nexus_proto::internal::PhaseResult;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,7 @@ const BATCH: usize = 128;
 
 pub struct ResultConsumer {
     pub store: WorkflowStore,
-    pub redis_url: String,
+    pub redis: RedisArgs,
     pub consumer: String,
     pub claim_idle: Duration,
 }
@@ -45,7 +44,7 @@ impl ResultConsumer {
         let stream = ShardKeys::new(shard).results();
         let mut last_claim = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            let Ok(mut blocking) = connect_patiently(&self.redis_url, true).await else {
+            let Ok(mut blocking) = self.redis.connect_patiently(true).await else {
                 continue;
             };
             if let Err(error) = ensure_group(&mut blocking, &stream, ORCHESTRATORS_GROUP).await {
@@ -76,7 +75,7 @@ impl ResultConsumer {
         }
     }
 
-    async fn read_new(&self, conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<Vec<Entry>> {
+    async fn read_new(&self, conn: &mut Connection, stream: &str) -> redis::RedisResult<Vec<Entry>> {
         let options = StreamReadOptions::default()
             .group(ORCHESTRATORS_GROUP, &self.consumer)
             .count(BATCH)
@@ -92,7 +91,7 @@ impl ResultConsumer {
     }
 
     /// Takes over results that another replica read but never applied.
-    async fn claim_abandoned(&self, conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<()> {
+    async fn claim_abandoned(&self, conn: &mut Connection, stream: &str) -> redis::RedisResult<()> {
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(ORCHESTRATORS_GROUP)

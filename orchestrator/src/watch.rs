@@ -11,12 +11,12 @@
 use crate::errors::ApiError;
 use crate::state::is_terminal;
 use futures::StreamExt;
+use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys};
 use nexus_pipeline::stream::entry_of;
 use nexus_proto::v1::WorkflowEvent;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -75,9 +75,9 @@ impl WatchHub {
 
     /// Listens for event notifications until the process ends, reconnecting
     /// after Redis restarts.
-    pub async fn listen(self: Arc<Self>, redis_url: String) {
+    pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
         loop {
-            if let Err(error) = self.listen_once(&redis_url).await {
+            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
                 tracing::warn!(%error, "event notifications interrupted; reconnecting");
             }
             self.wake_all();
@@ -104,7 +104,7 @@ impl WatchHub {
 /// gRPC response stream. Fails fast when the workflow does not exist.
 pub async fn watch(
     hub: Arc<WatchHub>,
-    conn: ConnectionManager,
+    conn: Connection,
     id: WorkflowId,
     after_cursor: String,
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
@@ -128,7 +128,7 @@ pub async fn watch(
 
 struct Watcher {
     hub: Arc<WatchHub>,
-    conn: ConnectionManager,
+    conn: Connection,
     id: WorkflowId,
     events_key: String,
     cursor: String,

@@ -8,6 +8,7 @@
 //! the abort, it does not prevent it.
 
 use futures::StreamExt;
+use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::CANCEL_CHANNEL;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,9 +56,9 @@ impl CancelRegistry {
     }
 
     /// Listens for cancellations until the process ends.
-    pub async fn listen(self: Arc<Self>, redis_url: String) {
+    pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
         loop {
-            if let Err(error) = self.listen_once(&redis_url).await {
+            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
                 tracing::warn!(%error, "cancel notifications interrupted; reconnecting");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -2,6 +2,7 @@
 
 use crate::model_client::ModelClientConfig;
 use clap::Parser;
+use nexus_pipeline::connection::RedisArgs;
 use secrecy::SecretString;
 use std::time::Duration;
 
@@ -13,13 +14,8 @@ use std::time::Duration;
     long_about = "Claims Nexus phase tasks from Redis Streams, calls the model through OpenRouter's chat completions API (streaming) and publishes output deltas and the result. Stateless: run as many as you like; a task held by a worker that dies is reclaimed by another after the visibility timeout."
 )]
 pub struct Config {
-    /// Redis URL (redis://[:password@]host:port[/db]).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-
-    /// Number of shards; must match the orchestrators' NEXUS_SHARDS.
-    #[arg(long, env = "NEXUS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub shards: u16,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Base URL of OpenRouter or any OpenAI-compatible server (a local model
     /// server, the stand-in). Requests go to {base}/api/v1/chat/completions.
@@ -107,8 +103,7 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("redis_url", &nexus_pipeline::connection::redacted_url(&self.redis_url))
-            .field("shards", &self.shards)
+            .field("redis", &self.redis)
             .field("openrouter_base_url", &self.openrouter_base_url)
             .field("openrouter_api_key", &self.openrouter_api_key.as_ref().map(|_| "<set>"))
             .field("max_in_flight", &self.max_in_flight)

@@ -8,25 +8,28 @@
 
 use crate::runner::{RunnerContext, dead_letter_result, run_task};
 use crate::task_lifecycle::TaskHandle;
-use nexus_pipeline::connection::{BLOCK_TIME, connect_patiently};
+use nexus_pipeline::connection::Connection;
+use nexus_pipeline::connection::{BLOCK_TIME, RedisArgs};
 use nexus_pipeline::keys::ShardKeys;
-use nexus_pipeline::stream::{Entry, WORKERS_GROUP, ensure_group, entries_of, entry_of};
+use nexus_pipeline::stream::{Entry, WORKERS_GROUP, ensure_group, entries_of, entry_of, prune_stale_consumers};
 use nexus_proto::internal::PhaseTask;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamReadOptions, StreamReadReply};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+/// How often departed workers' consumer names are cleaned from the group.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// Most tasks taken in one read.
 const BATCH: usize = 64;
 
 pub struct TaskConsumer {
     pub ctx: Arc<RunnerContext>,
-    pub conn: ConnectionManager,
-    pub redis_url: String,
+    pub conn: Connection,
+    pub redis: RedisArgs,
     pub consumer: String,
     pub slots: Arc<Semaphore>,
     pub visibility_timeout: Duration,
@@ -38,7 +41,7 @@ impl TaskConsumer {
     pub async fn read_loop(self: Arc<Self>, shard: u16, stop: CancellationToken) {
         let stream = ShardKeys::new(shard).tasks();
         while !stop.is_cancelled() {
-            let Ok(mut blocking) = connect_patiently(&self.redis_url, true).await else {
+            let Ok(mut blocking) = self.redis.connect_patiently(true).await else {
                 continue;
             };
             if let Err(error) = ensure_group(&mut blocking, &stream, WORKERS_GROUP).await {
@@ -77,12 +80,7 @@ impl TaskConsumer {
         }
     }
 
-    async fn read_new(
-        &self,
-        conn: &mut ConnectionManager,
-        stream: &str,
-        count: usize,
-    ) -> redis::RedisResult<Vec<Entry>> {
+    async fn read_new(&self, conn: &mut Connection, stream: &str, count: usize) -> redis::RedisResult<Vec<Entry>> {
         let options = StreamReadOptions::default()
             .group(WORKERS_GROUP, &self.consumer)
             .count(count.max(1))
@@ -134,6 +132,7 @@ impl TaskConsumer {
     pub async fn reclaim_loop(self: Arc<Self>, shard: u16, stop: CancellationToken) {
         let stream = ShardKeys::new(shard).tasks();
         let every = (self.visibility_timeout / 4).max(Duration::from_millis(100));
+        let mut last_prune = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -141,6 +140,14 @@ impl TaskConsumer {
             }
             if let Err(error) = self.reclaim(&stream).await {
                 tracing::warn!(%error, %stream, "reclaiming tasks failed; will retry");
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                match prune_stale_consumers(&mut self.conn.clone(), &stream, WORKERS_GROUP).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(pruned, %stream, "removed consumers of long-gone workers"),
+                    Err(error) => tracing::warn!(%error, "pruning stale consumers failed"),
+                }
             }
         }
     }

@@ -38,7 +38,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the worker until `stop` is cancelled, then drains.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
-    let conn = nexus_pipeline::connection::connect_patiently(&config.redis_url, false)
+    let conn = config
+        .redis
+        .connect_patiently(false)
         .await
         .context("connecting to redis")?;
     let pacer = pacing::RedisPacer {
@@ -50,7 +52,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         .with_pacer(Arc::new(pacer));
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
-    tokio::spawn(cancels.clone().listen(config.redis_url.clone()));
+    tokio::spawn(cancels.clone().listen(config.redis.clone()));
     let ctx = Arc::new(runner::RunnerContext {
         client,
         cancels,
@@ -61,7 +63,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
     let consumer = Arc::new(consumer::TaskConsumer {
         ctx,
         conn,
-        redis_url: config.redis_url.clone(),
+        redis: config.redis.clone(),
         consumer: config
             .consumer_name
             .clone()
@@ -72,7 +74,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
     });
     tracing::info!(consumer = %consumer.consumer, "phase worker ready");
     println!("phase-worker ready as {}", consumer.consumer);
-    for shard in 0..config.shards {
+    for shard in 0..config.redis.shards {
         tokio::spawn(consumer.clone().read_loop(shard, stop.clone()));
         tokio::spawn(consumer.clone().reclaim_loop(shard, stop.clone()));
     }

@@ -4,9 +4,9 @@
 //! worker calling that model, not just the one that received it.
 
 use crate::model_client::{Pacer, PacerFuture};
+use nexus_pipeline::connection::Connection;
 use nexus_pipeline::keys::model_pace;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -59,7 +59,7 @@ fn parse_rate(rate: &str) -> Option<Duration> {
 /// The [`Pacer`] backed by Redis. Fails open: if Redis cannot be asked, the
 /// call goes ahead rather than stalling the phase.
 pub struct RedisPacer {
-    pub conn: ConnectionManager,
+    pub conn: Connection,
     pub limits: RateLimits,
 }
 

@@ -61,16 +61,34 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
     let outcome = call_model(ctx, &handle, &task, &spec, delivery, &registration.token).await;
     match outcome {
         CallOutcome::Result(result) => finish(&handle, Some(&result)).await,
-        CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
-            tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker")
+        CallOutcome::Stopped => settle_stopped(ctx, &handle).await,
+    }
+}
+
+/// A task stopped without a result is acknowledged only when the workflow no
+/// longer needs it (cancelled, finished or moved on). Otherwise (shutdown,
+/// Redis trouble, or another worker took it over) it stays pending, so it is
+/// redelivered rather than lost.
+async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle) {
+    if ctx.shutdown.is_cancelled() {
+        tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker");
+        return;
+    }
+    match handle.is_current().await {
+        Ok(false) => finish(handle, None).await,
+        Ok(true) => {
+            tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered")
         }
-        CallOutcome::Stopped => finish(&handle, None).await,
+        Err(error) => {
+            tracing::warn!(%error, workflow_id = %handle.workflow, "cannot check the task; leaving it to be redelivered")
+        }
     }
 }
 
 enum CallOutcome {
     Result(Box<PhaseResult>),
-    /// Cancelled, reclaimed by another worker, or shutting down: no result.
+    /// Cancelled, superseded, taken over, shutting down or failed to load
+    /// its inputs: no result to publish.
     Stopped,
 }
 

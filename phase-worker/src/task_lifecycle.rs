@@ -3,14 +3,14 @@
 //! with the result (or the move to the dead-letter stream). Each step that
 //! must be atomic is one Lua script under `lua/`.
 
+use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys};
+use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys, field, status};
 use nexus_pipeline::stream::WORKERS_GROUP;
 use nexus_proto::internal::{PhaseResult, PhaseTask};
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
 static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/append_event.lua")));
@@ -21,7 +21,7 @@ static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!
 /// One claimed task and where it lives.
 #[derive(Clone)]
 pub struct TaskHandle {
-    pub conn: ConnectionManager,
+    pub conn: Connection,
     pub entry_id: String,
     pub consumer: String,
     pub workflow: WorkflowId,
@@ -31,7 +31,7 @@ pub struct TaskHandle {
 }
 
 impl TaskHandle {
-    pub fn new(conn: ConnectionManager, entry_id: String, consumer: String, task: &PhaseTask) -> Result<Self, String> {
+    pub fn new(conn: Connection, entry_id: String, consumer: String, task: &PhaseTask) -> Result<Self, String> {
         let workflow = WorkflowId::parse(&task.workflow_id).map_err(|error| error.to_string())?;
         Ok(Self {
             conn,
@@ -63,6 +63,17 @@ impl TaskHandle {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(appended == 1)
+    }
+
+    /// Whether the workflow still waits for this task's result.
+    pub async fn is_current(&self) -> redis::RedisResult<bool> {
+        let (status, phase, attempt): (Option<String>, Option<u32>, Option<u32>) = redis::cmd("HMGET")
+            .arg(self.keys.state())
+            .arg(&[field::STATUS, field::PHASE, field::ATTEMPT])
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let running = status.is_some_and(|status| !status::is_terminal(&status));
+        Ok(running && phase == Some(self.phase_index) && attempt == Some(self.attempt))
     }
 
     /// Extends the claim; `false` means the task was reclaimed by another

@@ -1,12 +1,20 @@
-//! Connecting to Redis so that a Redis restart is an outage, not a crash.
+//! Connecting to Redis — one server or a Redis Cluster — so that a Redis
+//! restart is an outage, not a crash.
 //!
-//! Every connection is a `ConnectionManager`: it reconnects by itself after
-//! Redis restarts; the command in flight fails and callers retry their loop.
-//! Blocking stream reads get their own manager with a response timeout longer
-//! than the block time, because one blocked command holds the whole
+//! [`Connection`] is what every other module holds: a `ConnectionManager`
+//! for one server (it reconnects by itself after a restart; the command in
+//! flight fails and callers retry their loop) or a cluster connection (which
+//! follows slot moves and failovers). Both implement the crate's
+//! `ConnectionLike`, so commands and scripts are written once.
+//!
+//! Blocking stream reads get their own connection with a response timeout
+//! longer than the block time, because one blocked command holds a whole
 //! multiplexed connection.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures::FutureExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::time::Duration;
 
 /// Response timeout of ordinary commands. Generous, because with
@@ -16,51 +24,147 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long blocking stream reads wait for new entries before looping.
 pub const BLOCK_TIME: Duration = Duration::from_secs(2);
 
-/// A connection for ordinary commands, shared by all tasks of a process.
-pub async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
-    connect_with_timeout(url, COMMAND_TIMEOUT).await
+/// Where the state lives; shared by both binaries' command lines.
+#[derive(clap::Args, Clone)]
+pub struct RedisArgs {
+    /// Redis URL (redis://[:password@]host:port[/db]). With --redis-cluster,
+    /// a comma-separated list of seed nodes.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Talk to a Redis Cluster (REDIS_URL lists seed nodes). Raise
+    /// NEXUS_SHARDS so the shards spread over the masters.
+    #[arg(long, env = "NEXUS_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// Number of shards: task and result streams, each with its own hash tag
+    /// and so its own cluster slot. Must be the same on every process. May
+    /// grow, never shrink.
+    #[arg(long, env = "NEXUS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
 }
 
-/// A connection dedicated to blocking reads of up to [`BLOCK_TIME`].
-pub async fn connect_blocking(url: &str) -> redis::RedisResult<ConnectionManager> {
-    connect_with_timeout(url, BLOCK_TIME + COMMAND_TIMEOUT).await
+impl std::fmt::Debug for RedisArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisArgs")
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("redis_cluster", &self.redis_cluster)
+            .field("shards", &self.shards)
+            .finish()
+    }
 }
 
-async fn connect_with_timeout(url: &str, response_timeout: Duration) -> redis::RedisResult<ConnectionManager> {
-    let client = redis::Client::open(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(8)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client, config).await
-}
+impl RedisArgs {
+    fn urls(&self) -> Vec<&str> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect()
+    }
 
-/// Connects, waiting out a Redis that is not up yet (at start-up, or while a
-/// restart is in progress) instead of exiting.
-pub async fn connect_patiently(url: &str, blocking: bool) -> redis::RedisResult<ConnectionManager> {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1.. {
-        let connected = if blocking {
-            connect_blocking(url).await
-        } else {
-            connect(url).await
-        };
-        match connected {
-            Ok(conn) => return Ok(conn),
-            Err(error) if attempt < 60 => {
-                tracing::warn!(%error, attempt, "redis not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+    /// A node to subscribe on. In a cluster, PUBLISH reaches every node, so
+    /// any one of them hears every message.
+    pub fn pubsub_url(&self) -> &str {
+        self.urls().first().copied().unwrap_or("redis://127.0.0.1:6379")
+    }
+
+    /// A connection for ordinary commands, shared by all tasks of a process.
+    pub async fn connect(&self) -> redis::RedisResult<Connection> {
+        self.connect_with_timeout(COMMAND_TIMEOUT).await
+    }
+
+    /// A connection dedicated to blocking reads of up to [`BLOCK_TIME`].
+    pub async fn connect_blocking(&self) -> redis::RedisResult<Connection> {
+        self.connect_with_timeout(BLOCK_TIME + COMMAND_TIMEOUT).await
+    }
+
+    async fn connect_with_timeout(&self, response_timeout: Duration) -> redis::RedisResult<Connection> {
+        if self.redis_cluster {
+            let client = redis::cluster::ClusterClient::builder(self.urls())
+                .response_timeout(response_timeout)
+                .connection_timeout(Duration::from_secs(2))
+                .retries(8)
+                .build()?;
+            return Ok(Connection::Cluster(client.get_async_connection().await?));
+        }
+        let client = redis::Client::open(self.pubsub_url())?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(8)
+            .set_max_delay(Duration::from_secs(2));
+        Ok(Connection::Single(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+
+    /// Connects, waiting out a Redis that is not up yet (at start-up, or while
+    /// a restart is in progress) instead of exiting.
+    pub async fn connect_patiently(&self, blocking: bool) -> redis::RedisResult<Connection> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let connected = if blocking {
+                self.connect_blocking().await
+            } else {
+                self.connect().await
+            };
+            match connected {
+                Ok(conn) => return Ok(conn),
+                Err(error) if attempt < 60 => {
+                    tracing::warn!(%error, attempt, "redis not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
         }
     }
-    unreachable!("the loop returns")
 }
 
-/// Strips the password from a Redis URL so it can be logged.
-pub fn redacted_url(url: &str) -> String {
+/// A connection to one Redis server or to a Redis Cluster.
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd).boxed(),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count).boxed(),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Strips the password from a Redis URL (or list of URLs) so it can be logged.
+pub fn redacted_url(urls: &str) -> String {
+    urls.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
@@ -77,5 +181,9 @@ mod tests {
     fn passwords_never_reach_logs() {
         assert_eq!(redacted_url("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
         assert_eq!(redacted_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redacted_url("redis://:a@h1:1,redis://:b@h2:2"),
+            "redis://***@h1:1,redis://***@h2:2"
+        );
     }
 }

@@ -13,7 +13,7 @@ pub const PAYLOAD_FIELD: &str = "m";
 
 /// Creates a consumer group (and its stream) if it does not exist yet.
 pub async fn ensure_group(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::connection::Connection,
     stream: &str,
     group: &str,
 ) -> redis::RedisResult<()> {
@@ -29,6 +29,43 @@ pub async fn ensure_group(
         Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
         other => other,
     }
+}
+
+/// Consumers idle this long with nothing pending are removed from a group.
+/// Every restarted process joins under a new name, so without this a group
+/// collects a dead consumer per restart (and per autoscaled pod).
+pub const STALE_CONSUMER_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes consumers of `group` that hold no pending entries and have been
+/// idle for [`STALE_CONSUMER_IDLE`]. Returns how many went.
+pub async fn prune_stale_consumers(
+    conn: &mut crate::connection::Connection,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<usize> {
+    let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    let idle_limit = STALE_CONSUMER_IDLE.as_millis() as usize;
+    let mut pruned = 0;
+    for consumer in reply
+        .consumers
+        .iter()
+        .filter(|c| c.pending == 0 && c.idle >= idle_limit)
+    {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(stream)
+            .arg(group)
+            .arg(&consumer.name)
+            .query_async(conn)
+            .await?;
+        pruned += 1;
+    }
+    Ok(pruned)
 }
 
 /// One entry read from a stream: its id and payload bytes.

@@ -125,17 +125,25 @@ fn address_in(line: &str) -> SocketAddr {
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    extra_args: Vec<String>,
     process: Option<Process>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (e.g. cluster mode).
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("nexus-test-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let extra_args = extra_args.iter().map(|arg| arg.to_string()).collect();
         let mut server = Self {
             port,
             dir,
+            extra_args,
             process: None,
         };
         server.launch();
@@ -154,7 +162,10 @@ impl RedisServer {
             "--appendonly",
             "yes",
         ]);
-        command.args(["--appendfsync", "always", "--dir"]).arg(&self.dir);
+        command
+            .args(["--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .args(&self.extra_args);
         let (process, _) = Process::spawn(&format!("redis-{}", self.port), command, "Ready to accept connections");
         self.process = Some(process);
     }
@@ -185,6 +196,53 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill_hard();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of `masters` real servers on loopback, no replicas,
+/// created with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<_> = (0..masters)
+            .map(|_| RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        create.args(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)));
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let output = create.output().expect("redis-cli on PATH");
+        assert!(
+            output.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &self.nodes {
+            loop {
+                let mut conn = node.client().get_connection().unwrap();
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster did not become ok: {info}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The seed list the binaries take as REDIS_URL in cluster mode.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(RedisServer::url).collect::<Vec<_>>().join(",")
     }
 }
 

@@ -26,13 +26,13 @@ pub use transitions::ApplyOutcome;
 
 use crate::errors::ApiError;
 use crate::validation::{ValidStart, plan_as_text};
+use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, fnv1a, shard_for};
 use nexus_pipeline::keys::{CANCEL_CHANNEL, EVENTS_CHANNEL, WorkflowKeys};
 use nexus_proto::internal::{PhaseSpec, PhaseTask, PipelineSnapshot};
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
 use pipelines::PipelineCache;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use std::sync::Arc;
 
 /// The orchestrator's configured pipeline, resolved once at start-up.
@@ -43,7 +43,7 @@ pub struct CurrentPipeline {
 
 #[derive(Clone)]
 pub struct WorkflowStore {
-    conn: ConnectionManager,
+    conn: Connection,
     shards: u16,
     retention_secs: u64,
     pipelines: Arc<PipelineCache>,
@@ -71,7 +71,7 @@ pub struct Started {
 }
 
 impl WorkflowStore {
-    pub fn new(conn: ConnectionManager, shards: u16, retention_secs: u64, current: CurrentPipeline) -> Self {
+    pub fn new(conn: Connection, shards: u16, retention_secs: u64, current: CurrentPipeline) -> Self {
         let pipelines = PipelineCache::default();
         pipelines.insert(&current.fingerprint, current.snapshot.clone());
         Self {
@@ -87,7 +87,7 @@ impl WorkflowStore {
         self.shards
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 

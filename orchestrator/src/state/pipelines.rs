@@ -3,11 +3,11 @@
 //! it correctly by loading its snapshot from Redis once and caching it.
 
 use crate::errors::ApiError;
+use nexus_pipeline::connection::Connection;
 use nexus_pipeline::keys::ShardKeys;
 use nexus_proto::internal::PipelineSnapshot;
 use prost::Message;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -26,7 +26,7 @@ impl PipelineCache {
 
     pub async fn get(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         shard: u16,
         fingerprint: &str,
     ) -> Result<Arc<PipelineSnapshot>, ApiError> {

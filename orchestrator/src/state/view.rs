@@ -4,12 +4,12 @@
 use super::WorkflowStore;
 use super::events::timestamp;
 use crate::errors::ApiError;
+use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{WorkflowKeys, field, status};
 use nexus_proto::internal::PipelineSnapshot;
 use nexus_proto::v1::{Phase, PhaseStatus, ProjectPlan, Rating, Usage, Workflow, WorkflowStatus};
 use prost::Message;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 
 /// A workflow's two hashes, as stored.
@@ -20,7 +20,7 @@ pub struct StoredWorkflow {
 
 /// Loads both hashes in one round trip; `None` when the workflow does not
 /// exist (never did, or expired).
-pub async fn load_stored(conn: &mut ConnectionManager, id: &WorkflowId) -> Result<Option<StoredWorkflow>, ApiError> {
+pub async fn load_stored(conn: &mut Connection, id: &WorkflowId) -> Result<Option<StoredWorkflow>, ApiError> {
     let keys = WorkflowKeys::new(id);
     let (state, outputs): (HashMap<String, Vec<u8>>, HashMap<String, String>) = redis::pipe()
         .hgetall(keys.state())
