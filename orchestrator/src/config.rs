@@ -52,6 +52,11 @@ pub struct Config {
     #[arg(long, env = "NEXUS_RESULT_CLAIM_IDLE_MS", default_value_t = 10_000)]
     pub result_claim_idle_ms: u64,
 
+    /// Most concurrent gRPC streams (watchers, calls) on one HTTP/2
+    /// connection. Clients multiplex many watchers over few connections.
+    #[arg(long, env = "NEXUS_MAX_STREAMS_PER_CONNECTION", default_value_t = 10_000)]
+    pub max_streams_per_connection: u32,
+
     /// Require "authorization: Bearer <token>" on WorkflowService calls.
     /// Health and reflection stay open. Unset: no authentication.
     #[arg(long, env = "NEXUS_API_TOKEN", hide_env_values = true)]

@@ -120,6 +120,8 @@ async fn serve(
     tracing::info!(%address, "gRPC server listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

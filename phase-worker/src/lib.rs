@@ -43,13 +43,11 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         .connect_patiently(false)
         .await
         .context("connecting to redis")?;
-    let pacer = pacing::RedisPacer {
-        conn: conn.clone(),
-        limits: config.model_rate_limits.clone(),
-    };
+    let pacer = Arc::new(pacing::RedisPacer::new(conn.clone(), config.model_rate_limits.clone()));
+    tokio::spawn(pacer.clone().listen(config.redis.clone()));
     let client = model_client::ModelClient::new(config.model_client())
         .context("building the model client")?
-        .with_pacer(Arc::new(pacer));
+        .with_pacer(pacer);
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
     tokio::spawn(cancels.clone().listen(config.redis.clone()));

@@ -106,6 +106,15 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
     pub response_format: Option<Value>,
+    /// W3C trace context sent as the `traceparent` header, so the model call
+    /// joins the workflow's trace (and the stand-in can tell calls apart).
+    pub traceparent: Option<String>,
+}
+
+/// A request ready to send: encoded once, sent on every try.
+struct Prepared {
+    body: bytes::Bytes,
+    headers: HeaderMap,
 }
 
 /// Token counts and cost as the provider reported them in the stream's last chunk.
@@ -280,6 +289,7 @@ impl ModelClient {
         let endpoint = endpoint(&config.base_url)?;
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| ModelError::Config(describe_reqwest_error(e)))?;
         Ok(Self {
@@ -288,6 +298,21 @@ impl ModelClient {
             headers: request_headers(&config)?,
             config,
             pacer: None,
+        })
+    }
+
+    fn prepare(&self, request: &ChatRequest) -> Result<Prepared, ModelError> {
+        let mut headers = self.headers.clone();
+        if let Some(value) = request
+            .traceparent
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            headers.insert(HeaderName::from_static("traceparent"), value);
+        }
+        Ok(Prepared {
+            body: encode_request(request)?.into(),
+            headers,
         })
     }
 
@@ -323,12 +348,12 @@ impl ModelClient {
         events: &mpsc::Sender<ModelEvent>,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
-        let body = encode_request(request)?;
+        let prepared = self.prepare(request)?;
         let mut try_number = 0;
         loop {
             try_number += 1;
             self.wait_turn(&request.model, cancel).await?;
-            let error = match self.try_once(&body, try_number, validator, events, cancel).await {
+            let error = match self.try_once(&prepared, try_number, validator, events, cancel).await {
                 Ok(completion) => {
                     return Ok(Completion {
                         tries: try_number,
@@ -392,7 +417,7 @@ impl ModelClient {
     /// One try under the total timeout and the cancel token, then the validator.
     async fn try_once(
         &self,
-        body: &[u8],
+        prepared: &Prepared,
         try_number: u32,
         validator: Option<&OutputValidator>,
         events: &mpsc::Sender<ModelEvent>,
@@ -400,7 +425,7 @@ impl ModelClient {
     ) -> Result<Completion, ModelError> {
         tracing::debug!(try_number, endpoint = %self.endpoint, "model try starting");
         let total = self.config.total_timeout;
-        let attempt = tokio::time::timeout(total, self.stream_once(body, try_number, events));
+        let attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events));
         let completion = with_cancel(cancel, async {
             attempt.await.unwrap_or(Err(ModelError::Timeout {
                 which: TimeoutKind::Total,
@@ -416,12 +441,12 @@ impl ModelClient {
 
     async fn stream_once(
         &self,
-        body: &[u8],
+        prepared: &Prepared,
         try_number: u32,
         events: &mpsc::Sender<ModelEvent>,
     ) -> Result<Completion, ModelError> {
         let first_token_due = Instant::now() + self.config.first_token_timeout;
-        let response = self.send(body, first_token_due).await?;
+        let response = self.send(prepared, first_token_due).await?;
         let generation_id = response
             .headers()
             .get(GENERATION_ID_HEADER)
@@ -455,12 +480,12 @@ impl ModelClient {
     }
 
     /// Sends the request; a non-2xx answer becomes the matching error.
-    async fn send(&self, body: &[u8], first_token_due: Instant) -> Result<reqwest::Response, ModelError> {
+    async fn send(&self, prepared: &Prepared, first_token_due: Instant) -> Result<reqwest::Response, ModelError> {
         let request = self
             .http
             .post(&self.endpoint)
-            .headers(self.headers.clone())
-            .body(body.to_vec())
+            .headers(prepared.headers.clone())
+            .body(prepared.body.clone())
             .send();
         let response = tokio::time::timeout_at(first_token_due, request)
             .await

@@ -4,12 +4,14 @@
 //! worker calling that model, not just the one that received it.
 
 use crate::model_client::{Pacer, PacerFuture};
+use futures::StreamExt;
 use nexus_pipeline::connection::Connection;
-use nexus_pipeline::keys::model_pace;
+use nexus_pipeline::connection::RedisArgs;
+use nexus_pipeline::keys::{PACE_CHANNEL, model_pace};
 use redis::Script;
 use std::collections::HashMap;
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 static PACE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/pace.lua")));
 
@@ -56,19 +58,32 @@ fn parse_rate(rate: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(period / count))
 }
 
-/// The [`Pacer`] backed by Redis. Fails open: if Redis cannot be asked, the
-/// call goes ahead rather than stalling the phase.
+/// The [`Pacer`] backed by Redis. A model with a rate limit asks Redis before
+/// every call; one without keeps the shared back-off locally, learned from
+/// the pace channel, and asks Redis nothing. Fails open: if Redis cannot be
+/// asked, the call goes ahead rather than stalling the phase.
 pub struct RedisPacer {
-    pub conn: Connection,
-    pub limits: RateLimits,
+    conn: Connection,
+    limits: RateLimits,
+    backed_off_until: Mutex<HashMap<String, Instant>>,
 }
 
 impl RedisPacer {
+    pub fn new(conn: Connection, limits: RateLimits) -> Self {
+        Self {
+            conn,
+            limits,
+            backed_off_until: Mutex::default(),
+        }
+    }
+
     async fn pace(&self, model: &str, mode: &str, millis: u128) -> Duration {
         let reply: redis::RedisResult<u64> = PACE
             .key(model_pace(model))
             .arg(mode)
             .arg(millis as u64)
+            .arg(PACE_CHANNEL)
+            .arg(model)
             .invoke_async(&mut self.conn.clone())
             .await;
         match reply {
@@ -79,11 +94,56 @@ impl RedisPacer {
             }
         }
     }
+
+    fn remember_back_off(&self, model: &str, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut backed_off = self.backed_off_until.lock().expect("pacer lock");
+        let entry = backed_off.entry(model.to_string()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    fn local_back_off(&self, model: &str) -> Duration {
+        let backed_off = self.backed_off_until.lock().expect("pacer lock");
+        backed_off
+            .get(model)
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Learns other workers' back-offs until the process ends.
+    pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
+        loop {
+            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
+                tracing::warn!(%error, "pace notifications interrupted; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
+        let mut pubsub = redis::Client::open(redis_url)?.get_async_pubsub().await?;
+        pubsub.subscribe(PACE_CHANNEL).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let Ok(text) = message.get_payload::<String>() else {
+                continue;
+            };
+            if let Some((model, millis)) = text.rsplit_once('\n').and_then(|(m, ms)| Some((m, ms.parse().ok()?))) {
+                self.remember_back_off(model, Duration::from_millis(millis));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Pacer for RedisPacer {
     fn reserve<'a>(&'a self, model: &'a str) -> PacerFuture<'a, Duration> {
-        Box::pin(self.pace(model, "reserve", self.limits.interval(model).as_millis()))
+        let interval = self.limits.interval(model);
+        if interval.is_zero() {
+            let wait = self.local_back_off(model);
+            return Box::pin(async move { wait });
+        }
+        Box::pin(self.pace(model, "reserve", interval.as_millis()))
     }
 
     fn back_off<'a>(&'a self, model: &'a str, wait: Duration) -> PacerFuture<'a, ()> {
@@ -92,6 +152,7 @@ impl Pacer for RedisPacer {
             ?wait,
             "provider asked to back off; holding off every worker for this model"
         );
+        self.remember_back_off(model, wait);
         Box::pin(async move {
             self.pace(model, "back_off", wait.as_millis()).await;
         })

@@ -45,9 +45,9 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
         delivery: delivery as u32,
         worker: handle.consumer.clone(),
     });
-    match handle.append(started).await {
-        Ok(true) => {}
-        Ok(false) => {
+    let inputs = match handle.start(started, &spec.inputs).await {
+        Ok(Some(inputs)) => inputs,
+        Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
             finish(&handle, None).await;
             return;
@@ -56,9 +56,10 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
             tracing::warn!(%error, "could not start task; it will be redelivered");
             return;
         }
-    }
+    };
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
-    let outcome = call_model(ctx, &handle, &task, &spec, delivery, &registration.token).await;
+    let request = chat_request(&handle, &spec, &inputs);
+    let outcome = call_model(ctx, &handle, &task, &spec, request, delivery, &registration.token).await;
     match outcome {
         CallOutcome::Result(result) => finish(&handle, Some(&result)).await,
         CallOutcome::Stopped => settle_stopped(ctx, &handle).await,
@@ -97,17 +98,10 @@ async fn call_model(
     handle: &TaskHandle,
     task: &PhaseTask,
     spec: &PhaseSpec,
+    request: ChatRequest,
     delivery: u64,
     stop: &CancellationToken,
 ) -> CallOutcome {
-    let request = match chat_request(handle, spec).await {
-        Ok(request) => request,
-        Err(error) => {
-            tracing::warn!(%error, "could not load phase inputs; the task will be redelivered");
-            stop.cancel();
-            return CallOutcome::Stopped;
-        }
-    };
     let (events, receiver) = mpsc::channel(256);
     let forwarder = tokio::spawn(forward_events(
         handle.clone(),
@@ -146,22 +140,9 @@ fn validate_rating(text: &str) -> Result<(), String> {
 }
 
 /// Loads the phase's inputs and renders its prompt.
-async fn chat_request(handle: &TaskHandle, spec: &PhaseSpec) -> redis::RedisResult<ChatRequest> {
-    let values: Vec<Option<String>> = if spec.inputs.is_empty() {
-        Vec::new()
-    } else {
-        redis::cmd("HMGET")
-            .arg(handle.keys.outputs())
-            .arg(&spec.inputs)
-            .query_async(&mut handle.conn.clone())
-            .await?
-    };
-    let inputs: HashMap<String, String> = spec
-        .inputs
-        .iter()
-        .cloned()
-        .zip(values.into_iter().map(Option::unwrap_or_default))
-        .collect();
+/// The model request for a phase: its system prompt and its template
+/// rendered with the stored inputs.
+fn chat_request(handle: &TaskHandle, spec: &PhaseSpec, inputs: &HashMap<String, String>) -> ChatRequest {
     let mut messages = Vec::new();
     if !spec.system_prompt.is_empty() {
         messages.push(ChatMessage {
@@ -171,15 +152,16 @@ async fn chat_request(handle: &TaskHandle, spec: &PhaseSpec) -> redis::RedisResu
     }
     messages.push(ChatMessage {
         role: "user".into(),
-        content: render_prompt(&spec.prompt_template, &inputs),
+        content: render_prompt(&spec.prompt_template, inputs),
     });
-    Ok(ChatRequest {
+    ChatRequest {
         model: spec.model.clone(),
         messages,
         temperature: spec.temperature,
         max_tokens: (spec.max_tokens > 0).then_some(spec.max_tokens),
         response_format: (spec.output() == OutputKind::Rating).then(rating::response_format),
-    })
+        traceparent: Some(handle.workflow.traceparent()),
+    }
 }
 
 /// Writes the model's deltas and retries into the event log, coalesced. A

@@ -11,8 +11,10 @@ use nexus_proto::internal::{PhaseResult, PhaseTask};
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
 use redis::Script;
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
+static START_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/start_task.lua")));
 static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/append_event.lua")));
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
 static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish_task.lua")));
@@ -44,10 +46,38 @@ impl TaskHandle {
         })
     }
 
+    /// Announces the task as started and loads the phase's inputs, if the
+    /// task is still current; `None` means it is stale (skip it).
+    pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<HashMap<String, String>>> {
+        let event = WorkflowEvent {
+            time: Some(nexus_proto::timestamp_now()),
+            kind: Some(started),
+            ..Default::default()
+        };
+        let mut invocation = START_TASK.key(self.keys.state());
+        invocation
+            .key(self.keys.events())
+            .key(self.keys.outputs())
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(event.encode_to_vec())
+            .arg(nexus_pipeline::now_ms())
+            .arg(EVENTS_CHANNEL)
+            .arg(self.workflow.to_string())
+            .arg(inputs);
+        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        match reply.split_first() {
+            Some((started, values)) if started == "1" => {
+                Ok(Some(inputs.iter().cloned().zip(values.iter().cloned()).collect()))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Appends an event if the task is still current; `false` means stop.
     pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
         let event = WorkflowEvent {
-            time: Some(nexus_proto::timestamp_from_ms(nexus_pipeline::now_ms())),
+            time: Some(nexus_proto::timestamp_now()),
             kind: Some(kind),
             ..Default::default()
         };

@@ -33,6 +33,18 @@ impl WorkflowId {
         self.shard
     }
 
+    /// The W3C trace id of the workflow's trace: its UUID, so a trace is
+    /// found from the workflow id alone.
+    pub fn trace_id(&self) -> String {
+        self.uuid.simple().to_string()
+    }
+
+    /// A `traceparent` header value for a new span of this workflow's trace.
+    pub fn traceparent(&self) -> String {
+        let span_id = rand::random::<u64>().max(1);
+        format!("00-{}-{span_id:016x}-01", self.trace_id())
+    }
+
     pub fn parse(text: &str) -> Result<Self, IdError> {
         if text.is_empty() {
             return Err(IdError::Empty);

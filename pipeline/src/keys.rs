@@ -19,6 +19,7 @@
 //! nexus:model:{<model>}:pace     hash    shared rate limit and back-off of one model
 //! nexus:events                   pubsub  "<id>" when a workflow has a new event
 //! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
+//! nexus:pace                     pubsub  "<model>\n<ms>" when a provider asked to back off
 //! ```
 
 use crate::ids::WorkflowId;
@@ -32,6 +33,11 @@ pub const EVENTS_CHANNEL: &str = "nexus:events";
 /// workflow. Also only a hint: workers re-check the workflow's state while a
 /// call runs, so a lost message delays the abort by one check interval.
 pub const CANCEL_CHANNEL: &str = "nexus:cancel";
+
+/// Pub/sub channel announcing "model M asked everyone to back off for N ms"
+/// (`<model>\n<ms>`), so workers without a rate limit for M can keep the
+/// back-off locally instead of asking Redis before every call.
+pub const PACE_CHANNEL: &str = "nexus:pace";
 
 /// Keys shared by all workflows of one shard.
 #[derive(Debug, Clone)]

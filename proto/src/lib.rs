@@ -39,3 +39,15 @@ pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
+
+/// The current time as a protobuf timestamp, to the microsecond (event
+/// times are used to measure delivery latency).
+pub fn timestamp_now() -> prost_types::Timestamp {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: now.as_secs() as i64,
+        nanos: (now.subsec_micros() * 1000) as i32,
+    }
+}

@@ -22,7 +22,13 @@ pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap
         Ok(body) => body,
         Err(err) => return reject_unreadable(&shared, &err),
     };
-    let outcome = shared.record(body.record());
+    let mut record = body.record();
+    record.traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let outcome = shared.record(record);
     if !has_bearer(&headers) {
         outcome.settle("status 401");
         return error_response(401, "No auth credentials found", None, false);
@@ -65,6 +71,9 @@ fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
         prompt_excerpt: String::new(),
         outcome: String::new(),
         received_ms: 0,
+        received_us: 0,
+        finished_us: 0,
+        traceparent: String::new(),
     };
     shared.record(record).settle("status 400");
     error_response(400, &format!("Invalid request body: {err}"), None, false)

@@ -34,6 +34,11 @@ pub use faults::{Fault, FaultSpec};
 /// Serves the stand-in on an already bound listener until the task is dropped or aborted.
 /// Taking a listener lets callers bind `127.0.0.1:0` and learn the port before serving.
 pub async fn serve(listener: TcpListener, config: StandInConfig) -> std::io::Result<()> {
+    // No Nagle: a streamed answer is many small writes, and Nagle with the
+    // client's delayed ACK would add ~40 ms between them.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(listener, router(config)).await
 }
 

@@ -77,6 +77,9 @@ impl ChatBody {
             prompt_excerpt: self.last_user_text().chars().take(EXCERPT_CHARS).collect(),
             outcome: String::new(),
             received_ms: 0,
+            received_us: 0,
+            finished_us: 0,
+            traceparent: String::new(),
         }
     }
 }

@@ -21,6 +21,19 @@ pub(crate) struct RequestRecord {
     /// When the request arrived, in milliseconds since the Unix epoch, so
     /// tests can check pacing and back-off across workers.
     pub received_ms: u64,
+    /// The same in microseconds, and when the answer was fully sent (0 until
+    /// then), for the benchmark's hop latency.
+    pub received_us: u64,
+    pub finished_us: u64,
+    /// The `traceparent` header, which names the workflow's trace.
+    pub traceparent: String,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros() as u64)
+        .unwrap_or_default()
 }
 
 #[derive(Clone)]
@@ -29,8 +42,16 @@ pub(crate) struct Shared(Arc<Inner>);
 struct Inner {
     config: StandInConfig,
     faults: Mutex<FaultQueue>,
-    log: Mutex<Vec<RequestRecord>>,
+    log: Mutex<RequestLog>,
     next_seq: AtomicU64,
+}
+
+/// The request log, indexed by `seq - first_seq` so settling a request is
+/// O(1) even after a benchmark's hundreds of thousands of requests.
+#[derive(Default)]
+struct RequestLog {
+    first_seq: u64,
+    records: Vec<RequestRecord>,
 }
 
 /// Poisoning only means another handler panicked mid-update; the data is still usable.
@@ -69,23 +90,27 @@ impl Shared {
     }
 
     pub(crate) fn requests(&self) -> Vec<RequestRecord> {
-        lock(&self.0.log).clone()
+        lock(&self.0.log).records.clone()
     }
 
     pub(crate) fn clear_requests(&self) -> usize {
-        std::mem::take(&mut *lock(&self.0.log)).len()
+        let mut log = lock(&self.0.log);
+        log.first_seq = self.0.next_seq.load(Ordering::Relaxed);
+        std::mem::take(&mut log.records).len()
     }
 
     /// Logs a request as in progress; the returned guard records how it ended.
     pub(crate) fn record(&self, mut record: RequestRecord) -> Outcome {
         record.seq = self.0.next_seq.fetch_add(1, Ordering::Relaxed);
         record.outcome = "in_progress".into();
-        record.received_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_millis() as u64)
-            .unwrap_or_default();
+        record.received_us = now_us();
+        record.received_ms = record.received_us / 1000;
         let seq = record.seq;
-        lock(&self.0.log).push(record);
+        let mut log = lock(&self.0.log);
+        if log.records.is_empty() {
+            log.first_seq = record.seq;
+        }
+        log.records.push(record);
         Outcome {
             shared: self.clone(),
             seq,
@@ -94,9 +119,12 @@ impl Shared {
     }
 
     fn set_outcome(&self, seq: u64, outcome: String) {
-        tracing::info!(seq, %outcome, "chat request finished");
-        if let Some(record) = lock(&self.0.log).iter_mut().find(|r| r.seq == seq) {
+        tracing::debug!(seq, %outcome, "chat request finished");
+        let mut log = lock(&self.0.log);
+        let index = seq.checked_sub(log.first_seq).map(|i| i as usize);
+        if let Some(record) = index.and_then(|i| log.records.get_mut(i)).filter(|r| r.seq == seq) {
             record.outcome = outcome;
+            record.finished_us = now_us();
         }
     }
 }

@@ -2,17 +2,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Where cargo put the project's binaries: next to the test executable's
-/// `deps/` folder.
+/// Where cargo put the project's binaries: the folder of the running
+/// executable, or its parent when that is a test's `deps/` folder. The
+/// benchmark (in `target/release/`) finds the release binaries the same way.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
-    let path = dir.join(name);
+    let path = binary_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build it first (scripts/test.sh runs `cargo build --workspace --bins`)",
@@ -105,11 +104,13 @@ fn log_file(name: &str) -> Stdio {
 }
 
 fn binary_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile dir")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable folder");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 fn address_in(line: &str) -> SocketAddr {

@@ -8,7 +8,7 @@ pub fn event(kind: Kind) -> WorkflowEvent {
     WorkflowEvent {
         cursor: String::new(),
         workflow_id: String::new(),
-        time: Some(timestamp(nexus_pipeline::now_ms())),
+        time: Some(nexus_proto::timestamp_now()),
         kind: Some(kind),
     }
 }

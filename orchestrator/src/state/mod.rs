@@ -58,7 +58,7 @@ fn phase_task(id: &WorkflowId, phase_index: u32, spec: &PhaseSpec, pipeline_id: 
         phase_index,
         attempt: 1,
         spec: Some(spec.clone()),
-        traceparent: String::new(),
+        traceparent: id.traceparent(),
         enqueued_at_ms: nexus_pipeline::now_ms(),
         pipeline_id: pipeline_id.to_string(),
     }

@@ -5,7 +5,8 @@
 --
 -- KEYS: 1 the model's pace hash
 -- ARGV: 1 "reserve" or "back_off",
---       2 reserve: the interval in ms (0 = no rate limit); back_off: the wait in ms
+--       2 reserve: the interval in ms (0 = no rate limit); back_off: the wait in ms,
+--       3 back_off: the pace channel, 4 back_off: the model
 -- Returns for "reserve": 0 when the call may start now (the slot is taken),
 -- else the ms to wait before asking again. "back_off" returns 0.
 
@@ -19,6 +20,7 @@ if ARGV[1] == 'back_off' then
     redis.call('HSET', KEYS[1], 'cooldown_until', now + wait)
     redis.call('PEXPIRE', KEYS[1], wait + 60000)
   end
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\n' .. ARGV[2])
   return 0
 end
 

@@ -1,0 +1,123 @@
+//! Driving the stack as clients do: many starts over several HTTP/2
+//! connections, then waiting until every workflow has ended.
+
+use nexus_proto::v1::{GetWorkflowRequest, ProjectPlan, StartWorkflowRequest, Workflow, WorkflowStatus};
+use nexus_tests::Client;
+use std::time::{Duration, Instant};
+
+/// Clients on `connections` separate HTTP/2 connections.
+pub async fn clients(endpoint: &str, connections: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(nexus_proto::v1::workflow_service_client::WorkflowServiceClient::new(
+            channel,
+        ));
+    }
+    clients
+}
+
+fn plan(n: usize) -> ProjectPlan {
+    ProjectPlan {
+        name: format!("Bench plan {n}"),
+        description: "A booking system for a chain of climbing gyms: memberships, class schedules, \
+                      payments and a mobile app. Four developers, nine months."
+            .into(),
+        fields: Default::default(),
+    }
+}
+
+/// Starts `count` workflows, `concurrency` at a time; returns their ids in
+/// start order and when the first start was sent.
+pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) -> (Vec<String>, Instant) {
+    let began = Instant::now();
+    let chunks: Vec<Vec<usize>> = (0..count)
+        .collect::<Vec<_>>()
+        .chunks(count.div_ceil(concurrency).max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    let tasks = chunks.into_iter().enumerate().map(|(lane, numbers)| {
+        let mut client = clients[lane % clients.len()].clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(numbers.len());
+            for n in numbers {
+                let request = StartWorkflowRequest {
+                    plan: Some(plan(n)),
+                    idempotency_key: String::new(),
+                };
+                ids.push(
+                    client
+                        .start_workflow(request)
+                        .await
+                        .expect("start workflow")
+                        .into_inner()
+                        .workflow_id,
+                );
+            }
+            ids
+        })
+    });
+    let ids = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    (ids, began)
+}
+
+/// Waits until every workflow is terminal; returns them.
+pub async fn wait_all(client: &Client, ids: &[String], timeout: Duration) -> Vec<Workflow> {
+    let deadline = Instant::now() + timeout;
+    let mut client = client.clone();
+    let mut finished = Vec::with_capacity(ids.len());
+    for id in ids {
+        loop {
+            let workflow = client
+                .get_workflow(GetWorkflowRequest {
+                    workflow_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if matches!(
+                workflow.status(),
+                WorkflowStatus::Completed | WorkflowStatus::Failed | WorkflowStatus::Cancelled
+            ) {
+                finished.push(workflow);
+                break;
+            }
+            assert!(Instant::now() < deadline, "workflow {id} did not finish in {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    finished
+}
+
+/// Seconds from `began` to the last workflow's completion as the server
+/// recorded it (`updated_at`), so polling lag does not count.
+pub fn elapsed_until_last(workflows: &[Workflow], began_unix: Duration) -> f64 {
+    let last = workflows
+        .iter()
+        .filter_map(|w| w.updated_at)
+        .map(|t| Duration::new(t.seconds as u64, t.nanos as u32))
+        .max()
+        .unwrap_or(began_unix);
+    (last.saturating_sub(began_unix)).as_secs_f64()
+}
+
+pub fn unix_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+}
+
+pub fn completed(workflows: &[Workflow]) -> usize {
+    workflows
+        .iter()
+        .filter(|w| w.status() == WorkflowStatus::Completed)
+        .count()
+}

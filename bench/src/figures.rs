@@ -1,0 +1,371 @@
+//! The figures. Each starts its own stack, drives it, prints one line per
+//! number and returns the numbers as JSON.
+
+use crate::drive::{clients, completed, elapsed_until_last, start_many, unix_now, wait_all};
+use crate::measure::{calls_per, command_calls, info_number, key_count, memory_kib, percentiles};
+use crate::{Args, celery};
+use futures::future::BoxFuture;
+use nexus_tests::{ModelControl, Orchestrator, RedisServer, StandIn, Worker};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub type Figure = fn(Args) -> BoxFuture<'static, anyhow::Result<Value>>;
+
+/// A model that answers at once with a few words.
+const INSTANT_MODEL: &[&str] = &[
+    "--first-token-latency-ms",
+    "0",
+    "--tokens-per-second",
+    "0",
+    "--reply-words",
+    "8",
+];
+
+/// Redis, the stand-in, one orchestrator and `workers` workers.
+struct BenchStack {
+    redis: RedisServer,
+    model: StandIn,
+    orchestrator: Orchestrator,
+    workers: Vec<Worker>,
+}
+
+impl BenchStack {
+    fn start(workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start();
+        let model = StandIn::start(model_args);
+        let orchestrator = Orchestrator::start(&redis.url(), env);
+        let workers = (0..workers)
+            .map(|_| Worker::start(&redis.url(), &model.base_url(), env))
+            .collect();
+        Self {
+            redis,
+            model,
+            orchestrator,
+            workers,
+        }
+    }
+}
+
+/// Hop overhead: from the stand-in finishing phase N's answer to phase N+1's
+/// request arriving there, per workflow (the `traceparent` header names the
+/// workflow). This includes the worker publishing the result, the
+/// orchestrator applying it and queuing the next task, and a worker claiming
+/// and starting it: slightly more than result-published-to-next-request.
+pub fn hop_overhead(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
+    Box::pin(async move {
+        let workflows = args.count(2_000, 100);
+        let stack = BenchStack::start(1, INSTANT_MODEL, &[]);
+        let redis = stack.redis.client();
+        let clients = clients(&stack.orchestrator.endpoint(), 4).await;
+        let before = command_calls(&redis).await?;
+        let workflows = run_closed_loop(&clients, workflows, HOP_CONCURRENCY).await;
+        let after = command_calls(&redis).await?;
+        let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+        let hops = hop_latencies_us(&requests);
+        let (p50, p99, max) = percentiles(hops.iter().map(|us| *us as f64 / 1000.0).collect());
+        let phases = (workflows * 6) as f64;
+        let per_phase = calls_per(&before, &after, phases);
+        let commands: f64 = per_phase.values().sum();
+        println!(
+            "hop overhead: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms over {} hops ({HOP_CONCURRENCY} workflows in flight)",
+            hops.len()
+        );
+        println!(
+            "redis commands per phase hop: {commands:.1} (incl. inside scripts): {}",
+            breakdown(&per_phase)
+        );
+        Ok(json!({"hops": hops.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                  "redis_commands_per_phase": commands, "redis_calls_per_phase": per_phase}))
+    })
+}
+
+/// Workflows in flight while hops are measured: enough to keep every
+/// process busy, few enough that the figure is the engine's latency, not a
+/// queue (a saturated pipeline's hop is queueing time, see throughput).
+const HOP_CONCURRENCY: usize = 8;
+
+/// Runs `count` workflows, `lanes` at a time, each lane starting the next
+/// once its previous one's watch stream ended.
+async fn run_closed_loop(clients: &[nexus_tests::Client], count: usize, lanes: usize) -> usize {
+    let per_lane = count.div_ceil(lanes);
+    let runs = (0..lanes).map(|lane| {
+        let mut client = clients[lane % clients.len()].clone();
+        tokio::spawn(async move {
+            for n in 0..per_lane {
+                let id = nexus_tests::start(&mut client, &format!("Hop {lane}-{n}")).await;
+                nexus_tests::watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+            }
+        })
+    });
+    futures::future::join_all(runs).await;
+    per_lane * lanes
+}
+
+fn breakdown(per_phase: &std::collections::BTreeMap<String, f64>) -> String {
+    let mut top: Vec<_> = per_phase.iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(a.1));
+    top.iter()
+        .take(8)
+        .map(|(name, n)| format!("{name} {n:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Gaps between one request's end and the next request of the same trace.
+fn hop_latencies_us(requests: &[Value]) -> Vec<u64> {
+    let mut by_trace: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for request in requests {
+        let trace = request["traceparent"]
+            .as_str()
+            .unwrap_or_default()
+            .split('-')
+            .nth(1)
+            .unwrap_or_default();
+        let times = (
+            request["received_us"].as_u64().unwrap_or(0),
+            request["finished_us"].as_u64().unwrap_or(0),
+        );
+        by_trace.entry(trace).or_default().push(times);
+    }
+    by_trace
+        .into_values()
+        .flat_map(|mut calls| {
+            calls.sort();
+            calls
+                .windows(2)
+                .filter(|pair| pair[0].1 > 0)
+                .map(|pair| pair[1].0.saturating_sub(pair[0].1))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Throughput of six-phase workflows with an instant model, against a
+/// Celery chain of six no-op tasks on the same Redis, same count.
+pub fn throughput(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
+    Box::pin(async move {
+        let runs = args.count(2_000, 100);
+        let stack = BenchStack::start(1, INSTANT_MODEL, &[]);
+        let nexus = nexus_rate(&stack, runs).await?;
+        println!(
+            "throughput: nexus {:.0} workflows/s ({runs} six-phase workflows, 1 orchestrator, 1 worker)",
+            nexus.rate
+        );
+        let mut result = json!({"workflows": runs, "nexus_per_second": nexus.rate, "nexus_seconds": nexus.seconds,
+                                "redis_bytes_per_finished_workflow": nexus.bytes_per_workflow});
+        if args.skip_celery {
+            println!("throughput: celery skipped (--skip-celery)");
+            return Ok(result);
+        }
+        let url = format!("{}/1", stack.redis.url());
+        match tokio::task::spawn_blocking(move || celery::run(&url, runs)).await? {
+            Ok(celery) => {
+                let ratio = nexus.rate / celery.chains_per_second;
+                println!(
+                    "throughput: celery {:.0} chains/s ({} chains, prefork concurrency {}, celery {})",
+                    celery.chains_per_second, celery.chains, celery.concurrency, celery.celery
+                );
+                println!("throughput: nexus / celery = {ratio:.1}x");
+                result["celery_per_second"] = json!(celery.chains_per_second);
+                result["celery_seconds"] = json!(celery.seconds);
+                result["ratio"] = json!(ratio);
+            }
+            Err(error) => println!("throughput: celery unavailable ({error})"),
+        }
+        Ok(result)
+    })
+}
+
+struct Rate {
+    rate: f64,
+    seconds: f64,
+    bytes_per_workflow: f64,
+}
+
+async fn nexus_rate(stack: &BenchStack, runs: usize) -> anyhow::Result<Rate> {
+    let redis = stack.redis.client();
+    let memory_before = info_number(&redis, "memory", "used_memory").await?;
+    let clients = clients(&stack.orchestrator.endpoint(), 4).await;
+    let began = unix_now();
+    let (ids, _) = start_many(&clients, runs, 32).await;
+    let finished = wait_all(&clients[0], &ids, Duration::from_secs(600)).await;
+    anyhow::ensure!(
+        completed(&finished) == runs,
+        "only {} of {runs} workflows completed",
+        completed(&finished)
+    );
+    let seconds = elapsed_until_last(&finished, began);
+    let memory_after = info_number(&redis, "memory", "used_memory").await?;
+    let bytes_per_workflow = memory_after.saturating_sub(memory_before) as f64 / runs as f64;
+    Ok(Rate {
+        rate: runs as f64 / seconds,
+        seconds,
+        bytes_per_workflow,
+    })
+}
+
+/// In-flight capacity: many workflows at once with a 1 s model, one worker.
+pub fn in_flight(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
+    Box::pin(async move {
+        let runs = args.count(10_000, 300);
+        let model = [
+            "--first-token-latency-ms",
+            "1000",
+            "--tokens-per-second",
+            "0",
+            "--reply-words",
+            "8",
+        ];
+        let stack = BenchStack::start(1, &model, &[("NEXUS_WORKER_MAX_IN_FLIGHT", "20000")]);
+        let worker_pid = stack.workers[0].process.pid();
+        let orchestrator_pid = stack.orchestrator.process.pid();
+        let worker_idle_kib = memory_kib(worker_pid, "VmRSS");
+        let clients = clients(&stack.orchestrator.endpoint(), 8).await;
+        let began = unix_now();
+        let started = Instant::now();
+        let (ids, _) = start_many(&clients, runs, 64).await;
+        let accepted_in = started.elapsed().as_secs_f64();
+        let finished = wait_all(&clients[0], &ids, Duration::from_secs(900)).await;
+        anyhow::ensure!(
+            completed(&finished) == runs,
+            "only {} of {runs} workflows completed",
+            completed(&finished)
+        );
+        let seconds = elapsed_until_last(&finished, began);
+        let worker_peak = memory_kib(worker_pid, "VmHWM");
+        let orchestrator_peak = memory_kib(orchestrator_pid, "VmHWM");
+        let per_run = (worker_peak.saturating_sub(worker_idle_kib)) as f64 * 1024.0 / runs as f64;
+        println!(
+            "in-flight: {runs} workflows with a 1 s model on one worker done in {seconds:.1} s (ideal 6 s, {:.2}x; all accepted in {accepted_in:.1} s)",
+            seconds / 6.0
+        );
+        println!(
+            "in-flight: peak RSS worker {} MiB, orchestrator {} MiB; worker RSS per in-flight run {per_run:.0} bytes",
+            worker_peak / 1024,
+            orchestrator_peak / 1024
+        );
+        Ok(
+            json!({"workflows": runs, "seconds": seconds, "ideal_seconds": 6.0, "accepted_seconds": accepted_in,
+                  "worker_peak_rss_kib": worker_peak, "orchestrator_peak_rss_kib": orchestrator_peak,
+                  "worker_bytes_per_in_flight_run": per_run}),
+        )
+    })
+}
+
+/// Watcher fan-out: many concurrent WatchWorkflow streams on one
+/// orchestrator over a few HTTP/2 connections; latency from an event's
+/// creation (its `time`) to its arrival at the watcher.
+pub fn watchers(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
+    Box::pin(async move {
+        let (workflows, per_workflow) = if args.quick { (50, 4) } else { (1_000, 10) };
+        let model = [
+            "--first-token-latency-ms",
+            "3000",
+            "--tokens-per-second",
+            "20",
+            "--reply-words",
+            "10",
+        ];
+        let stack = BenchStack::start(1, &model, &[]);
+        let clients = clients(&stack.orchestrator.endpoint(), 16).await;
+        let (ids, _) = start_many(&clients, workflows, 32).await;
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let attached = unix_now();
+        let watches: Vec<_> = ids
+            .iter()
+            .flat_map(|id| (0..per_workflow).map(move |n| id.clone() + "#" + &n.to_string()))
+            .enumerate()
+            .map(|(n, key)| {
+                let id = key.split('#').next().unwrap().to_string();
+                tokio::spawn(watch_one(
+                    clients[n % clients.len()].clone(),
+                    id,
+                    attached,
+                    latencies.clone(),
+                ))
+            })
+            .collect();
+        let connected_clients = sample_connected_clients(&stack.redis.client()).await?;
+        futures::future::join_all(watches).await;
+        let sample: Vec<f64> = latencies.lock().unwrap().iter().map(|us| *us as f64 / 1000.0).collect();
+        let (p50, p99, max) = percentiles(sample.clone());
+        let streams = workflows * per_workflow;
+        println!(
+            "watchers: {streams} concurrent streams over {} connections, {} live events delivered: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            clients.len(),
+            sample.len()
+        );
+        println!("watchers: redis connected_clients during the run: {connected_clients} (not one per watcher)");
+        Ok(
+            json!({"streams": streams, "connections": clients.len(), "events": sample.len(), "p50_ms": p50,
+                  "p99_ms": p99, "max_ms": max, "redis_connected_clients": connected_clients}),
+        )
+    })
+}
+
+async fn watch_one(mut client: nexus_tests::Client, id: String, attached: Duration, latencies: Arc<Mutex<Vec<u64>>>) {
+    let request = nexus_proto::v1::WatchWorkflowRequest {
+        workflow_id: id,
+        after_cursor: String::new(),
+    };
+    let mut stream = client.watch_workflow(request).await.expect("watch").into_inner();
+    let mut mine = Vec::new();
+    while let Ok(Some(event)) = stream.message().await {
+        let received = unix_now();
+        let Some(time) = event.time else { continue };
+        let created = Duration::new(time.seconds as u64, time.nanos as u32);
+        if created > attached {
+            mine.push(received.saturating_sub(created).as_micros() as u64);
+        }
+    }
+    latencies.lock().unwrap().extend(mine);
+}
+
+async fn sample_connected_clients(redis: &redis::Client) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    info_number(redis, "clients", "connected_clients").await
+}
+
+/// Throughput with 1, 2 and 4 workers, and what retention does to Redis.
+pub fn scaling(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
+    Box::pin(async move {
+        let runs = args.count(2_000, 100);
+        let mut curve = Vec::new();
+        for workers in [1, 2, 4] {
+            let stack = BenchStack::start(workers, INSTANT_MODEL, &[]);
+            let rate = nexus_rate(&stack, runs).await?;
+            println!(
+                "scaling: {workers} worker(s): {:.0} workflows/s, redis {:.0} bytes per finished workflow",
+                rate.rate, rate.bytes_per_workflow
+            );
+            curve.push(json!({"workers": workers, "per_second": rate.rate, "redis_bytes_per_workflow": rate.bytes_per_workflow}));
+        }
+        let retention = retention_check(args.count(500, 50)).await?;
+        Ok(json!({"curve": curve, "retention": retention}))
+    })
+}
+
+/// Finished workflows expire after the retention period: keys and memory
+/// return to the baseline of the shard's own streams and index.
+async fn retention_check(runs: usize) -> anyhow::Result<Value> {
+    let stack = BenchStack::start(1, INSTANT_MODEL, &[("NEXUS_RETENTION_SECS", "10")]);
+    let redis = stack.redis.client();
+    let rate = nexus_rate(&stack, runs).await?;
+    let keys_finished = key_count(&redis).await?;
+    let memory_finished = info_number(&redis, "memory", "used_memory").await?;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let keys_expired = key_count(&redis).await?;
+    let memory_expired = info_number(&redis, "memory", "used_memory").await?;
+    println!(
+        "retention: {runs} finished workflows ({:.0} bytes each) held {keys_finished} keys; after the 10 s retention {keys_expired} keys remain, memory {} KiB -> {} KiB",
+        rate.bytes_per_workflow,
+        memory_finished / 1024,
+        memory_expired / 1024
+    );
+    Ok(
+        json!({"workflows": runs, "keys_when_finished": keys_finished, "keys_after_retention": keys_expired,
+              "used_memory_finished": memory_finished, "used_memory_after_retention": memory_expired}),
+    )
+}

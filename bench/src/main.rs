@@ -1,0 +1,69 @@
+//! `nexus-bench`: measures the real stack — Redis, orchestrator, workers and
+//! the stand-in model as separate processes on loopback — through the public
+//! gRPC API, and prints one line per figure plus a JSON file.
+//!
+//! Figures (see bench/README.md for what each means and the targets):
+//! hop overhead, throughput against a Celery chain, in-flight capacity,
+//! watcher fan-out, scaling with workers and Redis cost per workflow.
+//! `--quick` runs every figure with small counts, as CI's smoke test; it
+//! asserts nothing about timing.
+
+mod celery;
+mod drive;
+mod figures;
+mod measure;
+
+use clap::Parser;
+use serde_json::{Map, Value};
+
+#[derive(Parser, Clone)]
+#[command(name = "nexus-bench", about = "Benchmarks the real Nexus stack on loopback.")]
+pub struct Args {
+    /// Small counts, under a minute: a smoke test that the bench works.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only these figures (hop, throughput, inflight, watchers, scaling).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Skip the Celery comparison (it needs python3 and PyPI for its venv).
+    #[arg(long)]
+    pub skip_celery: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench-results.json")]
+    pub out: std::path::PathBuf,
+}
+
+impl Args {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|only| only == figure)
+    }
+
+    /// `full` normally, `quick` with --quick.
+    pub fn count(&self, full: usize, quick: usize) -> usize {
+        if self.quick { quick } else { full }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut results = Map::new();
+    let figures: [(&str, figures::Figure); 5] = [
+        ("hop", figures::hop_overhead),
+        ("throughput", figures::throughput),
+        ("inflight", figures::in_flight),
+        ("watchers", figures::watchers),
+        ("scaling", figures::scaling),
+    ];
+    for (name, figure) in figures {
+        if args.wants(name) {
+            results.insert(name.to_string(), figure(args.clone()).await?);
+        }
+    }
+    if let Some(folder) = args.out.parent() {
+        std::fs::create_dir_all(folder)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    println!("results written to {}", args.out.display());
+    Ok(())
+}

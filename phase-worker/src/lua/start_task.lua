@@ -1,0 +1,23 @@
+-- Starts a task: if it is still the workflow's current one, appends "phase
+-- started" (moving a pending workflow to running) and returns the stored
+-- outputs the phase's prompt reads, all in one round trip.
+--
+-- KEYS: 1 state hash, 2 events stream, 3 outputs hash
+-- ARGV: 1 phase index, 2 attempt, 3 encoded PhaseStarted event, 4 now (ms),
+--       5 events channel, 6 workflow id, 7.. names of the inputs to return
+-- Returns {"1", input values...} when started, {"0"} when the task is stale.
+
+local state = redis.call('HMGET', KEYS[1], 'status', 'phase', 'attempt')
+if (state[1] ~= 'pending' and state[1] ~= 'running') or state[2] ~= ARGV[1] or state[3] ~= ARGV[2] then
+  return {'0'}
+end
+if state[1] == 'pending' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'updated_ms', ARGV[4])
+end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+local reply = {'1'}
+for i = 7, #ARGV do
+  reply[#reply + 1] = redis.call('HGET', KEYS[3], ARGV[i]) or ''
+end
+return reply
