@@ -40,6 +40,9 @@ impl WorkflowService for WorkflowApi {
         let request = request.into_inner();
         let valid = validate_start(&request, self.max_plan_bytes)?;
         let started = self.store.start(valid).await?;
+        if started.created {
+            crate::metrics::METRICS.workflows_started.inc();
+        }
         tracing::info!(workflow_id = %started.workflow_id, created = started.created, "workflow accepted");
         Ok(Response::new(StartWorkflowResponse {
             workflow_id: started.workflow_id,

@@ -9,6 +9,7 @@
 //!   woken by one pub/sub connection per replica.
 //! - [`housekeeping`]: trims what TTLs cannot (index entries, departed
 //!   consumers).
+//! - [`metrics`]: Prometheus metrics of this replica.
 //! - [`errors`]: error types and their mapping to gRPC statuses.
 //! - [`auth`]: the optional bearer-token interceptor.
 //! - [`config`]: flags and environment.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod errors;
 pub mod housekeeping;
+pub mod metrics;
 pub mod results;
 pub mod state;
 pub mod validation;
@@ -56,6 +58,11 @@ pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
 /// Runs the orchestrator until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = load_pipeline(&config)?;
+    if let Some(address) = config.metrics_listen {
+        nexus_runtime::metrics::serve(address, metrics::registry())
+            .await
+            .context("serving metrics")?;
+    }
     tracing::info!(pipeline = %pipeline.snapshot.name, fingerprint = %pipeline.fingerprint, "pipeline loaded");
     let conn = config
         .redis

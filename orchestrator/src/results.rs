@@ -6,6 +6,8 @@
 //! applied here; applying is fenced, so a result applied twice changes
 //! nothing the second time.
 
+use crate::errors::ApiError;
+use crate::metrics::{METRICS, StatusLabel};
 use crate::state::{ApplyOutcome, WorkflowStore};
 use nexus_pipeline::connection::{BLOCK_TIME, Connection, RedisArgs};
 use nexus_pipeline::keys::ShardKeys;
@@ -15,6 +17,7 @@ use prost::Message;
 use redis::streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Results read per round trip.
 const BATCH: usize = 128;
@@ -137,9 +140,13 @@ impl ResultConsumer {
                 return self.discard(stream, entry).await;
             }
         };
-        match self.store.apply_result(&entry.id, &result).await {
-            Ok(ApplyOutcome::Applied) => {
-                tracing::debug!(workflow_id = %result.workflow_id, phase = result.phase_index, "result applied")
+        let span = tracing::info_span!("apply_result", workflow_id = %result.workflow_id, phase = result.phase_index);
+        nexus_runtime::telemetry::join_trace(&span, &result.traceparent);
+        let applied = self.store.apply_result(&entry.id, &result).instrument(span).await;
+        count(&applied);
+        match applied {
+            Ok(ApplyOutcome::Applied(kind)) => {
+                tracing::debug!(workflow_id = %result.workflow_id, phase = result.phase_index, kind, "result applied")
             }
             Ok(ApplyOutcome::Stale(why)) => tracing::info!(
                 workflow_id = %result.workflow_id, phase = result.phase_index, attempt = result.attempt, %why,
@@ -152,5 +159,21 @@ impl ResultConsumer {
                 tracing::warn!(workflow_id = %result.workflow_id, %error, "applying result failed; it will be retried")
             }
         }
+    }
+}
+
+/// Counts what applying a result did.
+fn count(applied: &Result<ApplyOutcome, ApiError>) {
+    let (result, finished) = match applied {
+        Ok(ApplyOutcome::Applied("complete")) => ("applied", Some("completed")),
+        Ok(ApplyOutcome::Applied("fail")) => ("applied", Some("failed")),
+        Ok(ApplyOutcome::Applied(_)) => ("applied", None),
+        Ok(ApplyOutcome::Stale(_)) => ("stale", None),
+        Ok(ApplyOutcome::Missing) => ("missing", None),
+        Err(_) => ("error", None),
+    };
+    METRICS.results.get_or_create(&StatusLabel { status: result }).inc();
+    if let Some(status) = finished {
+        METRICS.workflows_finished.get_or_create(&StatusLabel { status }).inc();
     }
 }

@@ -137,6 +137,12 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self) {
+        crate::metrics::METRICS.watchers.inc();
+        self.stream_events().await;
+        crate::metrics::METRICS.watchers.dec();
+    }
+
+    async fn stream_events(&mut self) {
         let notify = self.hub.subscribe(&self.id.to_string());
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {

@@ -175,6 +175,7 @@ impl TaskConsumer {
                 .await?;
             for entry in claimed.ids.into_iter().map(entry_of) {
                 tracing::info!(entry = %entry.id, %previous_owner, deliveries, "reclaimed a task from an unresponsive worker");
+                crate::metrics::METRICS.tasks_reclaimed.inc();
                 if deliveries >= self.max_deliveries {
                     self.dead_letter(&entry, deliveries + 1).await;
                 } else {
@@ -196,6 +197,7 @@ impl TaskConsumer {
         };
         let failure = dead_letter_result(&handle, &task, deliveries);
         tracing::warn!(workflow_id = %handle.workflow, phase = task.phase_index, deliveries, "task delivered too often; dead-lettering it");
+        crate::metrics::METRICS.tasks_dead_lettered.inc();
         if let Err(error) = handle.dead_letter(&entry.payload, &failure, deliveries).await {
             tracing::warn!(%error, "dead-lettering failed; will retry");
         }

@@ -6,6 +6,8 @@
 //!   heartbeats, result.
 //! - [`task_lifecycle`]: the task's Redis side (fenced appends, heartbeat,
 //!   acknowledgement with result), one Lua script per atomic step.
+//! - [`metrics`]: Prometheus metrics: calls, latency, tokens and cost per
+//!   model; tasks in flight, reclaimed, dead-lettered.
 //! - [`model_client`]: the only code that talks HTTP to OpenRouter.
 //! - [`pacing`]: per-model rate limits and provider back-off shared by all
 //!   workers through Redis.
@@ -19,6 +21,7 @@
 pub mod cancellation;
 pub mod config;
 pub mod consumer;
+pub mod metrics;
 pub mod model_client;
 pub mod pacing;
 pub mod rating;
@@ -38,6 +41,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the worker until `stop` is cancelled, then drains.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
+    if let Some(address) = config.metrics_listen {
+        nexus_runtime::metrics::serve(address, metrics::registry())
+            .await
+            .context("serving metrics")?;
+    }
     let conn = config
         .redis
         .connect_patiently(false)

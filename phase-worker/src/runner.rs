@@ -3,6 +3,7 @@
 //! log and heartbeating the claim, then publish the result.
 
 use crate::cancellation::CancelRegistry;
+use crate::metrics::{self, METRICS, ModelLabel};
 use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
 use crate::rating;
 use crate::task_lifecycle::TaskHandle;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Deltas are coalesced for at most this long before one event is written.
 const DELTA_FLUSH: Duration = Duration::from_millis(100);
@@ -33,6 +35,14 @@ pub struct RunnerContext {
 /// Runs a task to its end. Errors talking to Redis leave the task
 /// unacknowledged, so it is reclaimed and run again.
 pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
+    let span = tracing::info_span!("phase", workflow_id = %handle.workflow, phase = task.phase_index, delivery);
+    nexus_runtime::telemetry::join_trace(&span, &task.traceparent);
+    METRICS.tasks_in_flight.inc();
+    run_task_in_span(ctx, handle, task, delivery).instrument(span).await;
+    METRICS.tasks_in_flight.dec();
+}
+
+async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
         finish(&handle, None).await;
@@ -105,7 +115,7 @@ async fn call_model(
     let (events, receiver) = mpsc::channel(256);
     let forwarder = tokio::spawn(forward_events(
         handle.clone(),
-        spec.name.clone(),
+        spec.clone(),
         delivery,
         receiver,
         stop.clone(),
@@ -120,6 +130,12 @@ async fn call_model(
     drop(events);
     forwarder.await.ok();
     heartbeat.abort();
+    let seconds = started.elapsed().as_secs_f64();
+    match &answer {
+        Ok(completion) => metrics::record_call(&spec.model, "ok", seconds, Some(&usage_of(completion))),
+        Err(ModelError::Cancelled) => metrics::record_call(&spec.model, "cancelled", seconds, None),
+        Err(_) => metrics::record_call(&spec.model, "failed", seconds, None),
+    }
     match answer {
         Err(ModelError::Cancelled) => CallOutcome::Stopped,
         _ if stop.is_cancelled() => CallOutcome::Stopped,
@@ -132,6 +148,19 @@ async fn call_model(
                 reason: error.to_string(),
             }),
         ))),
+    }
+}
+
+/// The usage of a completion in the contract's terms.
+fn usage_of(completion: &Completion) -> Usage {
+    let usage = &completion.usage;
+    Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.total_tokens,
+        cost_usd: usage.cost_usd,
+        cached_prompt_tokens: usage.cached_prompt_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
     }
 }
 
@@ -168,11 +197,16 @@ fn chat_request(handle: &TaskHandle, spec: &PhaseSpec, inputs: &HashMap<String, 
 /// refused append (the workflow was cancelled or moved on) stops the call.
 async fn forward_events(
     handle: TaskHandle,
-    phase: String,
+    spec: PhaseSpec,
     delivery: u64,
     mut receiver: mpsc::Receiver<ModelEvent>,
     stop: CancellationToken,
 ) {
+    let phase = spec.name;
+    let retries = METRICS
+        .model_retries
+        .get_or_create(&ModelLabel { model: spec.model })
+        .clone();
     let mut buffer = DeltaBuffer::default();
     let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
     loop {
@@ -199,6 +233,7 @@ async fn forward_events(
                 reason,
                 delay,
             }) => {
+                retries.inc();
                 flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                 let retrying = Kind::PhaseRetrying(PhaseRetrying {
                     index: handle.phase_index,
@@ -279,16 +314,8 @@ fn success(
         OutputKind::Rating => rating::parse_rating(&completion.text).ok(),
         _ => None,
     };
-    let usage = &completion.usage;
     let success = PhaseSuccess {
-        usage: Some(Usage {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            total_tokens: usage.total_tokens,
-            cost_usd: usage.cost_usd,
-            cached_prompt_tokens: usage.cached_prompt_tokens,
-            reasoning_tokens: usage.reasoning_tokens,
-        }),
+        usage: Some(usage_of(&completion)),
         duration_ms: elapsed.as_millis() as u64,
         tries: completion.tries,
         rating,

@@ -122,6 +122,13 @@ pub fn cursor_key(cursor: &str) -> (u64, u64) {
     (ms.parse().unwrap(), seq.parse().unwrap())
 }
 
+/// A plain HTTP client (the workspace's reqwest brings no TLS provider of
+/// its own; tests only speak plain HTTP on loopback, but reqwest wants one).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// The stand-in model's control API.
 pub struct ModelControl {
     base_url: String,
@@ -130,10 +137,9 @@ pub struct ModelControl {
 
 impl ModelControl {
     pub fn new(base_url: &str) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             base_url: base_url.to_string(),
-            http: reqwest::Client::new(),
+            http: http_client(),
         }
     }
 

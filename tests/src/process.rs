@@ -34,7 +34,14 @@ pub struct Process {
 impl Process {
     /// Spawns and waits until a stdout line contains `ready_marker`; returns
     /// the process and that line.
-    pub fn spawn(name: &str, mut command: Command, ready_marker: &str) -> (Self, String) {
+    pub fn spawn(name: &str, command: Command, ready_marker: &str) -> (Self, String) {
+        let (process, mut lines) = Self::spawn_collecting(name, command, ready_marker);
+        (process, lines.pop().unwrap_or_default())
+    }
+
+    /// Like [`Process::spawn`], returning every stdout line up to and
+    /// including the ready line.
+    pub fn spawn_collecting(name: &str, mut command: Command, ready_marker: &str) -> (Self, Vec<String>) {
         command.stdout(Stdio::piped()).stderr(log_file(name));
         let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
@@ -49,10 +56,16 @@ impl Process {
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match ready.recv_timeout(left) {
-                Ok(line) if line.contains(ready_marker) => return (process, line),
-                Ok(_) => continue,
+                Ok(line) => {
+                    let is_ready = line.contains(ready_marker);
+                    seen.push(line);
+                    if is_ready {
+                        return (process, seen);
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -269,9 +282,19 @@ impl StandIn {
     }
 }
 
+/// The address of a process's metrics endpoint, if it printed one.
+fn metrics_address(lines: &[String]) -> Option<SocketAddr> {
+    lines
+        .iter()
+        .find(|line| line.starts_with("metrics listening on"))
+        .map(|line| address_in(line))
+}
+
 /// An orchestrator replica.
 pub struct Orchestrator {
     pub address: SocketAddr,
+    /// Set when started with NEXUS_METRICS_LISTEN.
+    pub metrics: Option<SocketAddr>,
     pub process: Process,
 }
 
@@ -282,9 +305,10 @@ impl Orchestrator {
             .args(["--listen", "127.0.0.1:0", "--redis-url", redis_url])
             .envs(env.iter().copied());
         command.env("NEXUS_RESULT_CLAIM_IDLE_MS", "2000");
-        let (process, line) = Process::spawn("orchestrator", command, "orchestrator listening on");
+        let (process, lines) = Process::spawn_collecting("orchestrator", command, "orchestrator listening on");
         Self {
-            address: address_in(&line),
+            address: address_in(lines.last().unwrap()),
+            metrics: metrics_address(&lines),
             process,
         }
     }
@@ -297,6 +321,8 @@ impl Orchestrator {
 /// A phase worker.
 pub struct Worker {
     pub name: String,
+    /// Set when started with NEXUS_METRICS_LISTEN.
+    pub metrics: Option<SocketAddr>,
     pub process: Process,
 }
 
@@ -317,8 +343,12 @@ impl Worker {
             .env("NEXUS_MODEL_BACKOFF_BASE_MS", "50")
             .env("NEXUS_VISIBILITY_TIMEOUT_MS", "3000")
             .envs(env.iter().copied());
-        let (process, _) = Process::spawn("phase-worker", command, "phase-worker ready");
-        Self { name, process }
+        let (process, lines) = Process::spawn_collecting("phase-worker", command, "phase-worker ready");
+        Self {
+            name,
+            metrics: metrics_address(&lines),
+            process,
+        }
     }
 }
 

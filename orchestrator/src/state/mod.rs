@@ -168,6 +168,10 @@ impl WorkflowStore {
             .arg(id.to_string())
             .invoke_async(&mut self.conn.clone())
             .await?;
+        if outcome == "cancelled" {
+            let status = crate::metrics::StatusLabel { status: "cancelled" };
+            crate::metrics::METRICS.workflows_finished.get_or_create(&status).inc();
+        }
         if outcome == "missing" {
             return Err(ApiError::NotFound(id.to_string()));
         }

@@ -15,7 +15,8 @@ use prost::Message;
 /// What applying one result did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApplyOutcome {
-    Applied,
+    /// Applied: "next" (the next phase is queued), "complete" or "fail".
+    Applied(&'static str),
     /// Fenced off: a duplicate, a late result of an old attempt, or a result
     /// for a workflow that already ended. Nothing changed.
     Stale(String),
@@ -47,6 +48,7 @@ impl WorkflowStore {
             None => failure_transition(result, &pipeline, "the worker reported no outcome"),
         };
         let keys = WorkflowKeys::new(&id);
+        let kind = transition.outcome;
         let reply: String = scripts::APPLY_RESULT
             .key(keys.state())
             .key(keys.events())
@@ -72,7 +74,7 @@ impl WorkflowStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(match reply.as_str() {
-            "applied" => ApplyOutcome::Applied,
+            "applied" => ApplyOutcome::Applied(kind),
             "missing" => ApplyOutcome::Missing,
             other => ApplyOutcome::Stale(other.trim_start_matches("stale:").to_string()),
         })

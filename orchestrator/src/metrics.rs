@@ -1,0 +1,51 @@
+//! The orchestrator's Prometheus metrics: workflows accepted and finished,
+//! results applied or fenced off, live watchers.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::LazyLock;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub workflows_started: Counter,
+    pub workflows_finished: Family<StatusLabel, Counter>,
+    pub results: Family<StatusLabel, Counter>,
+    pub watchers: Gauge,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// A registry holding every orchestrator metric, prefixed `nexus_`.
+pub fn registry() -> Registry {
+    let mut registry = Registry::with_prefix("nexus");
+    let m = &*METRICS;
+    registry.register(
+        "workflows_started",
+        "Workflows accepted by StartWorkflow",
+        m.workflows_started.clone(),
+    );
+    registry.register(
+        "workflows_finished",
+        "Workflows that ended, by status",
+        m.workflows_finished.clone(),
+    );
+    registry.register(
+        "phase_results",
+        "Phase results by what applying them did (applied, stale)",
+        m.results.clone(),
+    );
+    registry.register(
+        "watchers",
+        "WatchWorkflow streams open on this replica",
+        m.watchers.clone(),
+    );
+    registry
+}

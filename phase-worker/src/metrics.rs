@@ -1,0 +1,128 @@
+//! The worker's Prometheus metrics, the seed's "cost monitoring": model
+//! calls, their latency, tokens and cost per model; tasks in flight,
+//! reclaimed and dead-lettered.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    pub model_calls: Family<CallLabels, Counter>,
+    pub model_call_seconds: Family<ModelLabel, Histogram>,
+    pub model_retries: Family<ModelLabel, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost_usd: Family<ModelLabel, Counter<f64, AtomicU64>>,
+    pub tasks_in_flight: Gauge,
+    pub tasks_reclaimed: Counter,
+    pub tasks_dead_lettered: Counter,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    model_calls: Family::default(),
+    model_call_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 14))),
+    model_retries: Family::default(),
+    tokens: Family::default(),
+    cost_usd: Family::default(),
+    tasks_in_flight: Gauge::default(),
+    tasks_reclaimed: Counter::default(),
+    tasks_dead_lettered: Counter::default(),
+});
+
+/// A registry holding every worker metric, prefixed `nexus_`.
+pub fn registry() -> Registry {
+    let mut registry = Registry::with_prefix("nexus");
+    let m = &*METRICS;
+    registry.register(
+        "model_calls",
+        "Model calls (a phase's accepted answer or its final failure) by model and outcome",
+        m.model_calls.clone(),
+    );
+    registry.register(
+        "model_call_seconds",
+        "Duration of a phase's model call, all tries included",
+        m.model_call_seconds.clone(),
+    );
+    registry.register(
+        "model_retries",
+        "Failed tries that were retried",
+        m.model_retries.clone(),
+    );
+    registry.register(
+        "model_tokens",
+        "Tokens by model and kind (prompt, completion)",
+        m.tokens.clone(),
+    );
+    registry.register(
+        "model_cost_usd",
+        "Cost reported by the provider, in USD",
+        m.cost_usd.clone(),
+    );
+    registry.register(
+        "tasks_in_flight",
+        "Phase tasks this worker is running",
+        m.tasks_in_flight.clone(),
+    );
+    registry.register(
+        "tasks_reclaimed",
+        "Tasks taken over from unresponsive workers",
+        m.tasks_reclaimed.clone(),
+    );
+    registry.register(
+        "tasks_dead_lettered",
+        "Tasks moved to the dead-letter stream",
+        m.tasks_dead_lettered.clone(),
+    );
+    registry
+}
+
+/// Records one finished model call.
+pub fn record_call(model: &str, outcome: &'static str, seconds: f64, usage: Option<&nexus_proto::v1::Usage>) {
+    let m = &*METRICS;
+    m.model_calls
+        .get_or_create(&CallLabels {
+            model: model.to_string(),
+            outcome,
+        })
+        .inc();
+    m.model_call_seconds
+        .get_or_create(&ModelLabel {
+            model: model.to_string(),
+        })
+        .observe(seconds);
+    let Some(usage) = usage else { return };
+    for (kind, count) in [("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)] {
+        m.tokens
+            .get_or_create(&TokenLabels {
+                model: model.to_string(),
+                kind,
+            })
+            .inc_by(count);
+    }
+    m.cost_usd
+        .get_or_create(&ModelLabel {
+            model: model.to_string(),
+        })
+        .inc_by(usage.cost_usd);
+}
