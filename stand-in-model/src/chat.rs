@@ -33,7 +33,7 @@ pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap
         outcome.settle("status 401");
         return error_response(401, "No auth credentials found", None, false);
     }
-    let fault = shared.take_fault(&body.model);
+    let fault = shared.take_fault(&body.model, body.structured());
     if let Some(Fault::Status {
         status,
         message,

@@ -100,12 +100,14 @@ impl FaultQueue {
         self.pending.iter().cloned().collect()
     }
 
-    /// Consumes one use of the oldest fault that applies to `model`.
-    pub(crate) fn take(&mut self, model: &str) -> Option<Fault> {
-        let index = self
-            .pending
-            .iter()
-            .position(|spec| spec.model.as_deref().is_none_or(|m| m == model))?;
+    /// Consumes one use of the oldest fault that applies to a request for
+    /// `model`. `bad_json_output` only applies to structured-output requests,
+    /// the only ones it can spoil.
+    pub(crate) fn take(&mut self, model: &str, structured: bool) -> Option<Fault> {
+        let index = self.pending.iter().position(|spec| {
+            spec.model.as_deref().is_none_or(|m| m == model)
+                && (structured || !matches!(spec.fault, Fault::BadJsonOutput))
+        })?;
         let spec = &mut self.pending[index];
         spec.times -= 1;
         let fault = spec.fault.clone();
@@ -147,9 +149,14 @@ mod tests {
             r#"[{"kind":"latency","first_token_ms":1,"model":"a","times":2},
                 {"kind":"bad_json_output"}]"#,
         ));
-        assert_eq!(queue.take("b"), Some(Fault::BadJsonOutput));
-        assert!(matches!(queue.take("a"), Some(Fault::Latency { .. })));
-        assert!(matches!(queue.take("a"), Some(Fault::Latency { .. })));
-        assert_eq!(queue.take("a"), None);
+        assert_eq!(
+            queue.take("b", false),
+            None,
+            "bad_json_output waits for a structured request"
+        );
+        assert_eq!(queue.take("b", true), Some(Fault::BadJsonOutput));
+        assert!(matches!(queue.take("a", false), Some(Fault::Latency { .. })));
+        assert!(matches!(queue.take("a", true), Some(Fault::Latency { .. })));
+        assert_eq!(queue.take("a", false), None);
     }
 }

@@ -85,8 +85,8 @@ impl Shared {
         lock(&self.0.faults).pending()
     }
 
-    pub(crate) fn take_fault(&self, model: &str) -> Option<Fault> {
-        lock(&self.0.faults).take(model)
+    pub(crate) fn take_fault(&self, model: &str, structured: bool) -> Option<Fault> {
+        lock(&self.0.faults).take(model, structured)
     }
 
     pub(crate) fn requests(&self) -> Vec<RequestRecord> {

@@ -358,3 +358,44 @@ async fn list_pages_through_every_workflow_newest_first() {
     started.reverse();
     assert_eq!(seen, started);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unparsable_rating_is_retried_then_fails_the_workflow_with_a_clear_reason() {
+    let stack = Stack::start(1);
+    let control = ModelControl::new(&stack.model.base_url());
+    let bad = serde_json::json!({"kind": "bad_json_output", "model": "google/gemini-3-pro-preview", "times": 3});
+    control.inject(serde_json::json!([bad])).await;
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Unratable").await;
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+
+    let retries: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::PhaseRetrying(retry)) if retry.phase == "rate" => Some(retry.reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries.len(), 2, "tries 1 and 2 failed and were retried: {retries:?}");
+    let Some(Kind::Failed(failed)) = &events.last().unwrap().kind else {
+        panic!("the workflow did not fail")
+    };
+    assert_eq!(failed.phase, "rate");
+    assert!(
+        failed.reason.contains("rating is not the expected JSON"),
+        "{}",
+        failed.reason
+    );
+    let structured: Vec<_> = control
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r["structured"] == true)
+        .collect();
+    assert_eq!(
+        structured.len(),
+        3,
+        "the rating phase asked for structured output three times"
+    );
+}
