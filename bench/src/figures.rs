@@ -32,8 +32,8 @@ struct BenchStack {
 }
 
 impl BenchStack {
-    fn start(workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start();
+    fn start(args: &Args, workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start_with(&["--appendfsync", &args.fsync]);
         let model = StandIn::start(model_args);
         let orchestrator = Orchestrator::start(&redis.url(), env);
         let workers = (0..workers)
@@ -56,51 +56,79 @@ impl BenchStack {
 pub fn hop_overhead(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
     Box::pin(async move {
         let workflows = args.count(2_000, 100);
-        let stack = BenchStack::start(1, INSTANT_MODEL, &[]);
+        let stack = BenchStack::start(&args, 1, INSTANT_MODEL, &[]);
         let redis = stack.redis.client();
         let clients = clients(&stack.orchestrator.endpoint(), 4).await;
         let before = command_calls(&redis).await?;
-        let workflows = run_closed_loop(&clients, workflows, HOP_CONCURRENCY).await;
+        let (workflows, published) = run_closed_loop(&clients, workflows, args.hop_concurrency).await;
         let after = command_calls(&redis).await?;
         let requests = ModelControl::new(&stack.model.base_url()).requests().await;
         let hops = hop_latencies_us(&requests);
         let (p50, p99, max) = percentiles(hops.iter().map(|us| *us as f64 / 1000.0).collect());
+        let engine_hops = published_to_next_request_us(&requests, &published);
+        let (e50, e99, emax) = percentiles(engine_hops.iter().map(|us| *us as f64 / 1000.0).collect());
         let phases = (workflows * 6) as f64;
         let per_phase = calls_per(&before, &after, phases);
         let commands: f64 = per_phase.values().sum();
         println!(
-            "hop overhead: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms over {} hops ({HOP_CONCURRENCY} workflows in flight)",
+            "hop overhead (result published -> next model request): p50 {e50:.2} ms, p99 {e99:.2} ms, max {emax:.2} ms over {} hops ({} workflows in flight)",
+            engine_hops.len(),
+            args.hop_concurrency
+        );
+        println!(
+            "hop overhead (model answer done -> next model request): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms over {} hops",
             hops.len()
         );
         println!(
             "redis commands per phase hop: {commands:.1} (incl. inside scripts): {}",
             breakdown(&per_phase)
         );
-        Ok(json!({"hops": hops.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max,
-                  "redis_commands_per_phase": commands, "redis_calls_per_phase": per_phase}))
+        Ok(
+            json!({"hops": engine_hops.len(), "in_flight": args.hop_concurrency, "p50_ms": e50, "p99_ms": e99, "max_ms": emax,
+                  "answer_to_request": {"p50_ms": p50, "p99_ms": p99, "max_ms": max},
+                  "redis_commands_per_phase": commands, "redis_calls_per_phase": per_phase}),
+        )
     })
 }
 
-/// Workflows in flight while hops are measured: enough to keep every
-/// process busy, few enough that the figure is the engine's latency, not a
-/// queue (a saturated pipeline's hop is queueing time, see throughput).
-const HOP_CONCURRENCY: usize = 8;
+/// When each phase's result was published, by trace id (the workflow's
+/// UUID), in phase order.
+type Published = HashMap<String, Vec<u64>>;
 
 /// Runs `count` workflows, `lanes` at a time, each lane starting the next
-/// once its previous one's watch stream ended.
-async fn run_closed_loop(clients: &[nexus_tests::Client], count: usize, lanes: usize) -> usize {
+/// once its previous one's watch stream ended. Returns how many ran and when
+/// their results were published (from the phase-completed events).
+async fn run_closed_loop(clients: &[nexus_tests::Client], count: usize, lanes: usize) -> (usize, Published) {
     let per_lane = count.div_ceil(lanes);
     let runs = (0..lanes).map(|lane| {
         let mut client = clients[lane % clients.len()].clone();
         tokio::spawn(async move {
+            let mut published = Published::new();
             for n in 0..per_lane {
                 let id = nexus_tests::start(&mut client, &format!("Hop {lane}-{n}")).await;
-                nexus_tests::watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+                let events = nexus_tests::watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+                let trace = id.rsplit('_').next().unwrap_or_default().to_string();
+                published.insert(trace, events.iter().filter_map(published_us).collect());
             }
+            published
         })
     });
-    futures::future::join_all(runs).await;
-    per_lane * lanes
+    let published = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    (per_lane * lanes, published)
+}
+
+fn published_us(event: &nexus_proto::v1::WorkflowEvent) -> Option<u64> {
+    match &event.kind {
+        Some(nexus_proto::v1::workflow_event::Kind::PhaseCompleted(done)) => {
+            let at = done.result_published_at?;
+            Some(at.seconds as u64 * 1_000_000 + at.nanos as u64 / 1000)
+        }
+        _ => None,
+    }
 }
 
 fn breakdown(per_phase: &std::collections::BTreeMap<String, f64>) -> String {
@@ -111,6 +139,33 @@ fn breakdown(per_phase: &std::collections::BTreeMap<String, f64>) -> String {
         .map(|(name, n)| format!("{name} {n:.2}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// From each phase's result being published to the next phase's request
+/// arriving at the stand-in, per workflow.
+fn published_to_next_request_us(requests: &[Value], published: &Published) -> Vec<u64> {
+    let mut received: HashMap<&str, Vec<u64>> = HashMap::new();
+    for request in requests {
+        let trace = request["traceparent"]
+            .as_str()
+            .unwrap_or_default()
+            .split('-')
+            .nth(1)
+            .unwrap_or_default();
+        received
+            .entry(trace)
+            .or_default()
+            .push(request["received_us"].as_u64().unwrap_or(0));
+    }
+    let mut hops = Vec::new();
+    for (trace, mut arrivals) in received {
+        arrivals.sort();
+        let Some(results) = published.get(trace) else { continue };
+        for (result, next) in results.iter().zip(arrivals.iter().skip(1)) {
+            hops.push(next.saturating_sub(*result));
+        }
+    }
+    hops
 }
 
 /// Gaps between one request's end and the next request of the same trace.
@@ -147,7 +202,7 @@ fn hop_latencies_us(requests: &[Value]) -> Vec<u64> {
 pub fn throughput(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
     Box::pin(async move {
         let runs = args.count(2_000, 100);
-        let stack = BenchStack::start(1, INSTANT_MODEL, &[]);
+        let stack = BenchStack::start(&args, 1, INSTANT_MODEL, &[]);
         let nexus = nexus_rate(&stack, runs).await?;
         println!(
             "throughput: nexus {:.0} workflows/s ({runs} six-phase workflows, 1 orchestrator, 1 worker)",
@@ -218,7 +273,7 @@ pub fn in_flight(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
             "--reply-words",
             "8",
         ];
-        let stack = BenchStack::start(1, &model, &[("NEXUS_WORKER_MAX_IN_FLIGHT", "20000")]);
+        let stack = BenchStack::start(&args, 1, &model, &[("NEXUS_WORKER_MAX_IN_FLIGHT", "20000")]);
         let worker_pid = stack.workers[0].process.pid();
         let orchestrator_pid = stack.orchestrator.process.pid();
         let worker_idle_kib = memory_kib(worker_pid, "VmRSS");
@@ -268,7 +323,7 @@ pub fn watchers(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
             "--reply-words",
             "10",
         ];
-        let stack = BenchStack::start(1, &model, &[]);
+        let stack = BenchStack::start(&args, 1, &model, &[]);
         let clients = clients(&stack.orchestrator.endpoint(), 16).await;
         let (ids, _) = start_many(&clients, workflows, 32).await;
         let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -334,7 +389,7 @@ pub fn scaling(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
         let runs = args.count(2_000, 100);
         let mut curve = Vec::new();
         for workers in [1, 2, 4] {
-            let stack = BenchStack::start(workers, INSTANT_MODEL, &[]);
+            let stack = BenchStack::start(&args, workers, INSTANT_MODEL, &[]);
             let rate = nexus_rate(&stack, runs).await?;
             println!(
                 "scaling: {workers} worker(s): {:.0} workflows/s, redis {:.0} bytes per finished workflow",
@@ -342,15 +397,15 @@ pub fn scaling(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
             );
             curve.push(json!({"workers": workers, "per_second": rate.rate, "redis_bytes_per_workflow": rate.bytes_per_workflow}));
         }
-        let retention = retention_check(args.count(500, 50)).await?;
+        let retention = retention_check(&args, args.count(500, 50)).await?;
         Ok(json!({"curve": curve, "retention": retention}))
     })
 }
 
 /// Finished workflows expire after the retention period: keys and memory
 /// return to the baseline of the shard's own streams and index.
-async fn retention_check(runs: usize) -> anyhow::Result<Value> {
-    let stack = BenchStack::start(1, INSTANT_MODEL, &[("NEXUS_RETENTION_SECS", "10")]);
+async fn retention_check(args: &Args, runs: usize) -> anyhow::Result<Value> {
+    let stack = BenchStack::start(args, 1, INSTANT_MODEL, &[("NEXUS_RETENTION_SECS", "10")]);
     let redis = stack.redis.client();
     let rate = nexus_rate(&stack, runs).await?;
     let keys_finished = key_count(&redis).await?;

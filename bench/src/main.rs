@@ -28,6 +28,17 @@ pub struct Args {
     /// Skip the Celery comparison (it needs python3 and PyPI for its venv).
     #[arg(long)]
     pub skip_celery: bool,
+    /// Workflows in flight while hop overhead is measured: enough to keep
+    /// every process busy, few enough that the figure is the engine's
+    /// latency rather than queueing (a saturated pipeline's hop is queueing
+    /// time; see the throughput figure).
+    #[arg(long, default_value_t = 4)]
+    pub hop_concurrency: usize,
+    /// Redis's AOF fsync policy for every figure: "always" (Nexus's default
+    /// promise: nothing acknowledged is lost) or "everysec" (at most one
+    /// second of writes lost on a crash, fewer fsyncs).
+    #[arg(long, default_value = "always")]
+    pub fsync: String,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench-results.json")]
     pub out: std::path::PathBuf,

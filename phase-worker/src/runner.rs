@@ -45,7 +45,7 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
 async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        finish(&handle, None).await;
+        finish(&handle, None, None).await;
         return;
     };
     let started = Kind::PhaseStarted(PhaseStarted {
@@ -59,7 +59,7 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
         Ok(Some(inputs)) => inputs,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            finish(&handle, None).await;
+            finish(&handle, None, None).await;
             return;
         }
         Err(error) => {
@@ -71,7 +71,7 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
     let request = chat_request(&handle, &spec, &inputs);
     let outcome = call_model(ctx, &handle, &task, &spec, request, delivery, &registration.token).await;
     match outcome {
-        CallOutcome::Result(result) => finish(&handle, Some(&result)).await,
+        CallOutcome::Result(result, final_delta) => finish(&handle, Some(&result), final_delta).await,
         CallOutcome::Stopped => settle_stopped(ctx, &handle).await,
     }
 }
@@ -86,7 +86,7 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle) {
         return;
     }
     match handle.is_current().await {
-        Ok(false) => finish(handle, None).await,
+        Ok(false) => finish(handle, None, None).await,
         Ok(true) => {
             tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered")
         }
@@ -97,7 +97,8 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle) {
 }
 
 enum CallOutcome {
-    Result(Box<PhaseResult>),
+    /// The result, and the last streamed output not yet in the event log.
+    Result(Box<PhaseResult>, Option<Kind>),
     /// Cancelled, superseded, taken over, shutting down or failed to load
     /// its inputs: no result to publish.
     Stopped,
@@ -128,7 +129,7 @@ async fn call_model(
     };
     let answer = ctx.client.complete(&request, validator, &events, stop).await;
     drop(events);
-    forwarder.await.ok();
+    let final_delta = forwarder.await.ok().flatten();
     heartbeat.abort();
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
@@ -139,15 +140,21 @@ async fn call_model(
     match answer {
         Err(ModelError::Cancelled) => CallOutcome::Stopped,
         _ if stop.is_cancelled() => CallOutcome::Stopped,
-        Ok(completion) => CallOutcome::Result(Box::new(success(handle, task, spec, completion, started.elapsed()))),
-        Err(error) => CallOutcome::Result(Box::new(result(
-            handle,
-            task,
-            spec,
-            Outcome::Failure(PhaseFailure {
-                reason: error.to_string(),
-            }),
-        ))),
+        Ok(completion) => CallOutcome::Result(
+            Box::new(success(handle, task, spec, completion, started.elapsed())),
+            final_delta,
+        ),
+        Err(error) => CallOutcome::Result(
+            Box::new(result(
+                handle,
+                task,
+                spec,
+                Outcome::Failure(PhaseFailure {
+                    reason: error.to_string(),
+                }),
+            )),
+            final_delta,
+        ),
     }
 }
 
@@ -201,7 +208,7 @@ async fn forward_events(
     delivery: u64,
     mut receiver: mpsc::Receiver<ModelEvent>,
     stop: CancellationToken,
-) {
+) -> Option<Kind> {
     let phase = spec.name;
     let retries = METRICS
         .model_retries
@@ -244,10 +251,7 @@ async fn forward_events(
                 });
                 append_or_stop(&handle, retrying, &stop).await;
             }
-            None => {
-                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                return;
-            }
+            None => return buffer.into_delta(&handle, &phase, delivery),
         }
     }
 }
@@ -256,6 +260,21 @@ async fn forward_events(
 struct DeltaBuffer {
     try_number: u32,
     text: String,
+}
+
+impl DeltaBuffer {
+    /// The buffered text as a delta event; `None` when empty.
+    fn into_delta(self, handle: &TaskHandle, phase: &str, delivery: u64) -> Option<Kind> {
+        (!self.text.is_empty()).then(|| {
+            Kind::PhaseOutputDelta(PhaseOutputDelta {
+                index: handle.phase_index,
+                phase: phase.to_string(),
+                text: self.text,
+                delivery: delivery as u32,
+                r#try: self.try_number,
+            })
+        })
+    }
 }
 
 async fn flush(handle: &TaskHandle, phase: &str, delivery: u64, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
@@ -336,12 +355,13 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
         traceparent: task.traceparent.clone(),
         model: spec.model.clone(),
         published_at_ms: nexus_pipeline::now_ms(),
+        published_at_us: nexus_proto::unix_micros(),
         pipeline_id: task.pipeline_id.clone(),
     }
 }
 
-async fn finish(handle: &TaskHandle, result: Option<&PhaseResult>) {
-    if let Err(error) = handle.finish(result).await {
+async fn finish(handle: &TaskHandle, result: Option<&PhaseResult>, final_delta: Option<Kind>) {
+    if let Err(error) = handle.finish(result, final_delta).await {
         tracing::warn!(%error, workflow_id = %handle.workflow, "could not publish the result; the task will be redelivered");
     }
 }

@@ -20,6 +20,15 @@ static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish_task.lua")));
 static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dead_letter.lua")));
 
+/// An event as a worker stores it (the cursor is its stream id).
+fn event(kind: Kind) -> WorkflowEvent {
+    WorkflowEvent {
+        time: Some(nexus_proto::timestamp_now()),
+        kind: Some(kind),
+        ..Default::default()
+    }
+}
+
 /// One claimed task and where it lives.
 #[derive(Clone)]
 pub struct TaskHandle {
@@ -49,11 +58,7 @@ impl TaskHandle {
     /// Announces the task as started and loads the phase's inputs, if the
     /// task is still current; `None` means it is stale (skip it).
     pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<HashMap<String, String>>> {
-        let event = WorkflowEvent {
-            time: Some(nexus_proto::timestamp_now()),
-            kind: Some(started),
-            ..Default::default()
-        };
+        let event = event(started);
         let mut invocation = START_TASK.key(self.keys.state());
         invocation
             .key(self.keys.events())
@@ -76,11 +81,7 @@ impl TaskHandle {
 
     /// Appends an event if the task is still current; `false` means stop.
     pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
-        let event = WorkflowEvent {
-            time: Some(nexus_proto::timestamp_now()),
-            kind: Some(kind),
-            ..Default::default()
-        };
+        let event = event(kind);
         let appended: i64 = APPEND_EVENT
             .key(self.keys.state())
             .key(self.keys.events())
@@ -123,14 +124,23 @@ impl TaskHandle {
     }
 
     /// Publishes the result (if any) and acknowledges the task, atomically.
-    pub async fn finish(&self, result: Option<&PhaseResult>) -> redis::RedisResult<()> {
+    /// With `final_delta`, the last streamed output is appended first.
+    pub async fn finish(&self, result: Option<&PhaseResult>, final_delta: Option<Kind>) -> redis::RedisResult<()> {
         let payload = result.map(Message::encode_to_vec).unwrap_or_default();
+        let delta = final_delta.map(|kind| event(kind).encode_to_vec()).unwrap_or_default();
         FINISH_TASK
             .key(self.keys.shard.results())
             .key(self.keys.shard.tasks())
+            .key(self.keys.state())
+            .key(self.keys.events())
             .arg(payload)
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
+            .arg(delta)
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(EVENTS_CHANNEL)
+            .arg(self.workflow.to_string())
             .invoke_async(&mut self.conn.clone())
             .await
     }

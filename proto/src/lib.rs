@@ -43,11 +43,21 @@ pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
 /// The current time as a protobuf timestamp, to the microsecond (event
 /// times are used to measure delivery latency).
 pub fn timestamp_now() -> prost_types::Timestamp {
+    timestamp_from_micros(unix_micros())
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_micros() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
+    now.as_micros() as i64
+}
+
+/// A protobuf timestamp from microseconds since the Unix epoch.
+pub fn timestamp_from_micros(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
-        seconds: now.as_secs() as i64,
-        nanos: (now.subsec_micros() * 1000) as i32,
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
 }

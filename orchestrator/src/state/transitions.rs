@@ -113,6 +113,7 @@ impl WorkflowStore {
             duration_ms: success.duration_ms,
             tries: success.tries,
             rating: success.rating.clone(),
+            result_published_at: Some(nexus_proto::timestamp_from_micros(result.published_at_us)),
         }));
         let mut transition = Transition {
             outcome: "next",

@@ -1,9 +1,21 @@
 -- Publishes a task's result (when there is one) and acknowledges the task in
--- one step, so a task is never acknowledged without its result.
+-- one step, so a task is never acknowledged without its result. The last
+-- piece of streamed output, if any, is appended to the workflow's events in
+-- the same step (fenced like every worker append), saving a round trip
+-- between the model's last token and the next phase.
 --
--- KEYS: 1 result stream, 2 task stream
--- ARGV: 1 encoded PhaseResult or "" for none, 2 workers group, 3 task entry id
+-- KEYS: 1 result stream, 2 task stream, 3 workflow state hash, 4 events stream
+-- ARGV: 1 encoded PhaseResult or "" for none, 2 workers group, 3 task entry id,
+--       4 encoded final delta event or "", 5 phase index, 6 attempt,
+--       7 events channel, 8 workflow id
 
+if ARGV[4] ~= '' then
+  local state = redis.call('HMGET', KEYS[3], 'status', 'phase', 'attempt')
+  if (state[1] == 'pending' or state[1] == 'running') and state[2] == ARGV[5] and state[3] == ARGV[6] then
+    redis.call('XADD', KEYS[4], '*', 'm', ARGV[4])
+    redis.call('PUBLISH', ARGV[7], ARGV[8])
+  end
+end
 if ARGV[1] ~= '' then
   redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])
 end
