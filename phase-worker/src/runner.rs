@@ -71,7 +71,9 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
     let request = chat_request(&handle, &spec, &inputs);
     let outcome = call_model(ctx, &handle, &task, &spec, request, delivery, &registration.token).await;
     match outcome {
-        CallOutcome::Result(result, final_delta) => finish(&handle, Some(&result), final_delta).await,
+        CallOutcome::Result(result, final_delta) => {
+            finish(&handle, Some(&result), final_delta.map(|delta| *delta)).await
+        }
         CallOutcome::Stopped => settle_stopped(ctx, &handle).await,
     }
 }
@@ -98,7 +100,7 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle) {
 
 enum CallOutcome {
     /// The result, and the last streamed output not yet in the event log.
-    Result(Box<PhaseResult>, Option<Kind>),
+    Result(Box<PhaseResult>, Option<Box<Kind>>),
     /// Cancelled, superseded, taken over, shutting down or failed to load
     /// its inputs: no result to publish.
     Stopped,
@@ -129,7 +131,7 @@ async fn call_model(
     };
     let answer = ctx.client.complete(&request, validator, &events, stop).await;
     drop(events);
-    let final_delta = forwarder.await.ok().flatten();
+    let final_delta = forwarder.await.ok().flatten().map(Box::new);
     heartbeat.abort();
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
