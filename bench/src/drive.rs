@@ -40,23 +40,23 @@ pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) ->
         .chunks(count.div_ceil(concurrency).max(1))
         .map(<[usize]>::to_vec)
         .collect();
+    let run = std::process::id();
     let tasks = chunks.into_iter().enumerate().map(|(lane, numbers)| {
-        let mut client = clients[lane % clients.len()].clone();
+        let client = clients[lane % clients.len()].clone();
         tokio::spawn(async move {
             let mut ids = Vec::with_capacity(numbers.len());
             for n in numbers {
+                // Keyed, so a start retried after a timeout is the same workflow.
                 let request = StartWorkflowRequest {
                     plan: Some(plan(n)),
-                    idempotency_key: String::new(),
+                    idempotency_key: format!("bench-{run}-{n}"),
                 };
-                ids.push(
-                    client
-                        .start_workflow(request)
-                        .await
-                        .expect("start workflow")
-                        .into_inner()
-                        .workflow_id,
-                );
+                let started = patiently("StartWorkflow", || {
+                    let (mut client, request) = (client.clone(), request.clone());
+                    async move { client.start_workflow(request).await }
+                })
+                .await;
+                ids.push(started.workflow_id);
             }
             ids
         })
@@ -72,17 +72,18 @@ pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) ->
 /// Waits until every workflow is terminal; returns them.
 pub async fn wait_all(client: &Client, ids: &[String], timeout: Duration) -> Vec<Workflow> {
     let deadline = Instant::now() + timeout;
-    let mut client = client.clone();
+    let client = client.clone();
     let mut finished = Vec::with_capacity(ids.len());
     for id in ids {
         loop {
-            let workflow = client
-                .get_workflow(GetWorkflowRequest {
-                    workflow_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let request = GetWorkflowRequest {
+                workflow_id: id.clone(),
+            };
+            let workflow = patiently("GetWorkflow", || {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move { client.get_workflow(request).await }
+            })
+            .await;
             if matches!(
                 workflow.status(),
                 WorkflowStatus::Completed | WorkflowStatus::Failed | WorkflowStatus::Cancelled
@@ -95,6 +96,23 @@ pub async fn wait_all(client: &Client, ids: &[String], timeout: Duration) -> Vec
         }
     }
     finished
+}
+
+/// One RPC, retried (at most 5 times) when it fails or takes over 10 s, so
+/// a benchmark never hangs on one lost call; each retry is reported.
+async fn patiently<T, F, Fut>(what: &str, call: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    for attempt in 1..=5 {
+        match tokio::time::timeout(Duration::from_secs(10), call()).await {
+            Ok(Ok(response)) => return response.into_inner(),
+            Ok(Err(status)) => eprintln!("{what} failed ({status}); retry {attempt}"),
+            Err(_) => eprintln!("{what} took over 10 s; retry {attempt}"),
+        }
+    }
+    panic!("{what} kept failing");
 }
 
 /// Seconds from `began` to the last workflow's completion as the server
