@@ -14,17 +14,19 @@ stdout carries exactly one JSON line:
      "concurrency": C, "celery": "5.x.y"}
 Everything else (progress, the worker's own output) goes to stderr.
 Exit status: 0 on success, 1 on failure (timeout, worker died, wrong
-results, Redis unreachable), 2 on bad arguments, 130 when interrupted.
+results, Redis unreachable), 2 on bad arguments, 128+signal when stopped
+by SIGINT/SIGTERM/SIGHUP (the worker is stopped first).
 
 Settings, and why (the goal is a typical, fair production setup):
   * prefork pool, concurrency = os.cpu_count(): Celery's default pool and
     the usual "one worker process per core" sizing.
   * worker_prefetch_multiplier = 4 (Celery's default; --prefetch-multiplier
-    changes it). Each worker process reserves up to 4 messages. For tasks
-    this short Celery's docs allow a higher value, but 4 is what a user runs
-    unless they tune, and measurements here with 16 and 64 were no faster
-    (the bottleneck is the per-task round trips to Redis, not idle
-    processes waiting for messages), so the default is kept.
+    changes it). Each worker process reserves up to 4 messages, so the pool
+    never waits on the broker. Celery's docs allow a higher value for short
+    tasks, but 4 is what a user runs unless they tune, and short A/B runs
+    here with 16 and 64 were not clearly faster (per-task work in the
+    worker's main process and the Redis round trips dominate), so the
+    default is kept.
   * task_acks_late = False (default): ack when a task starts.
   * results stored in Redis for every task (default: a chain needs them;
     the intermediate results are what a user's chain would store too).
@@ -44,6 +46,7 @@ import time
 
 from celery import Celery, chain
 from celery import __version__ as CELERY_VERSION
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
 
 ENV_URL = "NEXUS_CELERY_PEER_REDIS_URL"
@@ -86,12 +89,25 @@ def noop(x=None):
     return x
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """A signal asked us to stop (BaseException: no `except Exception` in a
+    library swallows it)."""
+
+
+_stop_signal = None
 
 
 def _on_signal(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
+    # Python drops exceptions raised while a __del__ runs (celery's
+    # AsyncResult has one), so the flag is also checked at safe points.
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+    raise Interrupted(_stop_signal)
+
+
+def check_stop():
+    if _stop_signal:
+        raise Interrupted(_stop_signal)
 
 
 def start_worker(redis_url, concurrency, prefetch, hostname):
@@ -117,6 +133,7 @@ def start_worker(redis_url, concurrency, prefetch, hostname):
 
 def wait_ready(worker, hostname, deadline):
     while True:
+        check_stop()
         if worker.poll() is not None:
             raise RuntimeError(
                 f"worker exited with status {worker.returncode} before it was ready")
@@ -171,10 +188,14 @@ def run_chains(start, count, deadline):
     """Submits `count` chains as fast as possible, then waits for all of
     them; returns (submit_seconds, total_seconds)."""
     t0 = time.perf_counter()
-    results = [
-        chain(noop.s(i), *[noop.s() for _ in range(STEPS - 1)]).apply_async()
-        for i in range(start, start + count)
-    ]
+    results = []
+    for i in range(start, start + count):
+        results.append(
+            chain(noop.s(i), *[noop.s() for _ in range(STEPS - 1)]).apply_async())
+        if i % 64 == 0:
+            check_stop()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out while submitting ({len(results)} of {count} sent)")
     t_submit = time.perf_counter() - t0
     seen = set()
 
@@ -183,9 +204,14 @@ def run_chains(start, count, deadline):
 
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise TimeoutError("timed out while submitting")
-    ResultSet(results, app=app).join_native(
-        timeout=remaining, callback=done, propagate=True)
+        raise TimeoutError("timed out right after submitting")
+    try:
+        ResultSet(results, app=app).join_native(
+            timeout=remaining, callback=done, propagate=True,
+            on_interval=check_stop)
+    except CeleryTimeoutError:
+        raise TimeoutError(
+            f"timed out: {len(seen)} of {count} chains finished") from None
     total = time.perf_counter() - t0
     want = set(range(start, start + count))
     if seen != want:
@@ -237,6 +263,7 @@ def main(argv=None):
 
     hostname = f"nexus-celery-peer-{os.getpid()}@localhost"
     worker = None
+    ok = False
     try:
         purged = app.control.purge()
         if purged:
@@ -267,9 +294,10 @@ def main(argv=None):
             "concurrency": args.concurrency,
             "celery": CELERY_VERSION,
         })
+        ok = True
     except Interrupted as e:
         log(f"interrupted ({e})")
-        return 130
+        return 128 + signal.Signals[str(e)].value
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -281,9 +309,20 @@ def main(argv=None):
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)
         stop_worker(worker)
+        if worker is not None and not ok:
+            # Leave no backlog of this run's messages in the queue.
+            try:
+                app.control.purge()
+            except Exception as e:
+                log(f"purge after failure failed: {e!r}")
     print(line, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: celery's AsyncResult.__del__ would try to
+    # unsubscribe every pending result from Redis while Python shuts down.
+    os._exit(code)

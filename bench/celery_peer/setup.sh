@@ -28,8 +28,10 @@ command -v "$python" >/dev/null 2>&1 || die "'$python' not found on PATH (set PY
 
 py_version="$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)" \
     || die "'$python' does not run"
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' \
-    || die "Python >= 3.9 needed, '$python' is $py_version"
+case "$py_version" in
+    3.9.* | 3.[1-9][0-9].*) ;;
+    *) die "Python >= 3.9 needed, '$python' is $py_version" ;;
+esac
 
 want="$( (cat "$requirements"; echo "python=$py_version") | sha256sum | cut -d' ' -f1)"
 

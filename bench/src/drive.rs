@@ -40,9 +40,15 @@ pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) ->
         .chunks(count.div_ceil(concurrency).max(1))
         .map(<[usize]>::to_vec)
         .collect();
-    let run = std::process::id();
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let tasks = chunks.into_iter().enumerate().map(|(lane, numbers)| {
         let client = clients[lane % clients.len()].clone();
+        let run = run.clone();
         tokio::spawn(async move {
             let mut ids = Vec::with_capacity(numbers.len());
             for n in numbers {

@@ -325,23 +325,22 @@ pub fn watchers(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
         ];
         let stack = BenchStack::start(&args, 1, &model, &[]);
         let clients = clients(&stack.orchestrator.endpoint(), 16).await;
-        let (ids, _) = start_many(&clients, workflows, 32).await;
         let latencies = Arc::new(Mutex::new(Vec::new()));
-        let attached = unix_now();
-        let watches: Vec<_> = ids
-            .iter()
-            .flat_map(|id| (0..per_workflow).map(move |n| id.clone() + "#" + &n.to_string()))
-            .enumerate()
-            .map(|(n, key)| {
-                let id = key.split('#').next().unwrap().to_string();
-                tokio::spawn(watch_one(
-                    clients[n % clients.len()].clone(),
-                    id,
-                    attached,
-                    latencies.clone(),
-                ))
-            })
-            .collect();
+        // Started in waves, as real traffic arrives, not all in one instant:
+        // a thousand workflows in lock-step make every phase a burst.
+        let mut watches = Vec::new();
+        for _ in 0..WATCH_WAVES {
+            let (ids, _) = start_many(&clients, workflows / WATCH_WAVES, 32).await;
+            for (n, id) in ids
+                .iter()
+                .flat_map(|id| std::iter::repeat_n(id, per_workflow))
+                .enumerate()
+            {
+                let client = clients[n % clients.len()].clone();
+                watches.push(tokio::spawn(watch_one(client, id.clone(), latencies.clone())));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let connected_clients = sample_connected_clients(&stack.redis.client()).await?;
         futures::future::join_all(watches).await;
         let sample: Vec<f64> = latencies.lock().unwrap().iter().map(|us| *us as f64 / 1000.0).collect();
@@ -360,12 +359,19 @@ pub fn watchers(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
     })
 }
 
-async fn watch_one(mut client: nexus_tests::Client, id: String, attached: Duration, latencies: Arc<Mutex<Vec<u64>>>) {
+/// Waves in which the watched workflows are started.
+const WATCH_WAVES: usize = 10;
+
+/// Watches one workflow to its end, recording the delivery latency of every
+/// event created after this stream was established (earlier ones are a
+/// replay, not a live delivery).
+async fn watch_one(mut client: nexus_tests::Client, id: String, latencies: Arc<Mutex<Vec<u64>>>) {
     let request = nexus_proto::v1::WatchWorkflowRequest {
         workflow_id: id,
         after_cursor: String::new(),
     };
     let mut stream = client.watch_workflow(request).await.expect("watch").into_inner();
+    let attached = unix_now();
     let mut mine = Vec::new();
     while let Ok(Some(event)) = stream.message().await {
         let received = unix_now();

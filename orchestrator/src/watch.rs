@@ -19,6 +19,7 @@ use nexus_proto::v1::WorkflowEvent;
 use prost::Message;
 use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -31,34 +32,60 @@ const POLL_FALLBACK: Duration = Duration::from_secs(2);
 /// How long a watch keeps retrying Redis before giving up on the client.
 const REDIS_PATIENCE: Duration = Duration::from_secs(60);
 
+/// One workflow's live feed on this replica, shared by all its local
+/// watchers: the wake-up, and the last page of events read, so watchers at
+/// the same cursor share one XRANGE per notification (coalesced fan-out:
+/// ten watchers of a workflow cost one read, not ten).
+#[derive(Default)]
+struct Feed {
+    notify: Notify,
+    /// Bumped by every notification; a cached page from an older
+    /// generation may miss newer events.
+    generation: AtomicU64,
+    last_page: tokio::sync::Mutex<Option<CachedPage>>,
+}
+
+struct CachedPage {
+    after: String,
+    generation: u64,
+    events: Arc<Vec<WorkflowEvent>>,
+}
+
+impl Feed {
+    fn wake(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+}
+
 /// Wakes the local watchers of a workflow when it has new events.
 #[derive(Default)]
 pub struct WatchHub {
-    watched: Mutex<HashMap<String, Weak<Notify>>>,
+    watched: Mutex<HashMap<String, Weak<Feed>>>,
 }
 
 impl WatchHub {
-    /// The notifier for one workflow, shared by all its local watchers.
-    fn subscribe(&self, workflow_id: &str) -> Arc<Notify> {
+    /// The feed of one workflow, shared by all its local watchers.
+    fn subscribe(&self, workflow_id: &str) -> Arc<Feed> {
         let mut watched = self.watched.lock().expect("watch hub lock");
-        if let Some(notify) = watched.get(workflow_id).and_then(Weak::upgrade) {
-            return notify;
+        if let Some(feed) = watched.get(workflow_id).and_then(Weak::upgrade) {
+            return feed;
         }
-        watched.retain(|_, notify| notify.strong_count() > 0);
-        let notify = Arc::new(Notify::new());
-        watched.insert(workflow_id.to_string(), Arc::downgrade(&notify));
-        notify
+        watched.retain(|_, feed| feed.strong_count() > 0);
+        let feed = Arc::new(Feed::default());
+        watched.insert(workflow_id.to_string(), Arc::downgrade(&feed));
+        feed
     }
 
     fn wake(&self, workflow_id: &str) {
-        let notify = self
+        let feed = self
             .watched
             .lock()
             .expect("watch hub lock")
             .get(workflow_id)
             .and_then(Weak::upgrade);
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+        if let Some(feed) = feed {
+            feed.wake();
         }
     }
 
@@ -70,7 +97,7 @@ impl WatchHub {
             .values()
             .filter_map(Weak::upgrade)
             .collect();
-        all.iter().for_each(|notify| notify.notify_waiters());
+        all.iter().for_each(|feed| feed.wake());
     }
 
     /// Listens for event notifications until the process ends, reconnecting
@@ -143,20 +170,20 @@ impl Watcher {
     }
 
     async fn stream_events(&mut self) {
-        let notify = self.hub.subscribe(&self.id.to_string());
+        let feed = self.hub.subscribe(&self.id.to_string());
         let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut force_read = false;
         loop {
             // Registered before reading, so a notification that arrives
             // while we read is not missed.
-            let notified = notify.notified();
+            let notified = feed.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.read_page().await {
+            match self.read_page(&feed, force_read).await {
                 Ok(events) => {
                     failing_since = None;
-                    let count = events.len();
-                    match self.forward(events).await {
-                        Flow::Continue if count == PAGE => continue,
+                    match self.forward(&events).await {
+                        Flow::Continue if events.len() == PAGE => continue,
                         Flow::Continue => {}
                         Flow::Stop => return,
                     }
@@ -165,25 +192,45 @@ impl Watcher {
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     tracing::warn!(%error, workflow_id = %self.id, "watch cannot read events; retrying");
                     if since.elapsed() > REDIS_PATIENCE {
-                        let _ = self
-                            .sender
-                            .send(Err(Status::unavailable(
-                                "workflow storage unavailable; reconnect with your last cursor",
-                            )))
-                            .await;
+                        let status =
+                            Status::unavailable("workflow storage unavailable; reconnect with your last cursor");
+                        let _ = self.sender.send(Err(status)).await;
                         return;
                     }
                 }
             }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(POLL_FALLBACK) => {}
+            // After a quiet poll interval, read Redis itself: the page
+            // cache is only as fresh as the last notification.
+            force_read = tokio::select! {
+                _ = notified => false,
+                _ = tokio::time::sleep(POLL_FALLBACK) => true,
                 _ = self.sender.closed() => return,
-            }
+            };
         }
     }
 
-    async fn read_page(&mut self) -> redis::RedisResult<Vec<WorkflowEvent>> {
+    /// The events after this watcher's cursor: the feed's cached page when
+    /// another watcher just read from the same cursor since the last
+    /// notification, else one XRANGE (single-flight per workflow).
+    async fn read_page(&mut self, feed: &Feed, force: bool) -> redis::RedisResult<Arc<Vec<WorkflowEvent>>> {
+        let generation = feed.generation.load(Ordering::SeqCst);
+        let mut last_page = feed.last_page.lock().await;
+        if let Some(page) = last_page
+            .as_ref()
+            .filter(|page| !force && page.after == self.cursor && page.generation == generation)
+        {
+            return Ok(page.events.clone());
+        }
+        let events = Arc::new(self.fetch().await?);
+        *last_page = Some(CachedPage {
+            after: self.cursor.clone(),
+            generation,
+            events: events.clone(),
+        });
+        Ok(events)
+    }
+
+    async fn fetch(&mut self) -> redis::RedisResult<Vec<WorkflowEvent>> {
         let start = if self.cursor.is_empty() {
             "-".to_string()
         } else {
@@ -210,8 +257,8 @@ impl Watcher {
             .collect())
     }
 
-    async fn forward(&mut self, events: Vec<WorkflowEvent>) -> Flow {
-        for event in events {
+    async fn forward(&mut self, events: &[WorkflowEvent]) -> Flow {
+        for event in events.iter().cloned() {
             self.cursor = event.cursor.clone();
             let terminal = is_terminal(&event);
             if self.sender.send(Ok(event)).await.is_err() || terminal {
