@@ -58,7 +58,7 @@ pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
 /// Runs the orchestrator until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = load_pipeline(&config)?;
-    if let Some(address) = config.metrics_listen {
+    if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
             .await
             .context("serving metrics")?;
@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         consumer: config
             .consumer_name
             .clone()
-            .unwrap_or_else(|| config::default_consumer_name("orchestrator")),
+            .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("orchestrator")),
         claim_idle: Duration::from_millis(config.result_claim_idle_ms),
     };
     let results = tokio::spawn(consumer.run(shutdown.clone()));

@@ -9,12 +9,12 @@
 use crate::errors::ApiError;
 use crate::metrics::{METRICS, StatusLabel};
 use crate::state::{ApplyOutcome, WorkflowStore};
-use nexus_pipeline::connection::{BLOCK_TIME, Connection, RedisArgs};
+use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::keys::ShardKeys;
-use nexus_pipeline::stream::{Entry, ORCHESTRATORS_GROUP, ensure_group, entries_of, entry_of};
+use nexus_pipeline::stream::{Entry, ORCHESTRATORS_GROUP, ensure_group, entry_of, read_new};
 use nexus_proto::internal::PhaseResult;
 use prost::Message;
-use redis::streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::streams::StreamAutoClaimReply;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -64,7 +64,7 @@ impl ResultConsumer {
                 }
                 let read = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    read = self.read_new(&mut blocking, &stream) => read,
+                    read = read_new(&mut blocking, &stream, ORCHESTRATORS_GROUP, &self.consumer, BATCH) => read,
                 };
                 match read {
                     Ok(entries) => self.apply_all(&stream, entries).await,
@@ -76,21 +76,6 @@ impl ResultConsumer {
                 }
             }
         }
-    }
-
-    async fn read_new(&self, conn: &mut Connection, stream: &str) -> redis::RedisResult<Vec<Entry>> {
-        let options = StreamReadOptions::default()
-            .group(ORCHESTRATORS_GROUP, &self.consumer)
-            .count(BATCH)
-            .block(BLOCK_TIME.as_millis() as usize);
-        let reply: Option<StreamReadReply> =
-            redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
-        Ok(reply
-            .map(entries_of)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, entry)| entry)
-            .collect())
     }
 
     /// Takes over results that another replica read but never applied.

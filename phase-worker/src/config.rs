@@ -95,22 +95,8 @@ pub struct Config {
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks one;
-    /// the address is printed as "metrics listening on ADDR"). Unset: off.
-    #[arg(long, env = "NEXUS_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
-
-    /// A file of KEY=VALUE lines with any of these settings (environment
-    /// variable names). The environment overrides the file; flags override
-    /// both.
-    #[arg(long, env = "NEXUS_CONFIG")]
-    pub config: Option<std::path::PathBuf>,
-
-    /// Log format: "text" or "json". Filter with RUST_LOG (default "info").
-    /// Traces go over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (standard
-    /// OTEL_* variables apply).
-    #[arg(long, env = "NEXUS_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[command(flatten)]
+    pub process: nexus_runtime::process::ProcessArgs,
 }
 
 impl std::fmt::Debug for Config {
@@ -157,12 +143,4 @@ impl Config {
             max_retry_after: Duration::from_secs(60),
         }
     }
-}
-
-/// A consumer name unique to this process.
-pub fn default_consumer_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    format!("worker-{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }

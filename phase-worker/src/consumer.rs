@@ -9,12 +9,12 @@
 use crate::runner::{RunnerContext, dead_letter_result, run_task};
 use crate::task_lifecycle::TaskHandle;
 use nexus_pipeline::connection::Connection;
-use nexus_pipeline::connection::{BLOCK_TIME, RedisArgs};
+use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::ShardKeys;
-use nexus_pipeline::stream::{Entry, WORKERS_GROUP, ensure_group, entries_of, entry_of, prune_stale_consumers};
+use nexus_pipeline::stream::{Entry, WORKERS_GROUP, ensure_group, entry_of, prune_stale_consumers, read_new};
 use nexus_proto::internal::PhaseTask;
 use prost::Message;
-use redis::streams::{StreamClaimReply, StreamReadOptions, StreamReadReply};
+use redis::streams::StreamClaimReply;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -53,7 +53,7 @@ impl TaskConsumer {
                 let free = self.wait_for_free_slot(&stop).await;
                 let read = tokio::select! {
                     _ = stop.cancelled() => return,
-                    read = self.read_new(&mut blocking, &stream, free) => read,
+                    read = read_new(&mut blocking, &stream, WORKERS_GROUP, &self.consumer, free.max(1)) => read,
                 };
                 match read {
                     Ok(entries) => entries.into_iter().for_each(|entry| self.clone().spawn_task(entry, 1)),
@@ -78,21 +78,6 @@ impl TaskConsumer {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-    }
-
-    async fn read_new(&self, conn: &mut Connection, stream: &str, count: usize) -> redis::RedisResult<Vec<Entry>> {
-        let options = StreamReadOptions::default()
-            .group(WORKERS_GROUP, &self.consumer)
-            .count(count.max(1))
-            .block(BLOCK_TIME.as_millis() as usize);
-        let reply: Option<StreamReadReply> =
-            redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
-        Ok(reply
-            .map(entries_of)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, entry)| entry)
-            .collect())
     }
 
     fn spawn_task(self: Arc<Self>, entry: Entry, delivery: u64) {

@@ -41,7 +41,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the worker until `stop` is cancelled, then drains.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
-    if let Some(address) = config.metrics_listen {
+    if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
             .await
             .context("serving metrics")?;
@@ -73,7 +73,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         consumer: config
             .consumer_name
             .clone()
-            .unwrap_or_else(config::default_consumer_name),
+            .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("worker")),
         slots: slots.clone(),
         visibility_timeout: config.visibility_timeout(),
         max_deliveries: config.max_deliveries.max(1),

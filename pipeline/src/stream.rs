@@ -68,6 +68,29 @@ pub async fn prune_stale_consumers(
     Ok(pruned)
 }
 
+/// Reads up to `count` new entries for `consumer` of `group`, blocking up to
+/// [`crate::connection::BLOCK_TIME`] when there are none.
+pub async fn read_new(
+    conn: &mut crate::connection::Connection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<Entry>> {
+    let options = redis::streams::StreamReadOptions::default()
+        .group(group, consumer)
+        .count(count)
+        .block(crate::connection::BLOCK_TIME.as_millis() as usize);
+    let reply: Option<redis::streams::StreamReadReply> =
+        redis::AsyncCommands::xread_options(conn, &[stream], &[">"], &options).await?;
+    Ok(reply
+        .map(entries_of)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, entry)| entry)
+        .collect())
+}
+
 /// One entry read from a stream: its id and payload bytes.
 #[derive(Debug, Clone)]
 pub struct Entry {

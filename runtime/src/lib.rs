@@ -8,9 +8,12 @@
 //!   is set, OpenTelemetry traces over OTLP; trace context from a
 //!   `traceparent` so a workflow is one trace across processes.
 //! - [`metrics`]: a Prometheus `/metrics` endpoint for a registry.
+//! - [`process`]: the settings every process takes, reading a binary's
+//!   configuration, unique consumer names.
 //! - [`shutdown`]: a token cancelled on SIGINT or SIGTERM.
 
 pub mod config_file;
 pub mod metrics;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;
