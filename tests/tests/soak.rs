@@ -14,15 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
+/// About 1.5 s per phase, so runs last long enough for many kills.
 const MODEL: &[&str] = &[
     "--first-token-latency-ms",
-    "100",
+    "500",
     "--tokens-per-second",
-    "100",
+    "25",
     "--reply-words",
     "25",
 ];
-const KILL_EVERY: Duration = Duration::from_secs(3);
+const KILL_EVERY: Duration = Duration::from_secs(2);
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
