@@ -1,6 +1,11 @@
 //! `orchestrator` binary: read the optional config file, parse flags, set up
 //! logs and traces, run until SIGINT or SIGTERM.
 
+/// mimalloc instead of glibc malloc: a profile of the worker under load
+/// showed a quarter of its CPU in glibc's malloc and free.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use orchestrator::config::Config;
 
 #[tokio::main]
