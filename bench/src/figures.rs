@@ -141,17 +141,22 @@ fn breakdown(per_phase: &std::collections::BTreeMap<String, f64>) -> String {
         .join(", ")
 }
 
+/// The trace id (the workflow's UUID) of a request in the stand-in's log.
+fn trace_of(request: &Value) -> &str {
+    request["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .split('-')
+        .nth(1)
+        .unwrap_or_default()
+}
+
 /// From each phase's result being published to the next phase's request
 /// arriving at the stand-in, per workflow.
 fn published_to_next_request_us(requests: &[Value], published: &Published) -> Vec<u64> {
     let mut received: HashMap<&str, Vec<u64>> = HashMap::new();
     for request in requests {
-        let trace = request["traceparent"]
-            .as_str()
-            .unwrap_or_default()
-            .split('-')
-            .nth(1)
-            .unwrap_or_default();
+        let trace = trace_of(request);
         received
             .entry(trace)
             .or_default()
@@ -172,12 +177,7 @@ fn published_to_next_request_us(requests: &[Value], published: &Published) -> Ve
 fn hop_latencies_us(requests: &[Value]) -> Vec<u64> {
     let mut by_trace: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
     for request in requests {
-        let trace = request["traceparent"]
-            .as_str()
-            .unwrap_or_default()
-            .split('-')
-            .nth(1)
-            .unwrap_or_default();
+        let trace = trace_of(request);
         let times = (
             request["received_us"].as_u64().unwrap_or(0),
             request["finished_us"].as_u64().unwrap_or(0),
