@@ -1,0 +1,55 @@
+//! The `nexus` command as the demo uses it: start a workflow and watch it
+//! live to the final plan and rating.
+
+use nexus_tests::*;
+use std::process::Command;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nexus_cli_starts_a_workflow_watches_it_live_and_prints_the_rating() {
+    let stack = Stack::start(1);
+    let output = Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "start", "--name", "CLI plan"])
+        .args([
+            "--description",
+            "A ticketing system for a theatre",
+            "--field",
+            "budget=50k",
+            "--watch",
+        ])
+        .output()
+        .expect("run nexus");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "nexus failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "started",
+        "phase 1/6 analyse",
+        "phase 6/6 rate",
+        "FINAL PLAN",
+        "RATING: ",
+        "total: ",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+    let id = stdout.split_whitespace().nth(1).expect("workflow id").to_string();
+    let listed = Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "list"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&id),
+        "list shows the workflow"
+    );
+    let bad = Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "get", "nope"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("malformed"),
+        "the server's message reaches the user"
+    );
+}
