@@ -14,10 +14,15 @@ use redis::Script;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-static START_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/start_task.lua")));
-static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/append_event.lua")));
-static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
-static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish_task.lua")));
+/// Scripts that fence a task's writes start with the shared `fence.lua`.
+fn fenced(body: &str) -> Script {
+    Script::new(&format!("{}{body}", include_str!("lua/fence.lua")))
+}
+
+static START_TASK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/start_task.lua")));
+static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/append_event.lua")));
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/heartbeat.lua")));
+static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/finish_task.lua")));
 static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dead_letter.lua")));
 
 /// An event as a worker stores it (the cursor is its stream id).

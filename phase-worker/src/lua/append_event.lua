@@ -8,13 +8,9 @@
 -- Returns 1 when appended, 0 when the task is stale (cancelled, finished or
 -- moved on): the caller should stop working on it.
 
-local state = redis.call('HMGET', KEYS[1], 'status', 'phase', 'attempt')
-if (state[1] ~= 'pending' and state[1] ~= 'running') or state[2] ~= ARGV[1] or state[3] ~= ARGV[2] then
+local status = current_status(KEYS[1], ARGV[1], ARGV[2])
+if not status then
   return 0
 end
-if state[1] == 'pending' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'updated_ms', ARGV[4])
-end
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[3])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+append_event(KEYS[1], status, KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return 1

@@ -10,10 +10,9 @@
 --       7 events channel, 8 workflow id
 
 if ARGV[4] ~= '' then
-  local state = redis.call('HMGET', KEYS[3], 'status', 'phase', 'attempt')
-  if (state[1] == 'pending' or state[1] == 'running') and state[2] == ARGV[5] and state[3] == ARGV[6] then
-    redis.call('XADD', KEYS[4], '*', 'm', ARGV[4])
-    redis.call('PUBLISH', ARGV[7], ARGV[8])
+  local status = current_status(KEYS[3], ARGV[5], ARGV[6])
+  if status then
+    append_event(KEYS[3], 'running', KEYS[4], ARGV[4], nil, ARGV[7], ARGV[8])
   end
 end
 if ARGV[1] ~= '' then

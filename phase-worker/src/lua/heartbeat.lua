@@ -10,8 +10,7 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if not pending[1] or pending[1][2] ~= ARGV[3] then
   return 0
 end
-local state = redis.call('HMGET', KEYS[2], 'status', 'phase', 'attempt')
-if (state[1] ~= 'pending' and state[1] ~= 'running') or state[2] ~= ARGV[4] or state[3] ~= ARGV[5] then
+if not current_status(KEYS[2], ARGV[4], ARGV[5]) then
   return 0
 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
