@@ -10,7 +10,7 @@ use nexus_pipeline::stream::WORKERS_GROUP;
 use nexus_proto::internal::{PhaseResult, PhaseTask};
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
@@ -60,21 +60,27 @@ impl TaskHandle {
         })
     }
 
+    /// The invocation of a script that appends a fenced event: keys state and
+    /// events, then phase, attempt, event, time, channel and workflow id —
+    /// the layout `start_task.lua` and `append_event.lua` share.
+    fn event_invocation<'a>(&self, script: &'a Script, kind: Kind) -> ScriptInvocation<'a> {
+        let mut invocation = script.key(self.keys.state());
+        invocation
+            .key(self.keys.events())
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(event(kind).encode_to_vec())
+            .arg(nexus_pipeline::now_ms())
+            .arg(EVENTS_CHANNEL)
+            .arg(self.workflow.to_string());
+        invocation
+    }
+
     /// Announces the task as started and loads the phase's inputs, if the
     /// task is still current; `None` means it is stale (skip it).
     pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<HashMap<String, String>>> {
-        let event = event(started);
-        let mut invocation = START_TASK.key(self.keys.state());
-        invocation
-            .key(self.keys.events())
-            .key(self.keys.outputs())
-            .arg(self.phase_index)
-            .arg(self.attempt)
-            .arg(event.encode_to_vec())
-            .arg(nexus_pipeline::now_ms())
-            .arg(EVENTS_CHANNEL)
-            .arg(self.workflow.to_string())
-            .arg(inputs);
+        let mut invocation = self.event_invocation(&START_TASK, started);
+        invocation.key(self.keys.outputs()).arg(inputs);
         let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
         match reply.split_first() {
             Some((started, values)) if started == "1" => {
@@ -86,16 +92,8 @@ impl TaskHandle {
 
     /// Appends an event if the task is still current; `false` means stop.
     pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
-        let event = event(kind);
-        let appended: i64 = APPEND_EVENT
-            .key(self.keys.state())
-            .key(self.keys.events())
-            .arg(self.phase_index)
-            .arg(self.attempt)
-            .arg(event.encode_to_vec())
-            .arg(nexus_pipeline::now_ms())
-            .arg(EVENTS_CHANNEL)
-            .arg(self.workflow.to_string())
+        let appended: i64 = self
+            .event_invocation(&APPEND_EVENT, kind)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(appended == 1)

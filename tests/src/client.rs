@@ -41,6 +41,19 @@ pub async fn start(client: &mut Client, name: &str) -> String {
         .workflow_id
 }
 
+/// Opens a watch stream from `after_cursor` ("" for the start).
+async fn open_watch(client: &mut Client, workflow_id: &str, after_cursor: &str) -> tonic::Streaming<WorkflowEvent> {
+    let request = WatchWorkflowRequest {
+        workflow_id: workflow_id.to_string(),
+        after_cursor: after_cursor.to_string(),
+    };
+    client
+        .watch_workflow(request)
+        .await
+        .expect("watch workflow")
+        .into_inner()
+}
+
 /// Watches from `after_cursor` until the stream ends (terminal event) or the
 /// timeout passes; returns the events seen.
 pub async fn watch_until_end(
@@ -49,15 +62,7 @@ pub async fn watch_until_end(
     after_cursor: &str,
     timeout: Duration,
 ) -> Vec<WorkflowEvent> {
-    let request = WatchWorkflowRequest {
-        workflow_id: workflow_id.to_string(),
-        after_cursor: after_cursor.to_string(),
-    };
-    let mut stream = client
-        .watch_workflow(request)
-        .await
-        .expect("watch workflow")
-        .into_inner();
+    let mut stream = open_watch(client, workflow_id, after_cursor).await;
     let mut events = Vec::new();
     let collect = async {
         while let Some(event) = stream.message().await.expect("watch stream") {
@@ -179,15 +184,7 @@ pub async fn wait_for_event(
     timeout: Duration,
     predicate: impl Fn(&WorkflowEvent) -> bool,
 ) -> Vec<WorkflowEvent> {
-    let request = WatchWorkflowRequest {
-        workflow_id: workflow_id.to_string(),
-        after_cursor: String::new(),
-    };
-    let mut stream = client
-        .watch_workflow(request)
-        .await
-        .expect("watch workflow")
-        .into_inner();
+    let mut stream = open_watch(client, workflow_id, "").await;
     let mut events = Vec::new();
     let found = tokio::time::timeout(timeout, async {
         while let Some(event) = stream.message().await.expect("watch stream") {
