@@ -65,6 +65,14 @@ impl EventPrinter {
                     retry.retry_in_ms as f64 / 1000.0
                 );
             }
+            Some(Kind::PhaseWaiting(waiting)) => {
+                println!(
+                    "\n… {} waits {:.1} s: {}",
+                    waiting.phase,
+                    waiting.wait_ms as f64 / 1000.0,
+                    waiting.reason
+                );
+            }
             Some(Kind::PhaseCompleted(done)) => {
                 println!(
                     "\n✓ {} done in {:.1} s · {}",

@@ -79,11 +79,12 @@ fn plan_bytes(plan: &ProjectPlan) -> usize {
     plan.description.len() + plan.fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
-/// A stream cursor is a Redis stream id, `<ms>-<seq>`.
+/// A stream cursor is a Redis stream id, `<ms>-<seq>`, each part a 64-bit
+/// unsigned number (anything larger is no id Redis can hold).
 pub fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
     let valid = cursor
         .split_once('-')
-        .is_some_and(|(ms, seq)| is_number(ms) && is_number(seq));
+        .is_some_and(|(ms, seq)| is_u64(ms) && is_u64(seq));
     if cursor.is_empty() || valid {
         Ok(())
     } else {
@@ -94,8 +95,8 @@ pub fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
     }
 }
 
-fn is_number(text: &str) -> bool {
-    !text.is_empty() && text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit())
+fn is_u64(text: &str) -> bool {
+    text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
 }
 
 pub fn page_size(requested: u32) -> Result<usize, ApiError> {
@@ -108,6 +109,28 @@ pub fn page_size(requested: u32) -> Result<usize, ApiError> {
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument(message.into())
+}
+
+/// A fingerprint of the plan that does not depend on the order in which its
+/// `fields` map arrived (protobuf encodes maps in no fixed order, and a
+/// client's retry may send them in another): name, description and the
+/// fields sorted by key, each length-prefixed so no two plans collide by
+/// concatenation.
+pub fn plan_fingerprint(plan: &ProjectPlan) -> String {
+    let mut canonical = Vec::with_capacity(plan_bytes(plan) + plan.name.len() + 16 * (plan.fields.len() + 2));
+    let mut push = |text: &str| {
+        canonical.extend_from_slice(&(text.len() as u64).to_le_bytes());
+        canonical.extend_from_slice(text.as_bytes());
+    };
+    push(&plan.name);
+    push(&plan.description);
+    let mut fields: Vec<_> = plan.fields.iter().collect();
+    fields.sort();
+    for (key, value) in fields {
+        push(key);
+        push(value);
+    }
+    format!("{:016x}", nexus_pipeline::ids::fnv1a(&canonical))
 }
 
 /// The plan as the models see it: name, description, then "key: value" lines.
@@ -153,10 +176,27 @@ mod tests {
     }
 
     #[test]
+    fn plan_fingerprint_ignores_field_order_but_not_content() {
+        let plan = |pairs: &[(&str, &str)]| ProjectPlan {
+            name: "Shop".into(),
+            description: "d".into(),
+            fields: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let forward = plan(&[("a", "1"), ("b", "2"), ("c", "3")]);
+        let backward = plan(&[("c", "3"), ("b", "2"), ("a", "1")]);
+        assert_eq!(plan_fingerprint(&forward), plan_fingerprint(&backward));
+        assert_ne!(plan_fingerprint(&forward), plan_fingerprint(&plan(&[("a", "1"), ("b", "23")])));
+        assert_ne!(plan_fingerprint(&plan(&[("ab", "")])), plan_fingerprint(&plan(&[("a", "b")])));
+    }
+
+    #[test]
     fn cursors_are_stream_ids() {
         assert!(validate_cursor("").is_ok());
         assert!(validate_cursor("1700000000000-3").is_ok());
         assert!(validate_cursor("abc").is_err());
         assert!(validate_cursor("1-").is_err());
+        assert!(validate_cursor("+1-0").is_err());
+        assert!(validate_cursor("18446744073709551615-18446744073709551615").is_ok());
+        assert!(validate_cursor("99999999999999999999-0").is_err());
     }
 }

@@ -13,7 +13,7 @@ use crate::state::is_terminal;
 use futures::StreamExt;
 use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys};
+use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys, field, status};
 use nexus_pipeline::stream::entry_of;
 use nexus_proto::v1::WorkflowEvent;
 use prost::Message;
@@ -184,6 +184,11 @@ impl Watcher {
                     failing_since = None;
                     match self.forward(&events).await {
                         Flow::Continue if events.len() == PAGE => continue,
+                        Flow::Continue if events.is_empty() => match self.caught_up_with_end().await {
+                            Ok(Flow::Stop) => return,
+                            Ok(Flow::Continue) => {}
+                            Err(error) => tracing::warn!(%error, workflow_id = %self.id, "watch cannot check the workflow's status"),
+                        },
                         Flow::Continue => {}
                         Flow::Stop => return,
                     }
@@ -255,6 +260,45 @@ impl Watcher {
                 Some(event)
             })
             .collect())
+    }
+
+    /// With nothing after the cursor: ends the stream when the workflow has
+    /// ended (the client already holds its terminal event, or resumed past
+    /// it) and with `NOT_FOUND` when its keys are gone (retention).
+    /// The status is read before the events, in one pipeline: a terminal
+    /// status seen first means its terminal event (written in the same
+    /// script) is in the range read after it, so no event can be skipped.
+    async fn caught_up_with_end(&mut self) -> redis::RedisResult<Flow> {
+        let start = if self.cursor.is_empty() {
+            "-".to_string()
+        } else {
+            format!("({}", self.cursor)
+        };
+        let (status, newer): (Option<String>, StreamRangeReply) = redis::pipe()
+            .hget(WorkflowKeys::new(&self.id).state(), field::STATUS)
+            .cmd("XRANGE")
+            .arg(&self.events_key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await?;
+        if !newer.ids.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        match status {
+            None => {
+                let gone = Status::not_found(format!(
+                    "workflow {} no longer exists (finished workflows are kept for the retention period)",
+                    self.id
+                ));
+                let _ = self.sender.send(Err(gone)).await;
+                Ok(Flow::Stop)
+            }
+            Some(status) if status::is_terminal(&status) => Ok(Flow::Stop),
+            Some(_) => Ok(Flow::Continue),
+        }
     }
 
     async fn forward(&mut self, events: &[WorkflowEvent]) -> Flow {

@@ -84,6 +84,23 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MODEL_BACKOFF_MAX_MS", default_value_t = 10_000)]
     pub backoff_max_ms: u64,
 
+    /// Model call: longest single wait a provider's Retry-After (seconds or
+    /// HTTP-date) can impose, in milliseconds; larger values are capped.
+    #[arg(long, env = "NEXUS_MODEL_MAX_RETRY_AFTER_MS", default_value_t = 60_000)]
+    pub max_retry_after_ms: u64,
+
+    /// Model call: total time one phase may spend waiting out Retry-After and
+    /// the shared rate limit, in milliseconds. Waiting is not a failed try,
+    /// so it has this budget of its own; past it the phase fails.
+    #[arg(long, env = "NEXUS_MODEL_MAX_TOTAL_WAIT_MS", default_value_t = 300_000)]
+    pub max_total_wait_ms: u64,
+
+    /// Publishing a finished answer is retried this long while Redis is
+    /// unreachable, in milliseconds, before the task is left to be redelivered
+    /// (which calls the model again).
+    #[arg(long, env = "NEXUS_RESULT_PUBLISH_PATIENCE_MS", default_value_t = 60_000)]
+    pub result_publish_patience_ms: u64,
+
     /// Shared per-model rate limits, as "model=N/s,model=N/min,*=N/s" ("*":
     /// every other model). Calls are spaced evenly (at most one per 1/N s)
     /// across all workers, through Redis. Empty: no limit. A provider's
@@ -103,7 +120,10 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("redis", &self.redis)
-            .field("openrouter_base_url", &self.openrouter_base_url)
+            .field(
+                "openrouter_base_url",
+                &crate::model_client::redact_url_text(&self.openrouter_base_url),
+            )
             .field("openrouter_api_key", &self.openrouter_api_key.as_ref().map(|_| "<set>"))
             .field("max_in_flight", &self.max_in_flight)
             .field("visibility_timeout_ms", &self.visibility_timeout_ms)
@@ -140,7 +160,8 @@ impl Config {
             max_tries: self.max_tries.max(1),
             backoff_base: Duration::from_millis(self.backoff_base_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
-            max_retry_after: Duration::from_secs(60),
+            max_retry_after: Duration::from_millis(self.max_retry_after_ms),
+            max_total_wait: Duration::from_millis(self.max_total_wait_ms),
         }
     }
 }

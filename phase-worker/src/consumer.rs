@@ -7,17 +7,18 @@
 //! dead-letter stream, which fails its workflow with a reason.
 
 use crate::runner::{RunnerContext, dead_letter_result, run_task};
-use crate::task_lifecycle::TaskHandle;
+use crate::task_lifecycle::{TaskHandle, Takeover, dead_letter_entry};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::ShardKeys;
 use nexus_pipeline::stream::{Entry, WORKERS_GROUP, ensure_group, entry_of, prune_stale_consumers, read_new};
 use nexus_proto::internal::PhaseTask;
 use prost::Message;
-use redis::streams::StreamClaimReply;
-use std::sync::Arc;
+use redis::streams::StreamRangeReply;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// How often departed workers' consumer names are cleaned from the group.
@@ -34,10 +35,24 @@ pub struct TaskConsumer {
     pub slots: Arc<Semaphore>,
     pub visibility_timeout: Duration,
     pub max_deliveries: u64,
+    /// Task entries this worker is running now, which its reclaim loop must
+    /// not take over from itself.
+    pub running: Mutex<HashSet<String>>,
+}
+
+/// How a task came to this worker.
+enum Claim {
+    /// Read as a new entry: run as the task's own attempt.
+    New,
+    /// Taken over from an unresponsive worker: this attempt, this delivery.
+    TakenOver { attempt: u32, deliveries: u64 },
 }
 
 impl TaskConsumer {
-    /// Reads new tasks from one shard until `stop` is cancelled.
+    /// Reads new tasks from one shard until `stop` is cancelled. Slots are
+    /// reserved before reading, so this worker never claims a task it has no
+    /// room to run: tasks it cannot take stay in the stream for others,
+    /// instead of idling unheartbeated in its pending list until reclaimed.
     pub async fn read_loop(self: Arc<Self>, shard: u16, stop: CancellationToken) {
         let stream = ShardKeys::new(shard).tasks();
         while !stop.is_cancelled() {
@@ -50,13 +65,21 @@ impl TaskConsumer {
                 continue;
             }
             while !stop.is_cancelled() {
-                let free = self.wait_for_free_slot(&stop).await;
+                let Some(mut slots) = self.reserve_slots(&stop).await else {
+                    return;
+                };
+                let count = slots.num_permits();
                 let read = tokio::select! {
                     _ = stop.cancelled() => return,
-                    read = read_new(&mut blocking, &stream, WORKERS_GROUP, &self.consumer, free.max(1)) => read,
+                    read = read_new(&mut blocking, &stream, WORKERS_GROUP, &self.consumer, count) => read,
                 };
                 match read {
-                    Ok(entries) => entries.into_iter().for_each(|entry| self.clone().spawn_task(entry, 1)),
+                    Ok(entries) => {
+                        for entry in entries {
+                            let slot = slots.split(1).expect("one reserved slot per entry read");
+                            self.clone().spawn_task(entry, shard, Claim::New, slot);
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, %stream, "reading tasks failed; reconnecting");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -67,32 +90,42 @@ impl TaskConsumer {
         }
     }
 
-    async fn wait_for_free_slot(&self, stop: &CancellationToken) -> usize {
-        loop {
-            let free = self.slots.available_permits();
-            if free > 0 {
-                return free.min(BATCH);
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return 0,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+    /// Waits for at least one free slot, then takes every free one up to a
+    /// batch. `None` when stopping.
+    async fn reserve_slots(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let mut slots = tokio::select! {
+            _ = stop.cancelled() => return None,
+            slot = self.slots.clone().acquire_owned() => slot.ok()?,
+        };
+        let more = self.slots.available_permits().min(BATCH - 1);
+        if let Ok(extra) = self.slots.clone().try_acquire_many_owned(more as u32) {
+            slots.merge(extra);
         }
+        Some(slots)
     }
 
-    fn spawn_task(self: Arc<Self>, entry: Entry, delivery: u64) {
+    fn spawn_task(self: Arc<Self>, entry: Entry, shard: u16, claim: Claim, slot: OwnedSemaphorePermit) {
         tokio::spawn(async move {
-            let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+            let _slot = slot;
+            let Some((mut handle, task)) = self.decode(&entry, shard).await else {
                 return;
             };
-            let Some((handle, task)) = self.decode(&entry).await else {
-                return;
+            let delivery = match claim {
+                Claim::New => 1,
+                Claim::TakenOver { attempt, deliveries } => {
+                    handle.attempt = attempt;
+                    deliveries
+                }
             };
+            let _running = RunningGuard::new(&self.running, &entry.id);
             run_task(&self.ctx, handle, task, delivery).await;
         });
     }
 
-    async fn decode(&self, entry: &Entry) -> Option<(TaskHandle, PhaseTask)> {
+    /// Decodes a task entry; one that cannot be decoded, or names no valid
+    /// workflow, goes to the dead-letter stream at once (no delivery can fix
+    /// it). A task from a newer build is left for a newer worker.
+    async fn decode(&self, entry: &Entry, shard: u16) -> Option<(TaskHandle, PhaseTask)> {
         let task = match PhaseTask::decode(entry.payload.as_slice()) {
             Ok(task) if task.version <= nexus_proto::STREAM_MESSAGE_VERSION => task,
             Ok(task) => {
@@ -100,16 +133,28 @@ impl TaskConsumer {
                 return None;
             }
             Err(error) => {
-                tracing::error!(entry = %entry.id, %error, "undecodable task; it will end in the dead-letter stream");
+                self.dead_letter_undecodable(entry, shard, &format!("undecodable task: {error}"))
+                    .await;
                 return None;
             }
         };
         match TaskHandle::new(self.conn.clone(), entry.id.clone(), self.consumer.clone(), &task) {
             Ok(handle) => Some((handle, task)),
             Err(error) => {
-                tracing::error!(entry = %entry.id, %error, "task names no valid workflow");
+                self.dead_letter_undecodable(entry, shard, &format!("task names no valid workflow: {error}"))
+                    .await;
                 None
             }
+        }
+    }
+
+    async fn dead_letter_undecodable(&self, entry: &Entry, shard: u16, why: &str) {
+        tracing::error!(entry = %entry.id, %why, "moving the task entry to the dead-letter stream");
+        crate::metrics::METRICS.tasks_dead_lettered.inc();
+        let shard = ShardKeys::new(shard);
+        let moved = dead_letter_entry(&mut self.conn.clone(), &shard, &entry.id, &entry.payload, None, 1, why).await;
+        if let Err(error) = moved {
+            tracing::warn!(%error, "dead-lettering failed; will retry");
         }
     }
 
@@ -123,7 +168,7 @@ impl TaskConsumer {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if let Err(error) = self.reclaim(&stream).await {
+            if let Err(error) = self.reclaim(shard, &stream).await {
                 tracing::warn!(%error, %stream, "reclaiming tasks failed; will retry");
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
@@ -137,7 +182,9 @@ impl TaskConsumer {
         }
     }
 
-    async fn reclaim(self: &Arc<Self>, stream: &str) -> redis::RedisResult<()> {
+    /// Takes over idle tasks, each as a new attempt, as far as free slots
+    /// allow; dead-letters those delivered too often.
+    async fn reclaim(self: &Arc<Self>, shard: u16, stream: &str) -> redis::RedisResult<()> {
         let idle_ms = self.visibility_timeout.as_millis() as u64;
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(stream)
@@ -149,42 +196,80 @@ impl TaskConsumer {
             .arg(BATCH)
             .query_async(&mut self.conn.clone())
             .await?;
-        for (entry_id, previous_owner, _idle, deliveries) in pending {
-            let claimed: StreamClaimReply = redis::cmd("XCLAIM")
-                .arg(stream)
-                .arg(WORKERS_GROUP)
-                .arg(&self.consumer)
-                .arg(idle_ms)
-                .arg(&entry_id)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            for entry in claimed.ids.into_iter().map(entry_of) {
-                tracing::info!(entry = %entry.id, %previous_owner, deliveries, "reclaimed a task from an unresponsive worker");
-                crate::metrics::METRICS.tasks_reclaimed.inc();
-                if deliveries >= self.max_deliveries {
-                    self.dead_letter(&entry, deliveries + 1).await;
-                } else {
-                    self.clone().spawn_task(entry, deliveries + 1);
+        for (entry_id, previous_owner, _idle, _deliveries) in pending {
+            if self.is_running(&entry_id) {
+                continue;
+            }
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                return Ok(());
+            };
+            let Some(entry) = self.read_entry(stream, &entry_id).await? else {
+                continue;
+            };
+            let Some((mut handle, task)) = self.decode(&entry, shard).await else {
+                continue;
+            };
+            match handle.take_over(idle_ms).await? {
+                Takeover::Claimed { attempt, deliveries } => {
+                    tracing::info!(entry = %entry.id, %previous_owner, attempt, deliveries, "took over a task from an unresponsive worker");
+                    crate::metrics::METRICS.tasks_reclaimed.inc();
+                    if deliveries > self.max_deliveries {
+                        self.dead_letter(&handle, &task, &entry, deliveries).await;
+                    } else {
+                        self.clone()
+                            .spawn_task(entry, shard, Claim::TakenOver { attempt, deliveries }, slot);
+                    }
                 }
+                Takeover::Stale => tracing::info!(entry = %entry.id, "dropped an abandoned task the workflow no longer needs"),
+                Takeover::Gone => {}
             }
         }
         Ok(())
     }
 
-    async fn dead_letter(&self, entry: &Entry, deliveries: u64) {
-        let task = PhaseTask::decode(entry.payload.as_slice()).unwrap_or_default();
-        let handle = match TaskHandle::new(self.conn.clone(), entry.id.clone(), self.consumer.clone(), &task) {
-            Ok(handle) => handle,
-            Err(error) => {
-                tracing::error!(entry = %entry.id, %error, "poison task names no valid workflow; leaving it pending");
-                return;
-            }
-        };
-        let failure = dead_letter_result(&handle, &task, deliveries);
+    /// One task entry by id; `None` when it was deleted meanwhile.
+    async fn read_entry(&self, stream: &str, entry_id: &str) -> redis::RedisResult<Option<Entry>> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(entry_id)
+            .arg(entry_id)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply.ids.into_iter().next().map(entry_of))
+    }
+
+    fn is_running(&self, entry_id: &str) -> bool {
+        self.running.lock().expect("running set lock").contains(entry_id)
+    }
+
+    async fn dead_letter(&self, handle: &TaskHandle, task: &PhaseTask, entry: &Entry, deliveries: u64) {
+        let failure = dead_letter_result(handle, task, deliveries);
         tracing::warn!(workflow_id = %handle.workflow, phase = task.phase_index, deliveries, "task delivered too often; dead-lettering it");
         crate::metrics::METRICS.tasks_dead_lettered.inc();
         if let Err(error) = handle.dead_letter(&entry.payload, &failure, deliveries).await {
             tracing::warn!(%error, "dead-lettering failed; will retry");
         }
+    }
+}
+
+/// Keeps an entry in the running set while its task runs.
+struct RunningGuard<'a> {
+    running: &'a Mutex<HashSet<String>>,
+    entry_id: String,
+}
+
+impl<'a> RunningGuard<'a> {
+    fn new(running: &'a Mutex<HashSet<String>>, entry_id: &str) -> Self {
+        running.lock().expect("running set lock").insert(entry_id.to_string());
+        Self {
+            running,
+            entry_id: entry_id.to_string(),
+        }
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.running.lock().expect("running set lock").remove(&self.entry_id);
     }
 }

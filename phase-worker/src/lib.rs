@@ -64,6 +64,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         cancels,
         shutdown: abort_calls.clone(),
         heartbeat_every: config.visibility_timeout() / 3,
+        publish_patience: Duration::from_millis(config.result_publish_patience_ms),
     });
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let consumer = Arc::new(consumer::TaskConsumer {
@@ -77,6 +78,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         slots: slots.clone(),
         visibility_timeout: config.visibility_timeout(),
         max_deliveries: config.max_deliveries.max(1),
+        running: Default::default(),
     });
     tracing::info!(consumer = %consumer.consumer, "phase worker ready");
     println!("phase-worker ready as {}", consumer.consumer);

@@ -31,6 +31,12 @@ const DONE_MARKER: &str = "[DONE]";
 /// Code assumed when an error chunk carries none we can read: OpenRouter's "model down".
 const UNKNOWN_ERROR_CODE: u16 = 502;
 const EXCERPT_CHARS: usize = 120;
+/// Most of an error response's body that is read; the rest is dropped unread.
+const MAX_ERROR_BODY_BYTES: usize = 16 * 1024;
+/// Longest provider message carried into reasons, events and logs.
+const MAX_MESSAGE_CHARS: usize = 500;
+/// Pacer waits shorter than this are not announced as events.
+const ANNOUNCED_WAIT: Duration = Duration::from_millis(100);
 
 /// reqwest is built without a default TLS crypto provider; this installs ring's. Safe to call
 /// any number of times: "already installed" is not an error.
@@ -39,7 +45,7 @@ pub fn install_crypto_provider() {
 }
 
 /// Where the model lives and how patient to be with it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ModelClientConfig {
     /// Server root such as `https://openrouter.ai`; the chat path is appended.
     pub base_url: String,
@@ -62,6 +68,35 @@ pub struct ModelClientConfig {
     pub backoff_max: Duration,
     /// A server's `Retry-After` is honoured up to this long.
     pub max_retry_after: Duration,
+    /// Total time one call may spend waiting out `Retry-After` and the
+    /// shared rate limit. Waits are not tries: they have this budget instead.
+    pub max_total_wait: Duration,
+}
+
+impl fmt::Debug for ModelClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelClientConfig")
+            .field("base_url", &redact_url_text(&self.base_url))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("http_referer", &self.http_referer)
+            .field("app_title", &self.app_title)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("total_timeout", &self.total_timeout)
+            .field("max_tries", &self.max_tries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("max_total_wait", &self.max_total_wait)
+            .finish()
+    }
+}
+
+/// A URL as text with any credentials, query and fragment removed; text that
+/// is no URL is replaced whole, since it may be anything.
+pub fn redact_url_text(text: &str) -> String {
+    reqwest::Url::parse(text).map_or_else(|_| "<not a URL>".to_string(), |url| redact_url(&url))
 }
 
 impl Default for ModelClientConfig {
@@ -79,6 +114,7 @@ impl Default for ModelClientConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
+            max_total_wait: Duration::from_secs(300),
         }
     }
 }
@@ -109,6 +145,9 @@ pub struct ChatRequest {
     /// W3C trace context sent as the `traceparent` header, so the model call
     /// joins the workflow's trace (and the stand-in can tell calls apart).
     pub traceparent: Option<String>,
+    /// Accept an answer cut short (`finish_reason` "length" or
+    /// "content_filter"); otherwise it is a failed try.
+    pub accept_truncated: bool,
 }
 
 /// A request ready to send: encoded once, sent on every try.
@@ -151,6 +190,13 @@ pub enum ModelEvent {
         failed_try: u32,
         reason: String,
         delay: Duration,
+    },
+    /// The call waits before its next request (the provider's `Retry-After`
+    /// or the shared rate limit); not a failed try.
+    Waiting {
+        reason: String,
+        wait: Duration,
+        waited_total: Duration,
     },
 }
 
@@ -203,6 +249,14 @@ pub enum ModelError {
     Malformed(String),
     #[error("model output rejected: {0}")]
     InvalidOutput(String),
+    #[error("the answer was cut short (finish_reason {0:?}); the pipeline does not accept truncated answers")]
+    Truncated(String),
+    #[error("waited {waited:.1?} in total for the provider and the rate limit, over this phase's limit of {limit:.1?}; last: {last}")]
+    WaitedTooLong {
+        waited: Duration,
+        limit: Duration,
+        last: String,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error("gave up after {tries} {}; last error: {last}", tries_word(*tries))]
@@ -218,13 +272,56 @@ impl ModelError {
             | ModelError::Stalled(_)
             | ModelError::Transport(_)
             | ModelError::Malformed(_)
-            | ModelError::InvalidOutput(_) => true,
+            | ModelError::InvalidOutput(_)
+            | ModelError::Truncated(_) => true,
             ModelError::MidStream { code, .. } => !is_permanent_code(*code),
             ModelError::Config(_)
             | ModelError::Request(_)
             | ModelError::Rejected { .. }
             | ModelError::Cancelled
+            | ModelError::WaitedTooLong { .. }
             | ModelError::Exhausted { .. } => false,
+        }
+    }
+
+    /// The same error with every occurrence of `secret` in its messages
+    /// replaced, for providers that echo the key back in an error body.
+    pub fn redact(self, secret: &str) -> ModelError {
+        if secret.is_empty() {
+            return self;
+        }
+        let clean = |text: String| text.replace(secret, "[redacted]");
+        match self {
+            ModelError::Rejected { status, message } => ModelError::Rejected {
+                status,
+                message: clean(message),
+            },
+            ModelError::Status {
+                status,
+                message,
+                retry_after,
+            } => ModelError::Status {
+                status,
+                message: clean(message),
+                retry_after,
+            },
+            ModelError::MidStream { code, message } => ModelError::MidStream {
+                code,
+                message: clean(message),
+            },
+            ModelError::Transport(message) => ModelError::Transport(clean(message)),
+            ModelError::Malformed(message) => ModelError::Malformed(clean(message)),
+            ModelError::InvalidOutput(message) => ModelError::InvalidOutput(clean(message)),
+            ModelError::Exhausted { tries, last } => ModelError::Exhausted {
+                tries,
+                last: Box::new(last.redact(secret)),
+            },
+            ModelError::WaitedTooLong { waited, limit, last } => ModelError::WaitedTooLong {
+                waited,
+                limit,
+                last: clean(last),
+            },
+            other => other,
         }
     }
 
@@ -277,7 +374,7 @@ pub struct ModelClient {
 impl fmt::Debug for ModelClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ModelClient")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &redact_url_text(&self.endpoint))
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -322,20 +419,58 @@ impl ModelClient {
         self
     }
 
-    /// Waits until the pacer lets a try of `model` start.
-    async fn wait_turn(&self, model: &str, cancel: &CancellationToken) -> Result<(), ModelError> {
+    /// Waits until the pacer lets a try of `model` start; the wait counts
+    /// against the call's wait budget, not its tries.
+    async fn wait_turn(
+        &self,
+        model: &str,
+        waits: &mut WaitBudget,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ModelError> {
         let Some(pacer) = &self.pacer else { return Ok(()) };
         loop {
             let wait = pacer.reserve(model).await;
             if wait.is_zero() {
                 return Ok(());
             }
-            tracing::debug!(model, ?wait, "waiting for the model's shared rate limit");
-            with_cancel(cancel, async {
-                tokio::time::sleep(wait).await;
-                Ok(())
-            })
-            .await?;
+            let reason = format!("the shared rate limit of {model} is used up");
+            self.wait_out(wait, reason, waits, events, cancel).await?;
+        }
+    }
+
+    /// Sleeps `wait` unless that would pass the call's total wait budget;
+    /// announces waits worth telling a watcher about.
+    async fn wait_out(
+        &self,
+        wait: Duration,
+        reason: String,
+        waits: &mut WaitBudget,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ModelError> {
+        let waited_total = waits.spend(wait, &reason)?;
+        tracing::debug!(?wait, ?waited_total, %reason, "model call waiting");
+        with_cancel(cancel, async {
+            if wait >= ANNOUNCED_WAIT {
+                let event = ModelEvent::Waiting {
+                    reason,
+                    wait,
+                    waited_total,
+                };
+                let _receiver_gone = events.send(event).await;
+            }
+            tokio::time::sleep(wait).await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the API key from an error's messages.
+    fn redact(&self, error: ModelError) -> ModelError {
+        match &self.config.api_key {
+            Some(key) => error.redact(key.expose_secret()),
+            None => error,
         }
     }
 
@@ -349,25 +484,37 @@ impl ModelClient {
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         let prepared = self.prepare(request)?;
-        let mut try_number = 0;
+        let mut waits = WaitBudget::new(self.config.max_total_wait);
+        let mut try_number = 1;
         loop {
-            try_number += 1;
-            self.wait_turn(&request.model, cancel).await?;
-            let error = match self.try_once(&prepared, try_number, validator, events, cancel).await {
+            self.wait_turn(&request.model, &mut waits, events, cancel)
+                .await
+                .map_err(|e| self.redact(e))?;
+            let tried = self
+                .try_once(&prepared, try_number, request.accept_truncated, validator, events, cancel)
+                .await;
+            let error = match tried {
                 Ok(completion) => {
                     return Ok(Completion {
                         tries: try_number,
                         ..completion
                     });
                 }
-                Err(error) => error,
+                Err(error) => self.redact(error),
             };
-            if let (Some(pacer), Some(wait)) = (&self.pacer, error.retry_after()) {
-                pacer
-                    .back_off(&request.model, wait.min(self.config.max_retry_after))
-                    .await;
+            if let Some(asked) = error.retry_after() {
+                // The provider said when to come back: waiting is not a failed
+                // try, so it spends the wait budget and the try number stays.
+                let wait = asked.min(self.config.max_retry_after);
+                if let Some(pacer) = &self.pacer {
+                    pacer.back_off(&request.model, wait).await;
+                }
+                let reason = format!("{error}; the provider asked to wait {asked:.1?}");
+                self.wait_out(wait, reason, &mut waits, events, cancel).await?;
+                continue;
             }
             self.wait_before_retry(error, try_number, events, cancel).await?;
+            try_number += 1;
         }
     }
 
@@ -419,11 +566,12 @@ impl ModelClient {
         &self,
         prepared: &Prepared,
         try_number: u32,
+        accept_truncated: bool,
         validator: Option<&OutputValidator>,
         events: &mpsc::Sender<ModelEvent>,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
-        tracing::debug!(try_number, endpoint = %self.endpoint, "model try starting");
+        tracing::debug!(try_number, endpoint = %redact_url_text(&self.endpoint), "model try starting");
         let total = self.config.total_timeout;
         let attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events));
         let completion = with_cancel(cancel, async {
@@ -433,6 +581,11 @@ impl ModelClient {
             }))
         })
         .await?;
+        if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r)) {
+            if !accept_truncated {
+                return Err(ModelError::Truncated(reason.to_string()));
+            }
+        }
         if let Some(validate) = validator {
             validate(&completion.text).map_err(ModelError::InvalidOutput)?;
         }
@@ -499,11 +652,9 @@ impl ModelClient {
 
     async fn error_from_response(&self, response: reqwest::Response) -> ModelError {
         let status = response.status().as_u16();
-        let retry_after = parse_retry_after(response.headers());
-        let body = tokio::time::timeout(self.config.idle_timeout, response.text())
+        let retry_after = parse_retry_after(response.headers(), std::time::SystemTime::now());
+        let body = tokio::time::timeout(self.config.idle_timeout, read_bounded(response, MAX_ERROR_BODY_BYTES))
             .await
-            .ok()
-            .and_then(Result::ok)
             .unwrap_or_default();
         http_error(status, &body, retry_after)
     }
@@ -644,10 +795,64 @@ impl Backoff {
     }
 }
 
-/// `Retry-After` in seconds, integer or decimal. The HTTP-date form is ignored.
-fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    Duration::try_from_secs_f64(text.trim().parse().ok()?).ok()
+/// Whether a `finish_reason` says the answer was cut short.
+fn is_truncation(finish_reason: &str) -> bool {
+    matches!(finish_reason, "length" | "content_filter")
+}
+
+/// Up to `limit` bytes of a response body, as text; the rest is not read.
+async fn read_bounded(response: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// `Retry-After` as seconds (integer or decimal) or as an HTTP-date (the
+/// wait until then, zero if it has passed).
+fn parse_retry_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).ok();
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The total a call may spend waiting (Retry-After, rate limit).
+struct WaitBudget {
+    limit: Duration,
+    spent: Duration,
+}
+
+impl WaitBudget {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// Books `wait` and returns the total so far, or fails when it would pass
+    /// the limit.
+    fn spend(&mut self, wait: Duration, reason: &str) -> Result<Duration, ModelError> {
+        let total = self.spent + wait;
+        if total > self.limit {
+            return Err(ModelError::WaitedTooLong {
+                waited: self.spent,
+                limit: self.limit,
+                last: reason.to_string(),
+            });
+        }
+        self.spent = total;
+        Ok(total)
+    }
 }
 
 #[derive(Deserialize)]
@@ -676,7 +881,7 @@ impl WireError {
 /// A non-2xx response as an error, with the provider's own message when it sent one.
 fn http_error(status: u16, body: &str, retry_after: Option<Duration>) -> ModelError {
     let message = serde_json::from_str::<ErrorBody>(body)
-        .map(|b| b.error.message)
+        .map(|b| bounded_message(&b.error.message))
         .ok()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| fallback_message(status, body));
@@ -701,6 +906,15 @@ fn fallback_message(status: u16, body: &str) -> String {
     } else {
         body
     }
+}
+
+/// A provider's message, cut to [`MAX_MESSAGE_CHARS`].
+fn bounded_message(text: &str) -> String {
+    let mut message: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
+    if message.len() < text.len() {
+        message.push('…');
+    }
+    message
 }
 
 fn excerpt(text: &str) -> String {
@@ -850,7 +1064,7 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
         let code = error.code().unwrap_or(UNKNOWN_ERROR_CODE);
         return Err(ModelError::MidStream {
             code,
-            message: error.message,
+            message: bounded_message(&error.message),
         });
     }
     let choice = wire.choices.into_iter().next();
@@ -953,17 +1167,20 @@ mod tests {
 
     #[test]
     fn retry_after_header_accepts_integer_and_decimal_seconds() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
         let parse = |text: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(RETRY_AFTER, HeaderValue::from_str(text).unwrap());
-            parse_retry_after(&headers)
+            parse_retry_after(&headers, now)
         };
         assert_eq!(parse("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse(" 1.5 "), Some(Duration::from_millis(1500)));
-        assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse("Wed, 21 Oct 2015 07:28:03 GMT"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse("-1"), None);
         assert_eq!(parse("NaN"), None);
-        assert_eq!(parse_retry_after(&HeaderMap::new()), None);
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
     }
 
     #[test]
@@ -1074,6 +1291,23 @@ mod tests {
             assert!(!http_error(status, "", None).is_retryable(), "{status}");
         }
         assert!(http_error(503, "", None).to_string().contains("Service Unavailable"));
+    }
+
+    #[test]
+    fn errors_lose_an_echoed_key_and_long_messages_are_cut() {
+        let body = format!(r#"{{"error":{{"code":401,"message":"bad key sk-or-ECHO {}"}}}}"#, "x".repeat(5000));
+        let error = http_error(401, &body, None).redact("sk-or-ECHO");
+        let text = error.to_string();
+        assert!(!text.contains("sk-or-ECHO") && text.contains("[redacted]"), "{text}");
+        assert!(text.len() < MAX_MESSAGE_CHARS + 100, "{} bytes", text.len());
+    }
+
+    #[test]
+    fn waits_have_their_own_budget() {
+        let mut budget = WaitBudget::new(Duration::from_secs(3));
+        assert_eq!(budget.spend(Duration::from_secs(1), "a").unwrap(), Duration::from_secs(1));
+        assert_eq!(budget.spend(Duration::from_secs(2), "b").unwrap(), Duration::from_secs(3));
+        assert!(matches!(budget.spend(Duration::from_millis(1), "c"), Err(ModelError::WaitedTooLong { .. })));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use nexus_pipeline::definition::render_prompt;
 use nexus_proto::internal::{
     OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
-use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, Usage, workflow_event::Kind};
+use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage, workflow_event::Kind};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,22 +30,32 @@ pub struct RunnerContext {
     pub cancels: Arc<CancelRegistry>,
     pub shutdown: CancellationToken,
     pub heartbeat_every: Duration,
+    /// How long publishing a finished answer is retried on Redis errors.
+    pub publish_patience: Duration,
 }
 
-/// Runs a task to its end. Errors talking to Redis leave the task
-/// unacknowledged, so it is reclaimed and run again.
+/// Runs a task to its end. The claim is heartbeated from the first moment,
+/// and the cancel token registered before the task's start is fenced, so a
+/// cancel that lands at any point reaches the call. Errors talking to Redis
+/// leave the task unacknowledged, so it is reclaimed and run again.
 pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
-    let span = tracing::info_span!("phase", workflow_id = %handle.workflow, phase = task.phase_index, delivery);
+    let span = tracing::info_span!("phase", workflow_id = %handle.workflow, phase = task.phase_index, attempt = handle.attempt, delivery);
     nexus_runtime::telemetry::join_trace(&span, &task.traceparent);
     METRICS.tasks_in_flight.inc();
-    run_task_in_span(ctx, handle, task, delivery).instrument(span).await;
+    let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
+    let stop = registration.token.clone();
+    let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
+    run_task_in_span(ctx, &handle, task, delivery, &stop)
+        .instrument(span)
+        .await;
+    heartbeat.abort();
     METRICS.tasks_in_flight.dec();
 }
 
-async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
+async fn run_task_in_span(ctx: &RunnerContext, handle: &TaskHandle, task: PhaseTask, delivery: u64, stop: &CancellationToken) {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        finish(&handle, None, None).await;
+        finish(ctx, handle, None, None, stop).await;
         return;
     };
     let started = Kind::PhaseStarted(PhaseStarted {
@@ -54,12 +64,13 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
         model: spec.model.clone(),
         delivery: delivery as u32,
         worker: handle.consumer.clone(),
+        attempt: handle.attempt,
     });
     let inputs = match handle.start(started, &spec.inputs).await {
         Ok(Some(inputs)) => inputs,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            finish(&handle, None, None).await;
+            finish(ctx, handle, None, None, stop).await;
             return;
         }
         Err(error) => {
@@ -67,14 +78,13 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
             return;
         }
     };
-    let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
-    let request = chat_request(&handle, &spec, &inputs);
-    let outcome = call_model(ctx, &handle, &task, &spec, request, delivery, &registration.token).await;
+    let request = chat_request(handle, &spec, &inputs);
+    let outcome = call_model(ctx, handle, &task, &spec, request, delivery, stop).await;
     match outcome {
         CallOutcome::Result(result, final_delta) => {
-            finish(&handle, Some(&result), final_delta.map(|delta| *delta)).await
+            finish(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
         }
-        CallOutcome::Stopped => settle_stopped(ctx, &handle).await,
+        CallOutcome::Stopped => settle_stopped(ctx, handle, stop).await,
     }
 }
 
@@ -82,13 +92,13 @@ async fn run_task_in_span(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTa
 /// longer needs it (cancelled, finished or moved on). Otherwise (shutdown,
 /// Redis trouble, or another worker took it over) it stays pending, so it is
 /// redelivered rather than lost.
-async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle) {
+async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &CancellationToken) {
     if ctx.shutdown.is_cancelled() {
         tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker");
         return;
     }
     match handle.is_current().await {
-        Ok(false) => finish(handle, None, None).await,
+        Ok(false) => finish(ctx, handle, None, None, stop).await,
         Ok(true) => {
             tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered")
         }
@@ -123,7 +133,6 @@ async fn call_model(
         receiver,
         stop.clone(),
     ));
-    let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
     let started = Instant::now();
     let validator: Option<&OutputValidator> = match spec.output() {
         OutputKind::Rating => Some(&validate_rating),
@@ -132,7 +141,6 @@ async fn call_model(
     let answer = ctx.client.complete(&request, validator, &events, stop).await;
     drop(events);
     let final_delta = forwarder.await.ok().flatten().map(Box::new);
-    heartbeat.abort();
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
         Ok(completion) => metrics::record_call(&spec.model, "ok", seconds, Some(&usage_of(completion))),
@@ -199,6 +207,7 @@ fn chat_request(handle: &TaskHandle, spec: &PhaseSpec, inputs: &HashMap<String, 
         max_tokens: (spec.max_tokens > 0).then_some(spec.max_tokens),
         response_format: (spec.output() == OutputKind::Rating).then(rating::response_format),
         traceparent: Some(handle.workflow.traceparent()),
+        accept_truncated: spec.accept_truncated,
     }
 }
 
@@ -252,6 +261,21 @@ async fn forward_events(
                     retry_in_ms: delay.as_millis() as u64,
                 });
                 append_or_stop(&handle, retrying, &stop).await;
+            }
+            Some(ModelEvent::Waiting {
+                reason,
+                wait,
+                waited_total,
+            }) => {
+                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                let waiting = Kind::PhaseWaiting(PhaseWaiting {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    reason,
+                    wait_ms: wait.as_millis() as u64,
+                    waited_total_ms: waited_total.as_millis() as u64,
+                });
+                append_or_stop(&handle, waiting, &stop).await;
             }
             None => return buffer.into_delta(&handle, &phase, delivery),
         }
@@ -341,6 +365,7 @@ fn success(
         tries: completion.tries,
         rating,
         generation_id: completion.generation_id.unwrap_or_default(),
+        finish_reason: completion.finish_reason.unwrap_or_default(),
         output: completion.text,
     };
     result(handle, task, spec, Outcome::Success(success))
@@ -362,9 +387,37 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
     }
 }
 
-async fn finish(handle: &TaskHandle, result: Option<&PhaseResult>, final_delta: Option<Kind>) {
-    if let Err(error) = handle.finish(result, final_delta).await {
-        tracing::warn!(%error, workflow_id = %handle.workflow, "could not publish the result; the task will be redelivered");
+/// Publishes the result (or just acknowledges) once the answer is in. A
+/// Redis error here is retried for a while rather than leaving the task to
+/// be redelivered: that would run (and pay for) the model call again. The
+/// fence makes a repeated publish harmless. Gives up when the task stops
+/// being this worker's or the patience runs out.
+async fn finish(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    result: Option<&PhaseResult>,
+    final_delta: Option<&Kind>,
+    stop: &CancellationToken,
+) {
+    let deadline = Instant::now() + ctx.publish_patience;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match handle.finish(result, final_delta).await {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::info!(workflow_id = %handle.workflow, "the task was taken over by another worker; dropping this attempt's result");
+                return;
+            }
+            Err(error) if Instant::now() < deadline && !stop.is_cancelled() => {
+                tracing::warn!(%error, workflow_id = %handle.workflow, retry_in = ?delay, "could not publish the result; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => {
+                tracing::warn!(%error, workflow_id = %handle.workflow, "could not publish the result; the task will be redelivered");
+                return;
+            }
+        }
     }
 }
 

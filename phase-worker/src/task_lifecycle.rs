@@ -5,7 +5,7 @@
 
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys, field, status};
+use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field, status};
 use nexus_pipeline::stream::WORKERS_GROUP;
 use nexus_proto::internal::{PhaseResult, PhaseTask};
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
@@ -24,6 +24,18 @@ static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lu
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/heartbeat.lua")));
 static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/finish_task.lua")));
 static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dead_letter.lua")));
+static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/take_over.lua")));
+
+/// What trying to take over an abandoned task found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// Ours now, as this new fencing attempt, delivered this many times.
+    Claimed { attempt: u32, deliveries: u64 },
+    /// The workflow no longer needs it; it was acknowledged.
+    Stale,
+    /// Another worker took it first, or it was settled meanwhile.
+    Gone,
+}
 
 /// An event as a worker stores it (the cursor is its stream id).
 fn event(kind: Kind) -> WorkflowEvent {
@@ -43,6 +55,8 @@ pub struct TaskHandle {
     pub workflow: WorkflowId,
     pub keys: WorkflowKeys,
     pub phase_index: u32,
+    /// The fencing attempt this worker runs the task as: the task's own on
+    /// first delivery, a new one on every takeover.
     pub attempt: u32,
 }
 
@@ -99,6 +113,32 @@ impl TaskHandle {
         Ok(appended == 1)
     }
 
+    /// Takes over this (abandoned) task as a new attempt; on success the
+    /// handle carries that attempt.
+    pub async fn take_over(&mut self, min_idle_ms: u64) -> redis::RedisResult<Takeover> {
+        let reply: Vec<String> = TAKE_OVER
+            .key(self.keys.shard.tasks())
+            .key(self.keys.state())
+            .arg(WORKERS_GROUP)
+            .arg(&self.consumer)
+            .arg(min_idle_ms)
+            .arg(&self.entry_id)
+            .arg(self.phase_index)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match reply.as_slice() {
+            [claimed, attempt, deliveries] if claimed == "claimed" => {
+                self.attempt = attempt.parse().unwrap_or(u32::MAX);
+                Takeover::Claimed {
+                    attempt: self.attempt,
+                    deliveries: deliveries.parse().unwrap_or(u64::MAX),
+                }
+            }
+            [stale] if stale == "stale" => Takeover::Stale,
+            _ => Takeover::Gone,
+        })
+    }
+
     /// Whether the workflow still waits for this task's result.
     pub async fn is_current(&self) -> redis::RedisResult<bool> {
         let (status, phase, attempt): (Option<String>, Option<u32>, Option<u32>) = redis::cmd("HMGET")
@@ -126,12 +166,15 @@ impl TaskHandle {
         Ok(alive == 1)
     }
 
-    /// Publishes the result (if any) and acknowledges the task, atomically.
-    /// With `final_delta`, the last streamed output is appended first.
-    pub async fn finish(&self, result: Option<&PhaseResult>, final_delta: Option<Kind>) -> redis::RedisResult<()> {
+    /// Publishes the result (if any) and acknowledges the task, atomically,
+    /// if the task is still this worker's. With `final_delta`, the last
+    /// streamed output is appended first. `false`: another worker holds it.
+    pub async fn finish(&self, result: Option<&PhaseResult>, final_delta: Option<&Kind>) -> redis::RedisResult<bool> {
         let payload = result.map(Message::encode_to_vec).unwrap_or_default();
-        let delta = final_delta.map(|kind| event(kind).encode_to_vec()).unwrap_or_default();
-        FINISH_TASK
+        let delta = final_delta
+            .map(|kind| event(kind.clone()).encode_to_vec())
+            .unwrap_or_default();
+        let settled: i64 = FINISH_TASK
             .key(self.keys.shard.results())
             .key(self.keys.shard.tasks())
             .key(self.keys.state())
@@ -144,22 +187,44 @@ impl TaskHandle {
             .arg(self.attempt)
             .arg(EVENTS_CHANNEL)
             .arg(self.workflow.to_string())
+            .arg(&self.consumer)
             .invoke_async(&mut self.conn.clone())
-            .await
+            .await?;
+        Ok(settled == 1)
     }
 
     /// Moves a poison task to the dead-letter stream and reports the failure.
     pub async fn dead_letter(&self, task: &[u8], failure: &PhaseResult, deliveries: u64) -> redis::RedisResult<()> {
-        DEAD_LETTER
-            .key(self.keys.shard.dead_letter())
-            .key(self.keys.shard.results())
-            .key(self.keys.shard.tasks())
-            .arg(task)
-            .arg(failure.encode_to_vec())
-            .arg(WORKERS_GROUP)
-            .arg(&self.entry_id)
-            .arg(deliveries)
-            .invoke_async(&mut self.conn.clone())
-            .await
+        let why = match &failure.outcome {
+            Some(nexus_proto::internal::phase_result::Outcome::Failure(failure)) => failure.reason.as_str(),
+            _ => "",
+        };
+        let mut conn = self.conn.clone();
+        dead_letter_entry(&mut conn, &self.keys.shard, &self.entry_id, task, Some(failure), deliveries, why).await
     }
+}
+
+/// Moves a task entry to its shard's dead-letter stream, with the failure
+/// result to publish (none for an entry that names no workflow).
+pub async fn dead_letter_entry(
+    conn: &mut Connection,
+    shard: &ShardKeys,
+    entry_id: &str,
+    payload: &[u8],
+    failure: Option<&PhaseResult>,
+    deliveries: u64,
+    why: &str,
+) -> redis::RedisResult<()> {
+    DEAD_LETTER
+        .key(shard.dead_letter())
+        .key(shard.results())
+        .key(shard.tasks())
+        .arg(payload)
+        .arg(failure.map(Message::encode_to_vec).unwrap_or_default())
+        .arg(WORKERS_GROUP)
+        .arg(entry_id)
+        .arg(deliveries)
+        .arg(why)
+        .invoke_async(conn)
+        .await
 }

@@ -71,6 +71,17 @@ impl StandIn {
         requests.iter().map(outcome).collect()
     }
 
+    /// Milliseconds between consecutive requests, as the stand-in saw them.
+    async fn gaps_ms(&self) -> Vec<u64> {
+        let received: Vec<u64> = self
+            .requests()
+            .await
+            .iter()
+            .map(|r| r["received_ms"].as_u64().expect("received_ms"))
+            .collect();
+        received.windows(2).map(|pair| pair[1] - pair[0]).collect()
+    }
+
     fn client(&self) -> ModelClient {
         self.client_with(|_| {})
     }
@@ -137,10 +148,18 @@ impl Call {
         self.events.iter().filter_map(delta).collect()
     }
 
+    fn waits(&self) -> Vec<(String, Duration)> {
+        let wait = |event: &ModelEvent| match event {
+            ModelEvent::Waiting { reason, wait, .. } => Some((reason.clone(), *wait)),
+            _ => None,
+        };
+        self.events.iter().filter_map(wait).collect()
+    }
+
     fn retries(&self) -> Vec<(String, Duration)> {
         let retry = |event: &ModelEvent| match event {
             ModelEvent::Retrying { reason, delay, .. } => Some((reason.clone(), *delay)),
-            ModelEvent::Delta { .. } => None,
+            ModelEvent::Delta { .. } | ModelEvent::Waiting { .. } => None,
         };
         self.events.iter().filter_map(retry).collect()
     }
@@ -256,22 +275,75 @@ async fn payment_required_fails_fast_after_one_request_with_the_provider_message
 }
 
 #[tokio::test]
-async fn rate_limit_with_retry_after_is_honoured_then_the_retry_succeeds() {
+async fn retry_after_waits_are_not_tries_so_four_429s_still_complete() {
     let stand_in = StandIn::start().await;
     stand_in
-        .queue_faults(json!([{"kind": "status", "status": 429,
-                              "message": "Rate limited", "retry_after_secs": 1}]))
+        .queue_faults(json!([{"kind": "status", "status": 429, "times": 4,
+                              "message": "Rate limited", "retry_after_secs": 0.3}]))
         .await;
-    let started = Instant::now();
     let call = call(&stand_in.client(), &ask("m/a", "hello"), None).await;
 
-    assert_eq!(call.completion().tries, 2);
-    assert!(started.elapsed() >= Duration::from_millis(950));
-    let retries = call.retries();
-    assert_eq!(retries.len(), 1);
-    assert!(retries[0].0.contains("429 from provider: Rate limited"));
-    assert!(retries[0].1 >= Duration::from_secs(1));
-    assert_eq!(stand_in.outcomes().await, ["status 429", "ok"]);
+    assert_eq!(call.completion().tries, 1, "waiting out Retry-After is not a failed try");
+    assert!(call.retries().is_empty());
+    let waits = call.waits();
+    assert_eq!(waits.len(), 4);
+    assert!(waits.iter().all(|(reason, wait)| reason.contains("429") && *wait >= Duration::from_millis(300)));
+    let gaps = stand_in.gaps_ms().await;
+    assert!(gaps.iter().all(|gap| *gap >= 290), "gaps between calls at the stand-in: {gaps:?}");
+    assert_eq!(stand_in.outcomes().await, ["status 429", "status 429", "status 429", "status 429", "ok"]);
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let stand_in = StandIn::start().await;
+    stand_in
+        .queue_faults(json!([{"kind": "status", "status": 503, "retry_after_secs": 2,
+                              "retry_after_http_date": true}]))
+        .await;
+    let call = call(&stand_in.client(), &ask("m/a", "hello"), None).await;
+
+    call.completion();
+    // An HTTP-date has whole seconds: "now + 2 s" is between 1 and 2 s away.
+    let gaps = stand_in.gaps_ms().await;
+    assert_eq!(gaps.len(), 1);
+    assert!((900..2500).contains(&gaps[0]), "gap at the stand-in {} ms", gaps[0]);
+}
+
+#[tokio::test]
+async fn waits_past_the_wait_budget_fail_with_a_clear_reason() {
+    let stand_in = StandIn::start().await;
+    stand_in
+        .queue_faults(json!([{"kind": "status", "status": 429, "times": 10, "retry_after_secs": 0.4}]))
+        .await;
+    let client = stand_in.client_with(|config| config.max_total_wait = Duration::from_secs(1));
+    let call = call(&client, &ask("m/a", "hello"), None).await;
+
+    let error = call.error().to_string();
+    assert!(error.contains("waited") && error.contains("limit"), "{error}");
+    assert_eq!(stand_in.outcomes().await.len(), 3, "0.4 s + 0.4 s fit in 1 s, a third wait does not");
+}
+
+#[tokio::test]
+async fn truncated_answers_are_failed_tries_unless_accepted() {
+    let stand_in = StandIn::start().await;
+    stand_in
+        .queue_faults(json!([{"kind": "truncated", "after_words": 3, "times": 3}]))
+        .await;
+    let cut = call(&stand_in.client(), &ask("m/a", "hello"), None).await;
+    let error = cut.error().to_string();
+    assert!(error.contains("cut short") && error.contains("length"), "{error}");
+    assert_eq!(stand_in.outcomes().await.len(), 3);
+
+    stand_in
+        .queue_faults(json!([{"kind": "truncated", "after_words": 3, "finish_reason": "content_filter"}]))
+        .await;
+    let accepting = ChatRequest {
+        accept_truncated: true,
+        ..ask("m/a", "hello")
+    };
+    let accepted = call(&stand_in.client(), &accepting, None).await;
+    assert_eq!(accepted.completion().finish_reason.as_deref(), Some("content_filter"));
+    assert_eq!(accepted.completion().tries, 1);
 }
 
 #[tokio::test]
@@ -397,7 +469,7 @@ async fn structured_output_rejected_by_the_validator_is_retried_until_it_passes(
 async fn api_key_never_appears_in_error_messages() {
     let stand_in = StandIn::start().await;
     stand_in
-        .queue_faults(json!([{"kind": "status", "status": 401, "message": "Invalid API key"}]))
+        .queue_faults(json!([{"kind": "status", "status": 401, "message": "Invalid API key", "echo_key": true}]))
         .await;
     let client = stand_in.client();
     let rejected = call(&client, &ask("m/a", "hello"), None).await;
@@ -420,6 +492,7 @@ async fn api_key_never_appears_in_error_messages() {
         refused.error().to_string(),
         format!("{:?}", refused.error()),
         format!("{client:?}"),
+        format!("{:?}", unreachable),
     ] {
         assert!(!text.contains("TESTSECRET"), "key leaked in: {text}");
     }

@@ -42,6 +42,11 @@ pub struct PhaseDefinition {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub max_tokens: u32,
+    /// Accept an answer the model cut short (`finish_reason` "length" or
+    /// "content_filter"). Off by default: a cut-off plan is not a plan, so
+    /// such an answer is a failed try.
+    #[serde(default)]
+    pub accept_truncated: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -160,6 +165,7 @@ fn phase_spec(phase: &PhaseDefinition, models: &BTreeMap<String, String>) -> Res
         output: output as i32,
         temperature: phase.temperature,
         max_tokens: phase.max_tokens,
+        accept_truncated: phase.accept_truncated,
     })
 }
 

@@ -38,13 +38,19 @@ pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap
         status,
         message,
         retry_after_secs,
+        retry_after_http_date,
+        echo_key,
     }) = &fault
     {
         outcome.settle(format!("status {status}"));
-        let message = message
+        let mut message = message
             .clone()
             .unwrap_or_else(|| format!("Stand-in fault: status {status}"));
-        return error_response(*status, &message, *retry_after_secs, true);
+        if *echo_key {
+            message.push_str(&format!(" (you sent: {})", bearer_token(&headers).unwrap_or_default()));
+        }
+        let retry_after = retry_after_secs.map(|secs| retry_after_value(secs, *retry_after_http_date));
+        return error_response(*status, &message, retry_after, true);
     }
     let plan = Plan::new(&body, shared.config(), outcome.seq(), fault);
     if body.stream {
@@ -54,12 +60,24 @@ pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap
     }
 }
 
-/// Any non-empty bearer token will do; the token itself is never looked at or logged.
+/// Any non-empty bearer token will do; the token itself is never logged (only
+/// the `echo_key` fault sends it back, to test that clients do not leak it).
 fn has_bearer(headers: &HeaderMap) -> bool {
+    bearer_token(headers).is_some_and(|token| !token.trim().is_empty())
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    value
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|token| !token.trim().is_empty())
+    value.and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// `Retry-After` as seconds, or as the HTTP-date that many seconds from now.
+fn retry_after_value(secs: f64, http_date: bool) -> String {
+    if !http_date {
+        return secs.to_string();
+    }
+    let when = std::time::SystemTime::now() + Duration::try_from_secs_f64(secs).unwrap_or_default();
+    httpdate::fmt_http_date(when)
 }
 
 fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
@@ -79,10 +97,10 @@ fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
     error_response(400, &format!("Invalid request body: {err}"), None, false)
 }
 
-fn error_response(status: u16, message: &str, retry_after_secs: Option<f64>, scripted: bool) -> Response {
+fn error_response(status: u16, message: &str, retry_after: Option<String>, scripted: bool) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (code, Json(wire::error_body(status, message, scripted))).into_response();
-    let retry_after = retry_after_secs.and_then(|secs| HeaderValue::try_from(secs.to_string()).ok());
+    let retry_after = retry_after.and_then(|value| HeaderValue::try_from(value).ok());
     if let Some(value) = retry_after {
         response.headers_mut().insert(RETRY_AFTER, value);
     }
@@ -109,6 +127,6 @@ async fn whole(plan: Plan, outcome: Outcome) -> Response {
 }
 
 fn completion_response(plan: &Plan) -> Response {
-    let body = wire::completion(&plan.meta, &plan.text(), plan.finish_reason, &plan.usage);
+    let body = wire::completion(&plan.meta, &plan.text(), &plan.finish_reason, &plan.usage);
     ([("x-generation-id", plan.meta.id.clone())], Json(body)).into_response()
 }

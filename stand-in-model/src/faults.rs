@@ -17,6 +17,14 @@ pub enum Fault {
         message: Option<String>,
         #[serde(default)]
         retry_after_secs: Option<f64>,
+        /// Send `Retry-After` as an HTTP-date (now plus the seconds), as
+        /// some providers and proxies do, instead of a number of seconds.
+        #[serde(default)]
+        retry_after_http_date: bool,
+        /// Echo the request's bearer token in the error message, as a careless
+        /// provider or proxy might: the client must never pass it on.
+        #[serde(default)]
+        echo_key: bool,
     },
     /// Go completely silent (no comments either) for `secs` after `after_words` chunks.
     Stall { after_words: usize, secs: f64 },
@@ -34,6 +42,17 @@ pub enum Fault {
     Latency { first_token_ms: u64 },
     /// Answer a structured-output request with text that is not JSON.
     BadJsonOutput,
+    /// Stop after `after_words` chunks with this `finish_reason` ("length",
+    /// "content_filter"), the way a model cut short ends its stream.
+    Truncated {
+        after_words: usize,
+        #[serde(default = "default_truncation")]
+        finish_reason: String,
+    },
+}
+
+fn default_truncation() -> String {
+    "length".into()
 }
 
 fn default_mid_stream_code() -> u16 {
@@ -50,6 +69,7 @@ impl Fault {
             Fault::MidStreamError { .. } => "mid_stream_error".into(),
             Fault::Latency { .. } => "latency".into(),
             Fault::BadJsonOutput => "bad_json_output".into(),
+            Fault::Truncated { finish_reason, .. } => format!("truncated {finish_reason}"),
         }
     }
 

@@ -89,7 +89,7 @@ impl ChatBody {
 pub(crate) struct Plan {
     pub meta: Meta,
     pub chunks: Vec<String>,
-    pub finish_reason: &'static str,
+    pub finish_reason: String,
     pub usage: Value,
     pub first_token_latency: Duration,
     pub token_interval: Option<Duration>,
@@ -100,10 +100,18 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn new(body: &ChatBody, config: &StandInConfig, seq: u64, fault: Option<Fault>) -> Self {
         let mut chunks = reply::chunks(&reply_text(body, config, fault.as_ref()));
-        let mut finish_reason = "stop";
+        let mut finish_reason = "stop".to_string();
         if let Some(max) = body.max_tokens.filter(|max| *max < chunks.len()) {
             chunks.truncate(max.max(1));
-            finish_reason = "length";
+            finish_reason = "length".to_string();
+        }
+        if let Some(Fault::Truncated {
+            after_words,
+            finish_reason: reason,
+        }) = &fault
+        {
+            chunks.truncate((*after_words).max(1));
+            finish_reason = reason.clone();
         }
         let first_token_latency = match fault {
             Some(Fault::Latency { first_token_ms }) => Duration::from_millis(first_token_ms),

@@ -91,7 +91,7 @@ async fn send_word(plan: &Plan, sink: &Sink, index: usize) -> Result<(), Gone> {
     if let Some(interval) = plan.token_interval.filter(|_| index > 0) {
         sink.pause(interval).await?;
     }
-    let finish = (index + 1 == plan.chunks.len()).then_some(plan.finish_reason);
+    let finish = (index + 1 == plan.chunks.len()).then_some(plan.finish_reason.as_str());
     let chunk = wire::content_chunk(&plan.meta, &plan.chunks[index], finish);
     sink.send_data(&chunk).await
 }

@@ -114,6 +114,7 @@ pub fn kind_name(event: &WorkflowEvent) -> &'static str {
         Some(Kind::PhaseOutputDelta(_)) => "phase_output_delta",
         Some(Kind::PhaseCompleted(_)) => "phase_completed",
         Some(Kind::PhaseRetrying(_)) => "phase_retrying",
+        Some(Kind::PhaseWaiting(_)) => "phase_waiting",
         Some(Kind::Completed(_)) => "completed",
         Some(Kind::Failed(_)) => "failed",
         Some(Kind::Cancelled(_)) => "cancelled",
@@ -213,6 +214,7 @@ pub fn phase_of(event: &WorkflowEvent) -> Option<u32> {
         Some(Kind::PhaseOutputDelta(e)) => Some(e.index),
         Some(Kind::PhaseCompleted(e)) => Some(e.index),
         Some(Kind::PhaseRetrying(e)) => Some(e.index),
+        Some(Kind::PhaseWaiting(e)) => Some(e.index),
         _ => None,
     }
 }

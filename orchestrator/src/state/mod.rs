@@ -25,9 +25,9 @@ pub use events::{event, is_terminal};
 pub use transitions::ApplyOutcome;
 
 use crate::errors::ApiError;
-use crate::validation::{ValidStart, plan_as_text};
+use crate::validation::{ValidStart, plan_as_text, plan_fingerprint};
 use nexus_pipeline::connection::Connection;
-use nexus_pipeline::ids::{WorkflowId, fnv1a, shard_for};
+use nexus_pipeline::ids::{WorkflowId, shard_for};
 use nexus_pipeline::keys::{CANCEL_CHANNEL, EVENTS_CHANNEL, WorkflowKeys};
 use nexus_proto::internal::{PhaseSpec, PhaseTask, PipelineSnapshot};
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
@@ -96,7 +96,7 @@ impl WorkflowStore {
         let id = WorkflowId::new(shard_for(request.idempotency_key, self.shards));
         let keys = WorkflowKeys::new(&id);
         let plan_bytes = request.plan.encode_to_vec();
-        let plan_fingerprint = format!("{:016x}", fnv1a(&plan_bytes));
+        let plan_fingerprint = plan_fingerprint(request.plan);
         let snapshot = &self.current.snapshot;
         let accepted = event(Kind::Accepted(WorkflowAccepted {
             plan_name: request.plan.name.trim().to_string(),

@@ -103,6 +103,7 @@ impl WorkflowStore {
             usage: success.usage,
             duration_ms: success.duration_ms,
             tries: success.tries,
+            finish_reason: success.finish_reason.clone(),
         };
         let completed = event(Kind::PhaseCompleted(PhaseCompleted {
             index: result.phase_index,
@@ -114,6 +115,7 @@ impl WorkflowStore {
             tries: success.tries,
             rating: success.rating.clone(),
             result_published_at: Some(nexus_proto::timestamp_from_micros(result.published_at_us)),
+            finish_reason: success.finish_reason.clone(),
         }));
         let mut transition = Transition {
             outcome: "next",
