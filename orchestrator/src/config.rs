@@ -52,6 +52,11 @@ pub struct Config {
     #[arg(long, env = "NEXUS_RESULT_CLAIM_IDLE_MS", default_value_t = 10_000)]
     pub result_claim_idle_ms: u64,
 
+    /// A phase result that still cannot be applied after this many deliveries
+    /// goes to the result dead-letter stream, and its workflow fails.
+    #[arg(long, env = "NEXUS_MAX_RESULT_DELIVERIES", default_value_t = 5)]
+    pub max_result_deliveries: u64,
+
     /// Most concurrent gRPC streams (watchers, calls) on one HTTP/2
     /// connection. Clients multiplex many watchers over few connections.
     #[arg(long, env = "NEXUS_MAX_STREAMS_PER_CONNECTION", default_value_t = 10_000)]
@@ -61,6 +66,12 @@ pub struct Config {
     /// Health and reflection stay open. Unset: no authentication.
     #[arg(long, env = "NEXUS_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+
+    /// On SIGTERM, how long to let calls and loops finish before exiting
+    /// anyway (even with Redis down), in milliseconds. Open watch streams end
+    /// at once with UNAVAILABLE, so their clients resume on another replica.
+    #[arg(long, env = "NEXUS_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
 
     /// This replica's consumer name in the results group. Default: host,
     /// process id and a random suffix, so restarts never collide.

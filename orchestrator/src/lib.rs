@@ -55,8 +55,17 @@ pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
     })
 }
 
-/// Runs the orchestrator until `shutdown` is cancelled.
+/// Runs the orchestrator until `shutdown` is cancelled, then stops within
+/// the configured grace period whatever Redis does.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    tokio::select! {
+        result = run_until_stopped(config, shutdown.clone()) => result,
+        () = nexus_runtime::shutdown::deadline(shutdown, grace) => Ok(()),
+    }
+}
+
+async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = load_pipeline(&config)?;
     if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
@@ -70,7 +79,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("connecting to redis")?;
     let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, pipeline);
-    let hub = Arc::new(watch::WatchHub::default());
+    let hub = Arc::new(watch::WatchHub::new(shutdown.clone()));
     tokio::spawn(hub.clone().listen(config.redis.clone()));
     let consumer = results::ResultConsumer {
         store: store.clone(),
@@ -80,6 +89,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .clone()
             .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("orchestrator")),
         claim_idle: Duration::from_millis(config.result_claim_idle_ms),
+        max_deliveries: config.max_result_deliveries.max(1),
     };
     let results = tokio::spawn(consumer.run(shutdown.clone()));
     tokio::spawn(housekeeping::run(

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 /// Events read per round trip while replaying.
@@ -59,12 +60,21 @@ impl Feed {
 }
 
 /// Wakes the local watchers of a workflow when it has new events.
-#[derive(Default)]
 pub struct WatchHub {
     watched: Mutex<HashMap<String, Weak<Feed>>>,
+    /// Cancelled when the replica shuts down: every watch stream then ends
+    /// with UNAVAILABLE, so its client resumes on another replica.
+    shutdown: CancellationToken,
 }
 
 impl WatchHub {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            watched: Mutex::default(),
+            shutdown,
+        }
+    }
+
     /// The feed of one workflow, shared by all its local watchers.
     fn subscribe(&self, workflow_id: &str) -> Arc<Feed> {
         let mut watched = self.watched.lock().expect("watch hub lock");
@@ -103,13 +113,12 @@ impl WatchHub {
     /// Listens for event notifications until the process ends, reconnecting
     /// after Redis restarts.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
-        loop {
-            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
-                tracing::warn!(%error, "event notifications interrupted; reconnecting");
-            }
+        nexus_pipeline::connection::listen_forever("event notifications", || async {
+            let listened = self.listen_once(redis.pubsub_url()).await;
             self.wake_all();
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            listened
+        })
+        .await
     }
 
     async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
@@ -210,6 +219,11 @@ impl Watcher {
                 _ = notified => false,
                 _ = tokio::time::sleep(POLL_FALLBACK) => true,
                 _ = self.sender.closed() => return,
+                _ = self.hub.shutdown.cancelled() => {
+                    let status = Status::unavailable("this orchestrator is shutting down; resume with your last cursor on another replica");
+                    let _ = self.sender.send(Err(status)).await;
+                    return;
+                }
             };
         }
     }

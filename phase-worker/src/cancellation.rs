@@ -3,17 +3,20 @@
 //! Each running task registers a token under its workflow id. One pub/sub
 //! connection per worker listens on the cancel channel and cancels the
 //! tokens of the named workflow, which aborts the HTTP request within
-//! milliseconds. The pub/sub message is only the fast path: the heartbeat
-//! and every event append re-check the workflow, so a lost message delays
-//! the abort, it does not prevent it.
+//! milliseconds. A task registers before its start is fenced, so a cancel
+//! that lands between the claim and the start is seen by the fence, and one
+//! after it by the token. Messages published while the subscription was
+//! down are lost, so every (re)subscription re-checks the status of every
+//! registered workflow. The heartbeat and every event append re-check the
+//! workflow too, as a last resort.
 
 use futures::StreamExt;
-use nexus_pipeline::connection::RedisArgs;
-use nexus_pipeline::keys::CANCEL_CHANNEL;
+use nexus_pipeline::connection::{Connection, RedisArgs};
+use nexus_pipeline::ids::WorkflowId;
+use nexus_pipeline::keys::{CANCEL_CHANNEL, WorkflowKeys, field, status};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
@@ -56,22 +59,37 @@ impl CancelRegistry {
     }
 
     /// Listens for cancellations until the process ends.
-    pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
-        loop {
-            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
-                tracing::warn!(%error, "cancel notifications interrupted; reconnecting");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+    pub async fn listen(self: Arc<Self>, redis: RedisArgs, conn: Connection) {
+        nexus_pipeline::connection::listen_forever("cancel notifications", || {
+            self.listen_once(redis.pubsub_url(), &conn)
+        })
+        .await
     }
 
-    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
+    async fn listen_once(&self, redis_url: &str, conn: &Connection) -> redis::RedisResult<()> {
         let client = redis::Client::open(redis_url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(CANCEL_CHANNEL).await?;
+        self.recheck_all(conn.clone()).await?;
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             if let Ok(workflow_id) = message.get_payload::<String>() {
+                self.cancel(&workflow_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CancelRegistry {
+    /// Cancels the calls of every registered workflow that has ended: the
+    /// cancellations published while this worker was not subscribed.
+    async fn recheck_all(&self, mut conn: Connection) -> redis::RedisResult<()> {
+        let workflows: Vec<String> = self.running.lock().expect("cancel registry lock").keys().cloned().collect();
+        for workflow_id in workflows {
+            let Ok(id) = WorkflowId::parse(&workflow_id) else { continue };
+            let status: Option<String> = redis::AsyncCommands::hget(&mut conn, WorkflowKeys::new(&id).state(), field::STATUS).await?;
+            if status.is_none_or(|status| status::is_terminal(&status)) {
                 self.cancel(&workflow_id);
             }
         }

@@ -38,8 +38,16 @@ use tokio_util::sync::CancellationToken;
 /// are aborted (their tasks are then reclaimed by other workers).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs the worker until `stop` is cancelled, then drains.
+/// Runs the worker until `stop` is cancelled, then drains; exits within the
+/// drain grace plus a little even when Redis is down.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
+    tokio::select! {
+        result = run_until_stopped(config, stop.clone()) => result,
+        () = nexus_runtime::shutdown::deadline(stop, SHUTDOWN_GRACE + Duration::from_secs(2)) => Ok(()),
+    }
+}
+
+async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
     model_client::install_crypto_provider();
     if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
@@ -58,7 +66,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
         .with_pacer(pacer);
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
-    tokio::spawn(cancels.clone().listen(config.redis.clone()));
+    tokio::spawn(cancels.clone().listen(config.redis.clone(), conn.clone()));
     let ctx = Arc::new(runner::RunnerContext {
         client,
         cancels,

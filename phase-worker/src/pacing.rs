@@ -112,12 +112,8 @@ impl RedisPacer {
 
     /// Learns other workers' back-offs until the process ends.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
-        loop {
-            if let Err(error) = self.listen_once(redis.pubsub_url()).await {
-                tracing::warn!(%error, "pace notifications interrupted; reconnecting");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        nexus_pipeline::connection::listen_forever("pace notifications", || self.listen_once(redis.pubsub_url()))
+            .await
     }
 
     async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {

@@ -104,6 +104,7 @@ impl RedisArgs {
     pub async fn connect_patiently(&self, blocking: bool) -> redis::RedisResult<Connection> {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0;
+        let mut quiet = LogBackoff::default();
         loop {
             attempt += 1;
             let connected = if blocking {
@@ -114,13 +115,74 @@ impl RedisArgs {
             match connected {
                 Ok(conn) => return Ok(conn),
                 Err(error) if attempt < 60 => {
-                    tracing::warn!(%error, attempt, "redis not reachable yet; retrying");
+                    if quiet.should_log() {
+                        tracing::warn!(%error, attempt, "redis not reachable yet; retrying");
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+/// Spaces out a repeated warning (Redis unreachable, a loop reconnecting):
+/// the first time, then after 1 s, 2 s, 4 s ... at most once a minute, so an
+/// outage is visible in the log without flooding it. Reset once things work.
+#[derive(Debug)]
+pub struct LogBackoff {
+    next: Option<std::time::Instant>,
+    gap: Duration,
+}
+
+impl Default for LogBackoff {
+    fn default() -> Self {
+        Self {
+            next: None,
+            gap: Duration::from_secs(1),
+        }
+    }
+}
+
+impl LogBackoff {
+    /// Whether to log this occurrence.
+    pub fn should_log(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next = Some(now + self.gap);
+        self.gap = (self.gap * 2).min(Duration::from_secs(60));
+        true
+    }
+
+    /// Things work again: the next failure is logged at once.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Runs a pub/sub listener (`listen_once` subscribes and reads until the
+/// connection drops) again and again, forever: a Redis restart is an outage
+/// of notifications, not the end of them. Reconnect warnings are spaced out.
+pub async fn listen_forever<F, Fut>(what: &str, mut listen_once: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<()>>,
+{
+    let mut quiet = LogBackoff::default();
+    loop {
+        let started = std::time::Instant::now();
+        if let Err(error) = listen_once().await {
+            if started.elapsed() > Duration::from_secs(10) {
+                quiet.reset();
+            }
+            if quiet.should_log() {
+                tracing::warn!(%error, "{what} interrupted; reconnecting");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -175,7 +237,16 @@ fn redact_one(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use super::{LogBackoff, redacted_url};
+
+    #[test]
+    fn repeated_warnings_are_spaced_out() {
+        let mut quiet = LogBackoff::default();
+        assert!(quiet.should_log());
+        assert!(!quiet.should_log(), "a second warning right away is dropped");
+        quiet.reset();
+        assert!(quiet.should_log());
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

@@ -9,7 +9,8 @@
 //! ```text
 //! nexus:{nx0}:tasks              stream  phase tasks        (group "workers")
 //! nexus:{nx0}:results            stream  phase results      (group "orchestrators")
-//! nexus:{nx0}:deadletter         stream  tasks delivered too often
+//! nexus:{nx0}:deadletter         stream  tasks delivered too often, or undecodable
+//! nexus:{nx0}:results:deadletter stream  results that could not be applied
 //! nexus:{nx0}:index              zset    workflow id -> created ms
 //! nexus:{nx0}:idem:<key>         string  idempotency key -> workflow id
 //! nexus:{nx0}:pipeline:<fp>      string  PipelineSnapshot by fingerprint
@@ -62,6 +63,10 @@ impl ShardKeys {
 
     pub fn dead_letter(&self) -> String {
         format!("{}:deadletter", self.prefix)
+    }
+
+    pub fn results_dead_letter(&self) -> String {
+        format!("{}:results:deadletter", self.prefix)
     }
 
     pub fn index(&self) -> String {
@@ -121,6 +126,8 @@ pub mod field {
     pub const CREATED_MS: &str = "created_ms";
     pub const UPDATED_MS: &str = "updated_ms";
     pub const IDEMPOTENCY_KEY: &str = "idem";
+    /// The Redis key of the idempotency record, expired with the workflow.
+    pub const IDEMPOTENCY_RECORD: &str = "idem_key";
     pub const PLAN_FINGERPRINT: &str = "plan_fp";
     pub const REASON: &str = "reason";
     pub const RATING: &str = "rating";

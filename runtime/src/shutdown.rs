@@ -3,6 +3,15 @@
 
 use tokio_util::sync::CancellationToken;
 
+/// Resolves `grace` after `token` is cancelled: the point past which a
+/// process stops waiting for its loops (say, on a Redis that is down) and
+/// exits anyway. Race the process's work against it.
+pub async fn deadline(token: CancellationToken, grace: std::time::Duration) {
+    token.cancelled().await;
+    tokio::time::sleep(grace).await;
+    tracing::warn!(?grace, "shutdown deadline passed; exiting without waiting any longer");
+}
+
 /// A token cancelled when the process receives SIGINT or SIGTERM.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();

@@ -144,6 +144,42 @@ impl WorkflowStore {
         }
     }
 
+    /// Gives up on a result that could not be applied after `deliveries`
+    /// deliveries: moves it to the shard's result dead-letter stream and
+    /// fails its workflow with the reason. Returns what the script did.
+    pub async fn fail_unapplicable(
+        &self,
+        id: &WorkflowId,
+        entry_id: &str,
+        payload: &[u8],
+        deliveries: u64,
+        reason: &str,
+    ) -> Result<String, ApiError> {
+        let keys = WorkflowKeys::new(id);
+        let failed = event(Kind::Failed(nexus_proto::v1::WorkflowFailed {
+            reason: reason.to_string(),
+            phase: String::new(),
+        }));
+        Ok(scripts::FAIL_WORKFLOW
+            .key(keys.state())
+            .key(keys.events())
+            .key(keys.outputs())
+            .key(keys.shard.results())
+            .key(keys.shard.results_dead_letter())
+            .arg(nexus_pipeline::now_ms())
+            .arg(failed.encode_to_vec())
+            .arg(reason)
+            .arg(self.retention_secs)
+            .arg(EVENTS_CHANNEL)
+            .arg(id.to_string())
+            .arg(entry_id)
+            .arg(nexus_pipeline::stream::ORCHESTRATORS_GROUP)
+            .arg(payload)
+            .arg(deliveries)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
     /// Cancels a pending or running workflow; returns it as it then stands.
     pub async fn cancel(&self, id: &WorkflowId, reason: &str) -> Result<Workflow, ApiError> {
         let keys = WorkflowKeys::new(id);

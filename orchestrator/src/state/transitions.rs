@@ -150,7 +150,7 @@ impl WorkflowStore {
         last: &Phase,
         success: &PhaseSuccess,
     ) -> Result<WorkflowCompleted, ApiError> {
-        let stored = view::load_stored(&mut self.conn.clone(), id)
+        let stored = view::load_stored(&mut self.conn.clone(), id, true)
             .await?
             .ok_or_else(|| ApiError::NotFound(id.to_string()))?;
         let mut phases = stored.phase_records()?;

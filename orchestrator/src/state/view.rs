@@ -18,15 +18,25 @@ pub struct StoredWorkflow {
     pub outputs: HashMap<String, String>,
 }
 
-/// Loads both hashes in one round trip; `None` when the workflow does not
-/// exist (never did, or expired).
-pub async fn load_stored(conn: &mut Connection, id: &WorkflowId) -> Result<Option<StoredWorkflow>, ApiError> {
+/// Loads the state hash and, `with_outputs`, the outputs hash, in one round
+/// trip; `None` when the workflow does not exist (never did, or expired).
+/// Listings leave the outputs out: they can be megabytes per workflow.
+pub async fn load_stored(
+    conn: &mut Connection,
+    id: &WorkflowId,
+    with_outputs: bool,
+) -> Result<Option<StoredWorkflow>, ApiError> {
     let keys = WorkflowKeys::new(id);
-    let (state, outputs): (HashMap<String, Vec<u8>>, HashMap<String, String>) = redis::pipe()
-        .hgetall(keys.state())
-        .hgetall(keys.outputs())
-        .query_async(conn)
-        .await?;
+    let (state, outputs): (HashMap<String, Vec<u8>>, HashMap<String, String>) = if with_outputs {
+        redis::pipe()
+            .hgetall(keys.state())
+            .hgetall(keys.outputs())
+            .query_async(conn)
+            .await?
+    } else {
+        let state = redis::AsyncCommands::hgetall(conn, keys.state()).await?;
+        (state, HashMap::new())
+    };
     Ok((!state.is_empty()).then_some(StoredWorkflow { state, outputs }))
 }
 
@@ -192,37 +202,50 @@ impl WorkflowStore {
 
     async fn load(&self, id: &WorkflowId, with_outputs: bool) -> Result<Option<Workflow>, ApiError> {
         let mut conn = self.conn.clone();
-        let Some(stored) = load_stored(&mut conn, id).await? else {
+        let Some(stored) = load_stored(&mut conn, id, with_outputs).await? else {
             return Ok(None);
         };
         let pipeline = self.pipelines.get(&mut conn, id.shard(), &stored.pipeline_id()).await?;
         stored.into_workflow(id, &pipeline, with_outputs).map(Some)
     }
 
-    /// Newest first across all shards, `page_size` at a time.
+    /// Newest first across all shards, `page_size` at a time. Index entries
+    /// whose workflow expired are skipped (and dropped from the index), and
+    /// the page is filled from older entries instead, so a thinned page
+    /// never ends the listing early.
     pub async fn list(&self, page_size: usize, page_token: &str) -> Result<(Vec<Workflow>, String), ApiError> {
-        let after = parse_page_token(page_token)?;
-        let mut candidates = Vec::new();
-        for shard in 0..self.shards {
-            candidates.extend(self.newest_in_shard(shard, page_size, after.as_ref()).await?);
-        }
-        candidates.sort_by(|a, b| b.cmp(a));
+        let mut after = parse_page_token(page_token)?;
         let mut workflows = Vec::with_capacity(page_size);
-        let mut last = None;
-        for (created_ms, id) in candidates {
-            if workflows.len() == page_size {
-                break;
+        while workflows.len() < page_size {
+            let wanted = page_size - workflows.len();
+            let mut candidates = Vec::new();
+            for shard in 0..self.shards {
+                candidates.extend(self.newest_in_shard(shard, wanted, after.as_ref()).await?);
             }
-            if let Some(workflow) = self.load(&id, false).await? {
-                workflows.push(workflow);
+            if candidates.is_empty() {
+                return Ok((workflows, String::new()));
             }
-            last = Some((created_ms, id));
+            candidates.sort_by(|a, b| b.cmp(a));
+            candidates.truncate(wanted);
+            for (created_ms, id) in candidates {
+                match self.load(&id, false).await? {
+                    Some(workflow) => workflows.push(workflow),
+                    None => self.forget_expired(&id).await,
+                }
+                after = Some((created_ms, id));
+            }
         }
-        let next = match last {
-            Some((ms, id)) if workflows.len() == page_size => format!("{ms}:{id}"),
-            _ => String::new(),
-        };
+        let next = after.map(|(ms, id)| format!("{ms}:{id}")).unwrap_or_default();
         Ok((workflows, next))
+    }
+
+    /// Drops an expired workflow's index entry (housekeeping would too, later).
+    async fn forget_expired(&self, id: &WorkflowId) {
+        let index = nexus_pipeline::keys::ShardKeys::new(id.shard()).index();
+        let removed: redis::RedisResult<i64> = redis::AsyncCommands::zrem(&mut self.conn.clone(), index, id.to_string()).await;
+        if let Err(error) = removed {
+            tracing::debug!(%error, workflow_id = %id, "could not drop an expired index entry");
+        }
     }
 
     /// Up to `count` index entries of one shard older than `after`.

@@ -43,17 +43,12 @@ if outcome == 'next' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'phase', tonumber(ARGV[1]) + 1,
     'attempt', '1', 'updated_ms', ARGV[4])
   redis.call('XADD', KEYS[4], '*', 'm', ARGV[9])
+  redis.call('PUBLISH', ARGV[13], ARGV[14])
+elseif outcome == 'complete' then
+  end_workflow(KEYS[1], KEYS[2], KEYS[3], {'status', 'completed', 'phase', tonumber(ARGV[1]) + 1},
+    ARGV[9], ARGV[12], ARGV[4], ARGV[13], ARGV[14])
 else
-  if outcome == 'complete' then
-    redis.call('HSET', KEYS[1], 'status', 'completed',
-      'phase', tonumber(ARGV[1]) + 1, 'updated_ms', ARGV[4])
-  else
-    redis.call('HSET', KEYS[1], 'status', 'failed', 'reason', ARGV[11], 'updated_ms', ARGV[4])
-  end
-  redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
-  redis.call('EXPIRE', KEYS[1], ARGV[12])
-  redis.call('EXPIRE', KEYS[2], ARGV[12])
-  redis.call('EXPIRE', KEYS[3], ARGV[12])
+  end_workflow(KEYS[1], KEYS[2], KEYS[3], {'status', 'failed', 'reason', ARGV[11]},
+    ARGV[9], ARGV[12], ARGV[4], ARGV[13], ARGV[14])
 end
-redis.call('PUBLISH', ARGV[13], ARGV[14])
 return 'applied'

@@ -13,11 +13,7 @@ end
 if status ~= 'pending' and status ~= 'running' then
   return status
 end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'reason', ARGV[3], 'updated_ms', ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[7])
+end_workflow(KEYS[1], KEYS[2], KEYS[3], {'status', 'cancelled', 'reason', ARGV[3]},
+  ARGV[2], ARGV[4], ARGV[1], ARGV[5], ARGV[7])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 'cancelled'

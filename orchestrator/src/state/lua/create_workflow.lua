@@ -22,14 +22,20 @@ if ARGV[2] == '1' then
     end
     return {0, id, 'mismatch'}
   end
-  redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[12])
+  -- No TTL yet: the record expires with the workflow, when it ends.
+  redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[3])
+end
+local idempotency_record = ''
+if ARGV[2] == '1' then
+  idempotency_record = KEYS[6]
 end
 
 redis.call('SET', KEYS[7], ARGV[8], 'NX')
 redis.call('HSET', KEYS[1],
   'status', 'pending', 'phase', '0', 'attempt', '1',
   'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
-  'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11])
+  'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11],
+  'idem_key', idempotency_record)
 redis.call('HSET', KEYS[3], 'plan', ARGV[6])
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])

@@ -1,0 +1,20 @@
+-- Shared by the scripts that end a workflow, which are this file followed
+-- by their own text.
+
+-- Ends a workflow: status, reason, the terminal event, and the retention
+-- clock on all its keys, the idempotency record included (it lives exactly
+-- as long as the workflow, so a retry with the key finds the run for as long
+-- as the run can be found). Wakes the workflow's watchers.
+local function end_workflow(state_key, events_key, outputs_key, fields, event, ttl, now, channel, workflow_id)
+  redis.call('HSET', state_key, 'updated_ms', now, unpack(fields))
+  redis.call('XADD', events_key, '*', 'm', event)
+  redis.call('EXPIRE', state_key, ttl)
+  redis.call('EXPIRE', events_key, ttl)
+  redis.call('EXPIRE', outputs_key, ttl)
+  local idempotency_record = redis.call('HGET', state_key, 'idem_key')
+  if idempotency_record and idempotency_record ~= '' then
+    redis.call('EXPIRE', idempotency_record, ttl)
+  end
+  redis.call('PUBLISH', channel, workflow_id)
+end
+
