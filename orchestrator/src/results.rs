@@ -134,14 +134,20 @@ impl ResultConsumer {
             return self.dead_letter_undecodable(shard, entry, "undecodable result").await;
         };
         let Ok(id) = nexus_pipeline::ids::WorkflowId::parse(&result.workflow_id) else {
-            return self.dead_letter_undecodable(shard, entry, "result names no valid workflow").await;
+            return self
+                .dead_letter_undecodable(shard, entry, "result names no valid workflow")
+                .await;
         };
         let reason = format!(
             "the result of phase {} could not be applied after {deliveries} deliveries (see the orchestrators' logs); it was moved to the result dead-letter stream",
             result.phase_index + 1
         );
         tracing::error!(workflow_id = %id, entry = %entry.id, deliveries, "giving up on a result; failing the workflow");
-        match self.store.fail_unapplicable(&id, &entry.id, &entry.payload, deliveries, &reason).await {
+        match self
+            .store
+            .fail_unapplicable(&id, &entry.id, &entry.payload, deliveries, &reason)
+            .await
+        {
             Ok(outcome) => tracing::info!(workflow_id = %id, %outcome, "unapplicable result dead-lettered"),
             Err(error) => tracing::warn!(%error, "dead-lettering a result failed; will retry"),
         }

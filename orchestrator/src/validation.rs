@@ -185,8 +185,14 @@ mod tests {
         let forward = plan(&[("a", "1"), ("b", "2"), ("c", "3")]);
         let backward = plan(&[("c", "3"), ("b", "2"), ("a", "1")]);
         assert_eq!(plan_fingerprint(&forward), plan_fingerprint(&backward));
-        assert_ne!(plan_fingerprint(&forward), plan_fingerprint(&plan(&[("a", "1"), ("b", "23")])));
-        assert_ne!(plan_fingerprint(&plan(&[("ab", "")])), plan_fingerprint(&plan(&[("a", "b")])));
+        assert_ne!(
+            plan_fingerprint(&forward),
+            plan_fingerprint(&plan(&[("a", "1"), ("b", "23")]))
+        );
+        assert_ne!(
+            plan_fingerprint(&plan(&[("ab", "")])),
+            plan_fingerprint(&plan(&[("a", "b")]))
+        );
     }
 
     #[test]

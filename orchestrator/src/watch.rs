@@ -196,7 +196,9 @@ impl Watcher {
                         Flow::Continue if events.is_empty() => match self.caught_up_with_end().await {
                             Ok(Flow::Stop) => return,
                             Ok(Flow::Continue) => {}
-                            Err(error) => tracing::warn!(%error, workflow_id = %self.id, "watch cannot check the workflow's status"),
+                            Err(error) => {
+                                tracing::warn!(%error, workflow_id = %self.id, "watch cannot check the workflow's status")
+                            }
                         },
                         Flow::Continue => {}
                         Flow::Stop => return,

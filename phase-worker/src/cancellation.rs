@@ -85,10 +85,19 @@ impl CancelRegistry {
     /// Cancels the calls of every registered workflow that has ended: the
     /// cancellations published while this worker was not subscribed.
     async fn recheck_all(&self, mut conn: Connection) -> redis::RedisResult<()> {
-        let workflows: Vec<String> = self.running.lock().expect("cancel registry lock").keys().cloned().collect();
+        let workflows: Vec<String> = self
+            .running
+            .lock()
+            .expect("cancel registry lock")
+            .keys()
+            .cloned()
+            .collect();
         for workflow_id in workflows {
-            let Ok(id) = WorkflowId::parse(&workflow_id) else { continue };
-            let status: Option<String> = redis::AsyncCommands::hget(&mut conn, WorkflowKeys::new(&id).state(), field::STATUS).await?;
+            let Ok(id) = WorkflowId::parse(&workflow_id) else {
+                continue;
+            };
+            let status: Option<String> =
+                redis::AsyncCommands::hget(&mut conn, WorkflowKeys::new(&id).state(), field::STATUS).await?;
             if status.is_none_or(|status| status::is_terminal(&status)) {
                 self.cancel(&workflow_id);
             }

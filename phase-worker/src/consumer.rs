@@ -7,7 +7,7 @@
 //! dead-letter stream, which fails its workflow with a reason.
 
 use crate::runner::{RunnerContext, dead_letter_result, run_task};
-use crate::task_lifecycle::{TaskHandle, Takeover, dead_letter_entry};
+use crate::task_lifecycle::{Takeover, TaskHandle, dead_letter_entry};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::ShardKeys;
@@ -220,7 +220,9 @@ impl TaskConsumer {
                             .spawn_task(entry, shard, Claim::TakenOver { attempt, deliveries }, slot);
                     }
                 }
-                Takeover::Stale => tracing::info!(entry = %entry.id, "dropped an abandoned task the workflow no longer needs"),
+                Takeover::Stale => {
+                    tracing::info!(entry = %entry.id, "dropped an abandoned task the workflow no longer needs")
+                }
                 Takeover::Gone => {}
             }
         }

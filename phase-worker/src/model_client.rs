@@ -251,7 +251,9 @@ pub enum ModelError {
     InvalidOutput(String),
     #[error("the answer was cut short (finish_reason {0:?}); the pipeline does not accept truncated answers")]
     Truncated(String),
-    #[error("waited {waited:.1?} in total for the provider and the rate limit, over this phase's limit of {limit:.1?}; last: {last}")]
+    #[error(
+        "waited {waited:.1?} in total for the provider and the rate limit, over this phase's limit of {limit:.1?}; last: {last}"
+    )]
     WaitedTooLong {
         waited: Duration,
         limit: Duration,
@@ -491,7 +493,14 @@ impl ModelClient {
                 .await
                 .map_err(|e| self.redact(e))?;
             let tried = self
-                .try_once(&prepared, try_number, request.accept_truncated, validator, events, cancel)
+                .try_once(
+                    &prepared,
+                    try_number,
+                    request.accept_truncated,
+                    validator,
+                    events,
+                    cancel,
+                )
                 .await;
             let error = match tried {
                 Ok(completion) => {
@@ -581,10 +590,10 @@ impl ModelClient {
             }))
         })
         .await?;
-        if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r)) {
-            if !accept_truncated {
-                return Err(ModelError::Truncated(reason.to_string()));
-            }
+        if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r))
+            && !accept_truncated
+        {
+            return Err(ModelError::Truncated(reason.to_string()));
         }
         if let Some(validate) = validator {
             validate(&completion.text).map_err(ModelError::InvalidOutput)?;
@@ -1295,7 +1304,10 @@ mod tests {
 
     #[test]
     fn errors_lose_an_echoed_key_and_long_messages_are_cut() {
-        let body = format!(r#"{{"error":{{"code":401,"message":"bad key sk-or-ECHO {}"}}}}"#, "x".repeat(5000));
+        let body = format!(
+            r#"{{"error":{{"code":401,"message":"bad key sk-or-ECHO {}"}}}}"#,
+            "x".repeat(5000)
+        );
         let error = http_error(401, &body, None).redact("sk-or-ECHO");
         let text = error.to_string();
         assert!(!text.contains("sk-or-ECHO") && text.contains("[redacted]"), "{text}");
@@ -1305,9 +1317,18 @@ mod tests {
     #[test]
     fn waits_have_their_own_budget() {
         let mut budget = WaitBudget::new(Duration::from_secs(3));
-        assert_eq!(budget.spend(Duration::from_secs(1), "a").unwrap(), Duration::from_secs(1));
-        assert_eq!(budget.spend(Duration::from_secs(2), "b").unwrap(), Duration::from_secs(3));
-        assert!(matches!(budget.spend(Duration::from_millis(1), "c"), Err(ModelError::WaitedTooLong { .. })));
+        assert_eq!(
+            budget.spend(Duration::from_secs(1), "a").unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            budget.spend(Duration::from_secs(2), "b").unwrap(),
+            Duration::from_secs(3)
+        );
+        assert!(matches!(
+            budget.spend(Duration::from_millis(1), "c"),
+            Err(ModelError::WaitedTooLong { .. })
+        ));
     }
 
     #[test]

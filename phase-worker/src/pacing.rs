@@ -112,8 +112,7 @@ impl RedisPacer {
 
     /// Learns other workers' back-offs until the process ends.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
-        nexus_pipeline::connection::listen_forever("pace notifications", || self.listen_once(redis.pubsub_url()))
-            .await
+        nexus_pipeline::connection::listen_forever("pace notifications", || self.listen_once(redis.pubsub_url())).await
     }
 
     async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {

@@ -52,7 +52,13 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
     METRICS.tasks_in_flight.dec();
 }
 
-async fn run_task_in_span(ctx: &RunnerContext, handle: &TaskHandle, task: PhaseTask, delivery: u64, stop: &CancellationToken) {
+async fn run_task_in_span(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    task: PhaseTask,
+    delivery: u64,
+    stop: &CancellationToken,
+) {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
         finish(ctx, handle, None, None, stop).await;
@@ -376,7 +382,7 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
         version: nexus_proto::STREAM_MESSAGE_VERSION,
         workflow_id: task.workflow_id.clone(),
         phase_index: task.phase_index,
-        attempt: task.attempt,
+        attempt: handle.attempt,
         outcome: Some(outcome),
         worker: handle.consumer.clone(),
         traceparent: task.traceparent.clone(),

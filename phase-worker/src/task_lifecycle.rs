@@ -200,7 +200,16 @@ impl TaskHandle {
             _ => "",
         };
         let mut conn = self.conn.clone();
-        dead_letter_entry(&mut conn, &self.keys.shard, &self.entry_id, task, Some(failure), deliveries, why).await
+        dead_letter_entry(
+            &mut conn,
+            &self.keys.shard,
+            &self.entry_id,
+            task,
+            Some(failure),
+            deliveries,
+            why,
+        )
+        .await
     }
 }
 

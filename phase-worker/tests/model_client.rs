@@ -283,14 +283,28 @@ async fn retry_after_waits_are_not_tries_so_four_429s_still_complete() {
         .await;
     let call = call(&stand_in.client(), &ask("m/a", "hello"), None).await;
 
-    assert_eq!(call.completion().tries, 1, "waiting out Retry-After is not a failed try");
+    assert_eq!(
+        call.completion().tries,
+        1,
+        "waiting out Retry-After is not a failed try"
+    );
     assert!(call.retries().is_empty());
     let waits = call.waits();
     assert_eq!(waits.len(), 4);
-    assert!(waits.iter().all(|(reason, wait)| reason.contains("429") && *wait >= Duration::from_millis(300)));
+    assert!(
+        waits
+            .iter()
+            .all(|(reason, wait)| reason.contains("429") && *wait >= Duration::from_millis(300))
+    );
     let gaps = stand_in.gaps_ms().await;
-    assert!(gaps.iter().all(|gap| *gap >= 290), "gaps between calls at the stand-in: {gaps:?}");
-    assert_eq!(stand_in.outcomes().await, ["status 429", "status 429", "status 429", "status 429", "ok"]);
+    assert!(
+        gaps.iter().all(|gap| *gap >= 290),
+        "gaps between calls at the stand-in: {gaps:?}"
+    );
+    assert_eq!(
+        stand_in.outcomes().await,
+        ["status 429", "status 429", "status 429", "status 429", "ok"]
+    );
 }
 
 #[tokio::test]
@@ -320,7 +334,11 @@ async fn waits_past_the_wait_budget_fail_with_a_clear_reason() {
 
     let error = call.error().to_string();
     assert!(error.contains("waited") && error.contains("limit"), "{error}");
-    assert_eq!(stand_in.outcomes().await.len(), 3, "0.4 s + 0.4 s fit in 1 s, a third wait does not");
+    assert_eq!(
+        stand_in.outcomes().await.len(),
+        3,
+        "0.4 s + 0.4 s fit in 1 s, a third wait does not"
+    );
 }
 
 #[tokio::test]

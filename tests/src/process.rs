@@ -28,6 +28,8 @@ pub fn free_port() -> u16 {
 /// A child process killed with SIGKILL on drop.
 pub struct Process {
     pub name: String,
+    /// Its stderr (where it logs), kept under target/test-logs.
+    pub log: PathBuf,
     child: Option<Child>,
 }
 
@@ -42,7 +44,8 @@ impl Process {
     /// Like [`Process::spawn`], returning every stdout line up to and
     /// including the ready line.
     pub fn spawn_collecting(name: &str, mut command: Command, ready_marker: &str) -> (Self, Vec<String>) {
-        command.stdout(Stdio::piped()).stderr(log_file(name));
+        let log = log_path(name);
+        command.stdout(Stdio::piped()).stderr(log_file(&log));
         let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let (lines, ready) = mpsc::channel();
@@ -53,6 +56,7 @@ impl Process {
         });
         let process = Self {
             name: name.to_string(),
+            log: log.clone(),
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -71,7 +75,7 @@ impl Process {
         }
         panic!(
             "{name} did not print {ready_marker:?} within 30 s (log: {})",
-            log_path(name).display()
+            log.display()
         );
     }
 
@@ -87,6 +91,33 @@ impl Process {
         }
     }
 
+    /// Sends a signal by name ("TERM", "STOP", "CONT") with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill on PATH");
+        assert!(sent.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// What the process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -100,18 +131,21 @@ impl Drop for Process {
     }
 }
 
-/// Each process logs to a file under target/test-logs, kept for debugging.
+/// Each process logs to a file of its own under target/test-logs, kept for
+/// debugging and read by tests that check what a process logged.
 fn log_path(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = binary_dir().join("test-logs");
     std::fs::create_dir_all(&dir).ok();
-    dir.join(format!("{name}-{}.log", std::process::id()))
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{name}-{}-{n}.log", std::process::id()))
 }
 
-fn log_file(name: &str) -> Stdio {
+fn log_file(path: &std::path::Path) -> Stdio {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log_path(name))
+        .open(path)
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null())
 }

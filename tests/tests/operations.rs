@@ -117,21 +117,12 @@ async fn the_api_key_never_reaches_logs_events_or_errors() {
         !format!("{workflow:?}{events:?}").contains(secret),
         "secret in a response"
     );
-    drop(worker);
-    let log = std::fs::read_to_string(worker_log_path()).unwrap();
+    let log = worker.process.log_text();
     assert!(log.contains("starting phase worker"), "the worker's log was read");
     assert!(
         !log.contains(secret) && !log.contains("THIS-IS-A-SECRET"),
         "secret in the worker's log"
     );
-}
-
-fn worker_log_path() -> std::path::PathBuf {
-    binary("phase-worker")
-        .parent()
-        .unwrap()
-        .join("test-logs")
-        .join(format!("phase-worker-{}.log", std::process::id()))
 }
 
 #[tokio::test(flavor = "multi_thread")]

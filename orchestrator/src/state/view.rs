@@ -242,7 +242,8 @@ impl WorkflowStore {
     /// Drops an expired workflow's index entry (housekeeping would too, later).
     async fn forget_expired(&self, id: &WorkflowId) {
         let index = nexus_pipeline::keys::ShardKeys::new(id.shard()).index();
-        let removed: redis::RedisResult<i64> = redis::AsyncCommands::zrem(&mut self.conn.clone(), index, id.to_string()).await;
+        let removed: redis::RedisResult<i64> =
+            redis::AsyncCommands::zrem(&mut self.conn.clone(), index, id.to_string()).await;
         if let Err(error) = removed {
             tracing::debug!(%error, workflow_id = %id, "could not drop an expired index entry");
         }

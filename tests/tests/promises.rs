@@ -1,0 +1,611 @@
+//! Promises that must hold when clients retry and reconnect and providers
+//! push back. Each test is witnessed from outside the system: the stand-in's
+//! ledger of calls (and when it saw them), Redis itself, the client's own
+//! stream, the processes' logs and exit codes.
+
+use nexus_proto::internal::{PhaseResult, PhaseSuccess, phase_result::Outcome};
+use nexus_proto::v1::{
+    CancelWorkflowRequest, ListWorkflowsRequest, ProjectPlan, StartWorkflowRequest, WatchWorkflowRequest,
+    WorkflowStatus,
+};
+use nexus_tests::*;
+use prost::Message;
+use std::time::{Duration, Instant};
+
+fn redis_conn(redis: &RedisServer) -> redis::Connection {
+    redis.client().get_connection().expect("redis connection")
+}
+
+fn plan_with_fields(fields: &[(&str, &str)]) -> ProjectPlan {
+    ProjectPlan {
+        fields: fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..sample_plan("Fields")
+    }
+}
+
+/// Workflow state hashes in Redis, found by SCAN (not by asking Nexus).
+fn stored_workflows(conn: &mut redis::Connection) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:*:wf:*").query(conn).unwrap();
+    keys.into_iter()
+        .filter(|key| !key.ends_with(":events") && !key.ends_with(":outputs"))
+        .collect()
+}
+
+/// How many entries of a stream's group are delivered and not acknowledged.
+fn pending_count(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    let summary: Vec<redis::Value> = redis::cmd("XPENDING").arg(stream).arg(group).query(conn).unwrap();
+    match summary.first() {
+        Some(redis::Value::Int(count)) => *count as u64,
+        other => panic!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+fn xlen(conn: &mut redis::Connection, key: &str) -> u64 {
+    redis::cmd("XLEN").arg(key).query(conn).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_retries_with_structured_fields_return_one_workflow() {
+    let stack = Stack::start(0);
+    let mut client = connect(&stack.endpoint()).await;
+    let fields = [
+        ("budget", "120k"),
+        ("team", "4"),
+        ("timeline", "6 months"),
+        ("goal", "launch"),
+    ];
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let request = StartWorkflowRequest {
+            plan: Some(plan_with_fields(&fields)),
+            idempotency_key: "retry-after-timeout".into(),
+        };
+        let response = client.start_workflow(request).await.expect("every retry is accepted");
+        ids.push(response.into_inner());
+    }
+    assert_eq!(ids.iter().filter(|r| r.created).count(), 1);
+    assert!(ids.iter().all(|r| r.workflow_id == ids[0].workflow_id));
+    assert_eq!(
+        stored_workflows(&mut redis_conn(&stack.redis)).len(),
+        1,
+        "Redis holds one workflow"
+    );
+
+    let other = StartWorkflowRequest {
+        plan: Some(plan_with_fields(&[("budget", "999k")])),
+        idempotency_key: "retry-after-timeout".into(),
+    };
+    let status = client.start_workflow(other).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_resumed_at_or_past_the_end_ends_at_once_and_gone_workflows_are_not_found() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "1", "--reply-words", "5"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_RETENTION_SECS", "3")]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Reconnect").await;
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(30)).await;
+    let terminal = events.last().expect("events").cursor.clone();
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+
+    let (ms, _) = cursor_key(&terminal);
+    for cursor in [terminal.clone(), format!("{}-0", ms + 60_000)] {
+        let started = Instant::now();
+        let resumed = watch_until_end(&mut client, &id, &cursor, Duration::from_secs(10)).await;
+        assert!(resumed.is_empty(), "nothing after {cursor}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the stream ended at once after {cursor}"
+        );
+    }
+
+    let started = Instant::now();
+    let request = WatchWorkflowRequest {
+        workflow_id: id.clone(),
+        after_cursor: "99999999999999999999-0".into(),
+    };
+    let status = client.watch_workflow(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Retention (3 s here) removes the keys: a watch is then NOT_FOUND.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stored_workflows(&mut redis_conn(&redis)).is_empty() {
+        assert!(Instant::now() < deadline, "the workflow never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let request = WatchWorkflowRequest {
+        workflow_id: id.clone(),
+        after_cursor: terminal,
+    };
+    let status = client.watch_workflow(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_retry_afters_in_a_row_are_waited_out_not_counted_as_tries() {
+    let stack = Stack::start(1);
+    let control = ModelControl::new(&stack.model.base_url());
+    control
+        .inject(serde_json::json!([{"kind": "status", "status": 429, "times": 4, "retry_after_secs": 1}]))
+        .await;
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Push back").await;
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+    let waits = events.iter().filter(|e| kind_name(e) == "phase_waiting").count();
+    assert_eq!(waits, 4, "each wait is an event");
+    let requests = control.requests().await;
+    let outcomes: Vec<&str> = requests.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(
+        &outcomes[..5],
+        ["status 429"; 4].iter().copied().chain(["ok"]).collect::<Vec<_>>()
+    );
+    for pair in requests[..5].windows(2) {
+        let gap = pair[1]["received_ms"].as_u64().unwrap() - pair[0]["received_ms"].as_u64().unwrap();
+        assert!(
+            gap >= 990,
+            "the stand-in saw a call {gap} ms after a Retry-After of 1 s"
+        );
+    }
+    assert_eq!(requests.len(), 10, "six phases and four refusals: {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_redis_down_exits_within_the_deadline_and_logs_sparingly() {
+    let mut redis = RedisServer::start();
+    let mut orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_SHUTDOWN_GRACE_MS", "2000")]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Watched").await;
+    let mut watch = client
+        .watch_workflow(WatchWorkflowRequest {
+            workflow_id: id,
+            after_cursor: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the accepted event");
+
+    redis.kill_hard();
+    std::thread::sleep(Duration::from_secs(3));
+    let signalled = Instant::now();
+    orchestrator.process.signal("TERM");
+    assert!(
+        orchestrator.process.wait_exit(Duration::from_secs(6)),
+        "still running 6 s after SIGTERM"
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(5), "exited {took:?} after SIGTERM");
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+    assert!(
+        matches!(ended, Ok(Err(_)) | Ok(Ok(None))),
+        "the watch stream ended: {ended:?}"
+    );
+    let log = orchestrator.process.log_text();
+    let warnings = log.lines().filter(|line| line.contains("WARN")).count();
+    assert!(warnings <= 25, "{warnings} warnings in ~5 s of outage:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_workers_never_hold_tasks_they_cannot_run() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "1", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    control
+        .inject(serde_json::json!([{"kind": "latency", "first_token_ms": 4000, "times": 8}]))
+        .await;
+    let shards = [("NEXUS_SHARDS", "4")];
+    let orchestrator = Orchestrator::start(&redis.url(), &shards);
+    let worker_env = [
+        ("NEXUS_SHARDS", "4"),
+        ("NEXUS_WORKER_MAX_IN_FLIGHT", "1"),
+        ("NEXUS_VISIBILITY_TIMEOUT_MS", "3000"),
+        ("NEXUS_MAX_DELIVERIES", "3"),
+    ];
+    let _workers: Vec<_> = (0..2)
+        .map(|_| Worker::start(&redis.url(), &model.base_url(), &worker_env))
+        .collect();
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        let request = StartWorkflowRequest {
+            plan: Some(sample_plan(&format!("Busy {n}"))),
+            idempotency_key: format!("busy-{n}"),
+        };
+        ids.push(client.start_workflow(request).await.unwrap().into_inner().workflow_id);
+    }
+    for id in &ids {
+        let workflow = wait_terminal(&mut client, id, Duration::from_secs(120)).await;
+        assert_eq!(
+            workflow.status(),
+            WorkflowStatus::Completed,
+            "{id}: {}",
+            workflow.reason
+        );
+    }
+    let mut conn = redis_conn(&redis);
+    for shard in 0..4 {
+        assert_eq!(xlen(&mut conn, &format!("nexus:{{nx{shard}}}:deadletter")), 0);
+    }
+    assert_eq!(control.requests().await.len(), 48, "each phase called once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&[
+        "--first-token-latency-ms",
+        "50",
+        "--tokens-per-second",
+        "20",
+        "--reply-words",
+        "40",
+    ]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let frozen = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Frozen").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_output_delta"
+    })
+    .await;
+
+    frozen.process.signal("STOP");
+    let _rescuer = Worker::start(&redis.url(), &model.base_url(), &[]);
+    wait_for_event(
+        &mut client,
+        &id,
+        Duration::from_secs(20),
+        |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
+    )
+    .await;
+    frozen.process.signal("CONT");
+
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(90)).await;
+    assert_eq!(kind_name(events.last().unwrap()), "completed");
+    // Compare with Redis itself: after the takeover's start, nothing of the
+    // old attempt may land in the log, and phase 1's output is the new
+    // attempt's streamed text.
+    let takeover = events
+        .iter()
+        .position(
+            |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
+        )
+        .expect("the takeover started");
+    use nexus_proto::v1::workflow_event::Kind;
+    let late: Vec<_> = events[takeover..]
+        .iter()
+        .filter(|e| matches!(&e.kind, Some(Kind::PhaseOutputDelta(d)) if d.index == 0 && d.delivery == 1))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} deltas of the fenced-out attempt landed",
+        late.len()
+    );
+    let streamed: String = events[takeover..]
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::PhaseOutputDelta(d)) if d.index == 0 => Some(d.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    let completed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::PhaseCompleted(c)) if c.index == 0 => Some(c.output.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        completed,
+        [streamed],
+        "phase 1 completed once, with the new attempt's text"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_entries_and_unapplicable_results_are_dead_lettered_not_retried_forever() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "30000"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_MAX_RESULT_DELIVERIES", "2")]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Poisoned").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_started"
+    })
+    .await;
+
+    let mut conn = redis_conn(&redis);
+    let add = |conn: &mut redis::Connection, stream: &str, payload: Vec<u8>| -> String {
+        redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("m")
+            .arg(payload)
+            .query(conn)
+            .unwrap()
+    };
+    add(&mut conn, "nexus:{nx0}:tasks", b"\xff\xffnot a task".to_vec());
+    add(&mut conn, "nexus:{nx0}:results", b"\xff\xffnot a result".to_vec());
+    let unapplicable = PhaseResult {
+        version: 1,
+        workflow_id: id.clone(),
+        phase_index: 0,
+        attempt: 1,
+        outcome: Some(Outcome::Success(PhaseSuccess {
+            output: "forged".into(),
+            ..Default::default()
+        })),
+        pipeline_id: "no-such-pipeline".into(),
+        ..Default::default()
+    };
+    add(&mut conn, "nexus:{nx0}:results", unapplicable.encode_to_vec());
+
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Failed);
+    assert!(workflow.reason.contains("could not be applied"), "{}", workflow.reason);
+    assert_eq!(
+        xlen(&mut conn, "nexus:{nx0}:results:deadletter"),
+        2,
+        "junk and the unapplicable result"
+    );
+    assert_eq!(xlen(&mut conn, "nexus:{nx0}:deadletter"), 1, "the junk task");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = pending_count(&mut conn, "nexus:{nx0}:tasks", "workers");
+        if pending == 0 || Instant::now() > deadline {
+            assert_eq!(pending, 0, "no task left pending");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let results_pending = pending_count(&mut conn, "nexus:{nx0}:results", "orchestrators");
+    assert_eq!(results_pending, 0, "no result left pending");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_published_while_workers_resubscribe_still_stops_the_call_at_once() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "20000"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    // Heartbeats every 10 s: only the cancel path itself can stop the call fast.
+    let _worker = Worker::start(
+        &redis.url(),
+        &model.base_url(),
+        &[("NEXUS_VISIBILITY_TIMEOUT_MS", "30000")],
+    );
+    let control = ModelControl::new(&model.base_url());
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Cancel in the gap").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_started"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis_conn(&redis))
+        .unwrap();
+    assert!(killed >= 1, "subscriptions dropped");
+    let cancelled_at = Instant::now();
+    client
+        .cancel_workflow(CancelWorkflowRequest {
+            workflow_id: id.clone(),
+            reason: "now".into(),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let requests = control.requests().await;
+        if requests[0]["outcome"] == "client_disconnected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the model call was not aborted: {requests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = cancelled_at.elapsed();
+    assert!(took < Duration::from_millis(1500), "aborted {took:?} after the cancel");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_answer_survives_a_redis_outage_without_a_second_model_call() {
+    let mut redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "1", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    control
+        .inject(serde_json::json!([{"kind": "latency", "first_token_ms": 1500}]))
+        .await;
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Blip").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_started"
+    })
+    .await;
+
+    redis.kill_hard();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The stand-in settles the call as "latency" (its fault) once it sent [DONE].
+    while control
+        .requests()
+        .await
+        .first()
+        .is_none_or(|call| call["outcome"] != "latency")
+    {
+        assert!(Instant::now() < deadline, "the first call never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    assert_eq!(control.requests().await.len(), 6, "no phase was paid for twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_pages_refill_past_expired_entries() {
+    let stack = Stack::start(0);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(start(&mut client, &format!("List {n}")).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The three newest expire as retention would remove them: keys gone,
+    // index entries left behind.
+    let mut conn = redis_conn(&stack.redis);
+    for id in &ids[2..] {
+        let state = format!("nexus:{{nx0}}:wf:{id}");
+        let _: () = redis::cmd("DEL")
+            .arg(&state)
+            .arg(format!("{state}:events"))
+            .arg(format!("{state}:outputs"))
+            .query(&mut conn)
+            .unwrap();
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let page = client
+            .list_workflows(ListWorkflowsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.workflows.into_iter().map(|w| w.workflow_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut expected: Vec<_> = ids[..2].to_vec();
+    expected.reverse();
+    assert_eq!(listed, expected, "every live workflow listed, newest first");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_off_answer_is_a_failed_try_then_a_clear_failure() {
+    let stack = Stack::start(1);
+    let control = ModelControl::new(&stack.model.base_url());
+    control
+        .inject(serde_json::json!([{"kind": "truncated", "after_words": 3, "times": 3}]))
+        .await;
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Cut off").await;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+
+    assert_eq!(workflow.status(), WorkflowStatus::Failed);
+    assert!(workflow.reason.contains("cut short"), "{}", workflow.reason);
+    let outcomes: Vec<String> = control
+        .requests()
+        .await
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, ["truncated length"; 3]);
+
+    let done = start(&mut client, "Whole").await;
+    let finished = wait_terminal(&mut client, &done, Duration::from_secs(30)).await;
+    assert_eq!(finished.status(), WorkflowStatus::Completed);
+    assert!(finished.phases.iter().all(|p| p.finish_reason == "stop"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
+    let password = "REDIS-PASSWORD-s3cr3t";
+    let api_key = "sk-or-v1-ECHOED-KEY-0123456789";
+    let redis = RedisServer::start_with(&["--requirepass", password]);
+    let url = format!("redis://:{password}@127.0.0.1:{}", redis.port);
+    let model = StandIn::start(&["--first-token-latency-ms", "1", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    let huge = "x".repeat(200_000);
+    control
+        .inject(serde_json::json!([{"kind": "status", "status": 401, "echo_key": true,
+                                    "message": format!("Invalid key {huge}")}]))
+        .await;
+    let debug = [("RUST_LOG", "debug")];
+    let orchestrator = Orchestrator::start(&url, &debug);
+    let worker = Worker::start(
+        &url,
+        &model.base_url(),
+        &[("RUST_LOG", "debug"), ("OPENROUTER_API_KEY", api_key)],
+    );
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Secrets").await;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(5)).await;
+
+    assert_eq!(workflow.status(), WorkflowStatus::Failed);
+    assert!(
+        workflow.reason.contains("Invalid key"),
+        "{}",
+        &workflow.reason[..200.min(workflow.reason.len())]
+    );
+    assert!(
+        workflow.reason.len() < 2_000,
+        "reason is {} bytes",
+        workflow.reason.len()
+    );
+    let answers = format!("{workflow:?}{events:?}");
+    for secret in [password, api_key] {
+        assert!(!answers.contains(secret), "{secret} in an answer");
+        for process in [&orchestrator.process, &worker.process, &model.process] {
+            let log = process.log_text();
+            assert!(!log.is_empty() || process.name == "stand-in-model");
+            assert!(!log.contains(secret), "{secret} in the log of {}", process.name);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_lives_exactly_as_long_as_its_workflow() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "700", "--reply-words", "3"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_RETENTION_SECS", "2")]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let request = StartWorkflowRequest {
+        plan: Some(sample_plan("Long run")),
+        idempotency_key: "long-run".into(),
+    };
+    let first = client.start_workflow(request.clone()).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let retry = client.start_workflow(request).await.unwrap().into_inner();
+    assert_eq!(
+        retry.workflow_id, first.workflow_id,
+        "the key outlived the retention counted from creation"
+    );
+    assert!(!retry.created);
+    let workflow = wait_terminal(&mut client, &first.workflow_id, Duration::from_secs(30)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed);
+    let mut conn = redis_conn(&redis);
+    let ttl = |conn: &mut redis::Connection, key: &str| -> i64 { redis::cmd("PTTL").arg(key).query(conn).unwrap() };
+    let key_ttl = ttl(&mut conn, "nexus:{nx0}:idem:long-run");
+    let state_ttl = ttl(&mut conn, &format!("nexus:{{nx0}}:wf:{}", first.workflow_id));
+    assert!(
+        state_ttl > 0 && key_ttl > 0,
+        "both expire: key {key_ttl} ms, state {state_ttl} ms"
+    );
+    assert!(
+        (key_ttl - state_ttl).abs() < 300,
+        "key {key_ttl} ms, state {state_ttl} ms"
+    );
+}
