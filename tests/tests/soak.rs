@@ -1,14 +1,18 @@
-//! The soak test: hundreds of workflows while a chaos loop SIGKILLs a random
-//! worker or orchestrator every few seconds and starts it again. Afterwards
-//! every workflow must be terminal, none lost, no phase recorded twice.
+//! The soak test: hundreds of workflows while a chaos loop SIGKILLs random
+//! workers and orchestrators (sometimes two at once) every few seconds, and
+//! Redis itself (AOF `always`) now and then, restarting each. Afterwards
+//! every workflow must have completed (no injected fault may fail a run),
+//! with exactly one completion per phase, and the stand-in model's own ledger
+//! of successful calls must account for every recorded phase.
 //!
 //! Ignored in the fast suite; run it with `./scripts/soak.sh` (CI does).
 //! Bounded: `NEXUS_SOAK_WORKFLOWS` (default 300) workflows, at most
 //! `NEXUS_SOAK_SECONDS` (default 240) seconds.
 
-use nexus_proto::v1::{StartWorkflowRequest, WorkflowStatus};
+use nexus_proto::v1::{StartWorkflowRequest, Workflow, WorkflowStatus};
 use nexus_tests::*;
 use rand::Rng;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,9 +28,19 @@ const MODEL: &[&str] = &[
     "25",
 ];
 const KILL_EVERY: Duration = Duration::from_secs(2);
+/// Every this many chaos rounds, Redis is SIGKILLed and restarted.
+const REDIS_EVERY: usize = 4;
+const WORKER_ENV: &[(&str, &str)] = &[("NEXUS_VISIBILITY_TIMEOUT_MS", "2000")];
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// What the chaos loop did, counted only while runs were in flight.
+#[derive(Default)]
+struct Chaos {
+    kills: AtomicUsize,
+    redis_restarts: AtomicUsize,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -34,29 +48,21 @@ fn env_number(name: &str, default: usize) -> usize {
 async fn soak_random_kills_lose_and_duplicate_nothing() {
     let workflows = env_number("NEXUS_SOAK_WORKFLOWS", 300);
     let budget = Duration::from_secs(env_number("NEXUS_SOAK_SECONDS", 240) as u64);
-    let stack = Stack::start_with(2, 0, MODEL);
-    let worker_env = [("NEXUS_VISIBILITY_TIMEOUT_MS", "2000")];
-    let mut stack = stack;
+    let mut stack = Stack::start_with(2, 0, MODEL);
     for _ in 0..3 {
         stack
             .workers
-            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &worker_env));
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), WORKER_ENV));
     }
-    let redis_url = stack.redis.url();
-    let model_url = stack.model.base_url();
+    let model = ModelControl::new(&stack.model.base_url());
     let stack = Arc::new(Mutex::new(stack));
-
     let done = Arc::new(AtomicBool::new(false));
-    let kills = Arc::new(AtomicUsize::new(0));
-    let chaos = tokio::spawn(chaos_loop(
-        stack.clone(),
-        redis_url.clone(),
-        model_url,
-        done.clone(),
-        kills.clone(),
-    ));
+    let chaos = Arc::new(Chaos::default());
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let chaos_loop = tokio::spawn(chaos_loop(stack.clone(), ids.clone(), done.clone(), chaos.clone()));
 
-    let ids = start_all(&stack, workflows).await;
+    start_all(&stack, &ids, workflows).await;
+    let ids = ids.lock().await.clone();
     let deadline = tokio::time::Instant::now() + budget;
     let mut outcomes = Vec::new();
     for id in &ids {
@@ -64,33 +70,67 @@ async fn soak_random_kills_lose_and_duplicate_nothing() {
         outcomes.push(final_state(&stack, id, left).await);
     }
     done.store(true, Ordering::SeqCst);
-    chaos.await.unwrap();
+    chaos_loop.await.unwrap();
 
-    let lost = outcomes.iter().filter(|o| o.status.is_none()).count();
-    let duplicated = outcomes.iter().filter(|o| o.duplicated).count();
+    let ledger = successful_calls_by_workflow(&model.requests().await);
+    let lost = outcomes.iter().filter(|o| o.workflow.is_none()).count();
+    let duplicated = outcomes.iter().filter(|o| !o.once_per_phase).count();
     let completed = outcomes
         .iter()
-        .filter(|o| o.status == Some(WorkflowStatus::Completed))
+        .filter(|o| o.status() == Some(WorkflowStatus::Completed))
         .count();
     let failed = outcomes.len() - lost - completed;
+    let ledger_mismatch = outcomes.iter().filter(|o| !o.matches_ledger(&ledger)).count();
+    for outcome in outcomes
+        .iter()
+        .filter(|o| o.status().is_some_and(|s| s != WorkflowStatus::Completed))
+    {
+        let workflow = outcome.workflow.as_ref().unwrap();
+        eprintln!(
+            "not completed: {} {:?}: {}",
+            workflow.workflow_id,
+            workflow.status(),
+            workflow.reason
+        );
+    }
+    let kills = chaos.kills.load(Ordering::SeqCst);
+    let redis_restarts = chaos.redis_restarts.load(Ordering::SeqCst);
     println!(
-        "workflows={} kills={} lost={lost} duplicated={duplicated} completed={completed} failed={failed}",
+        "workflows={} kills={kills} redis_restarts={redis_restarts} lost={lost} duplicated={duplicated} completed={completed} failed={failed} ledger_mismatch={ledger_mismatch}",
         ids.len(),
-        kills.load(Ordering::SeqCst)
     );
     assert_eq!(ids.len(), workflows, "every start was accepted");
     assert_eq!(lost, 0, "no workflow lost or left unfinished");
-    assert_eq!(duplicated, 0, "no phase recorded twice");
-    assert!(
-        kills.load(Ordering::SeqCst) >= 3,
-        "the chaos loop really killed processes"
+    assert_eq!(duplicated, 0, "every phase completed exactly once");
+    assert_eq!(failed, 0, "no injected fault may fail a run");
+    assert_eq!(
+        ledger_mismatch, 0,
+        "the stand-in's ledger accounts for every recorded phase"
     );
+    let (min_kills, min_restarts) = if workflows >= 300 { (10, 2) } else { (3, 1) };
+    assert!(kills >= min_kills, "only {kills} kills while runs were in flight");
+    assert!(
+        redis_restarts >= min_restarts,
+        "only {redis_restarts} Redis restarts while runs were in flight"
+    );
+}
+
+/// Successful model calls per workflow as the stand-in saw them: the trace
+/// id of the `traceparent` each call carried names its workflow.
+fn successful_calls_by_workflow(requests: &[serde_json::Value]) -> HashMap<String, Vec<String>> {
+    let mut calls: HashMap<String, Vec<String>> = HashMap::new();
+    for request in requests.iter().filter(|r| r["outcome"] == "ok") {
+        let traceparent = request["traceparent"].as_str().unwrap_or_default();
+        let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_string();
+        let model = request["model"].as_str().unwrap_or_default().to_string();
+        calls.entry(trace_id).or_default().push(model);
+    }
+    calls
 }
 
 /// Starts every workflow with an idempotency key, retrying on whichever
 /// orchestrator is up, as a careful client would.
-async fn start_all(stack: &Arc<Mutex<Stack>>, count: usize) -> Vec<String> {
-    let mut ids = Vec::new();
+async fn start_all(stack: &Arc<Mutex<Stack>>, ids: &Mutex<Vec<String>>, count: usize) {
     for n in 0..count {
         let request = StartWorkflowRequest {
             plan: Some(sample_plan(&format!("Soak {n}"))),
@@ -100,7 +140,7 @@ async fn start_all(stack: &Arc<Mutex<Stack>>, count: usize) -> Vec<String> {
             let mut client = any_client(stack).await;
             match client.start_workflow(request.clone()).await {
                 Ok(response) => {
-                    ids.push(response.into_inner().workflow_id);
+                    ids.lock().await.push(response.into_inner().workflow_id);
                     break;
                 }
                 Err(status) if attempt < 100 => {
@@ -111,7 +151,6 @@ async fn start_all(stack: &Arc<Mutex<Stack>>, count: usize) -> Vec<String> {
             }
         }
     }
-    ids
 }
 
 async fn any_client(stack: &Arc<Mutex<Stack>>) -> Client {
@@ -133,12 +172,40 @@ async fn any_client(stack: &Arc<Mutex<Stack>>) -> Client {
 }
 
 struct Outcome {
-    status: Option<WorkflowStatus>,
-    duplicated: bool,
+    /// `None`: lost, or not finished within the budget.
+    workflow: Option<Workflow>,
+    /// Exactly one `phase_completed` per phase index, in the client's stream.
+    once_per_phase: bool,
 }
 
-/// Waits for the workflow to end, then checks its event log for a phase
-/// completed twice.
+impl Outcome {
+    fn status(&self) -> Option<WorkflowStatus> {
+        self.workflow.as_ref().map(Workflow::status)
+    }
+
+    /// Every completed phase was answered by a successful call of its model
+    /// that the stand-in itself recorded for this workflow.
+    fn matches_ledger(&self, ledger: &HashMap<String, Vec<String>>) -> bool {
+        let Some(workflow) = &self.workflow else { return true };
+        let trace_id = workflow.workflow_id.rsplit('_').next().unwrap_or_default();
+        let mut calls = ledger.get(trace_id).cloned().unwrap_or_default();
+        workflow
+            .phases
+            .iter()
+            .filter(|p| p.status() == nexus_proto::v1::PhaseStatus::Completed)
+            .all(|phase| match calls.iter().position(|model| *model == phase.model) {
+                Some(found) => {
+                    calls.swap_remove(found);
+                    true
+                }
+                None => false,
+            })
+    }
+}
+
+/// Waits for the workflow to end, then checks its event log: each phase
+/// must have completed exactly once (a stale result applied late would add
+/// a second completion, or rewind the run).
 async fn final_state(stack: &Arc<Mutex<Stack>>, id: &str, left: Duration) -> Outcome {
     let deadline = tokio::time::Instant::now() + left;
     loop {
@@ -155,23 +222,28 @@ async fn final_state(stack: &Arc<Mutex<Stack>>, id: &str, left: Duration) -> Out
                 WorkflowStatus::Completed | WorkflowStatus::Failed | WorkflowStatus::Cancelled
             ) {
                 let events = watch_resuming(stack, id).await;
-                let mut completed: Vec<u32> = events
+                let mut per_phase = vec![0usize; workflow.phases.len()];
+                for index in events
                     .iter()
                     .filter(|e| kind_name(e) == "phase_completed")
                     .filter_map(phase_of)
-                    .collect();
-                let count = completed.len();
-                completed.dedup();
+                {
+                    per_phase[index as usize] += 1;
+                }
+                let once_per_phase = match status {
+                    WorkflowStatus::Completed => per_phase.iter().all(|count| *count == 1),
+                    _ => per_phase.iter().all(|count| *count <= 1),
+                };
                 return Outcome {
-                    status: Some(status),
-                    duplicated: completed.len() != count,
+                    workflow: Some(workflow),
+                    once_per_phase,
                 };
             }
         }
         if tokio::time::Instant::now() > deadline {
             return Outcome {
-                status: None,
-                duplicated: false,
+                workflow: None,
+                once_per_phase: true,
             };
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -203,31 +275,66 @@ async fn watch_resuming(stack: &Arc<Mutex<Stack>>, id: &str) -> Vec<nexus_proto:
     }
 }
 
-/// Every few seconds: SIGKILL a random worker or orchestrator, start a new one.
-async fn chaos_loop(
-    stack: Arc<Mutex<Stack>>,
-    redis_url: String,
-    model_url: String,
-    done: Arc<AtomicBool>,
-    kills: Arc<AtomicUsize>,
-) {
+/// Every few seconds: SIGKILL a random worker or orchestrator (a quarter of
+/// the time one of each at once) and start a new one; every few rounds,
+/// SIGKILL Redis and restart it on its data. Kills count only while some run
+/// is in flight, as Redis itself says.
+async fn chaos_loop(stack: Arc<Mutex<Stack>>, ids: Arc<Mutex<Vec<String>>>, done: Arc<AtomicBool>, chaos: Arc<Chaos>) {
+    let mut round = 0;
     while !done.load(Ordering::SeqCst) {
         tokio::time::sleep(KILL_EVERY).await;
         if done.load(Ordering::SeqCst) {
             return;
         }
+        round += 1;
         let mut stack = stack.lock().await;
-        let kill_worker = rand::rng().random_bool(0.6);
-        if kill_worker {
-            let victim = rand::rng().random_range(0..stack.workers.len());
-            stack.workers[victim].process.kill_hard();
-            let env = [("NEXUS_VISIBILITY_TIMEOUT_MS", "2000")];
-            stack.workers[victim] = Worker::start(&redis_url, &model_url, &env);
-        } else {
-            let victim = rand::rng().random_range(0..stack.orchestrators.len());
-            stack.orchestrators[victim].process.kill_hard();
-            stack.orchestrators[victim] = Orchestrator::start(&redis_url, &[]);
+        if !any_in_flight(&stack.redis, &ids.lock().await.clone()) {
+            continue;
         }
-        kills.fetch_add(1, Ordering::SeqCst);
+        if round % REDIS_EVERY == 0 {
+            stack.redis.kill_hard();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stack.redis.restart();
+            chaos.redis_restarts.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        let both = rand::rng().random_bool(0.25);
+        if both || rand::rng().random_bool(0.6) {
+            kill_and_replace_worker(&mut stack);
+            chaos.kills.fetch_add(1, Ordering::SeqCst);
+        }
+        if both || !rand::rng().random_bool(0.6) {
+            kill_and_replace_orchestrator(&mut stack);
+            chaos.kills.fetch_add(1, Ordering::SeqCst);
+        }
     }
+}
+
+fn kill_and_replace_worker(stack: &mut Stack) {
+    let victim = rand::rng().random_range(0..stack.workers.len());
+    stack.workers[victim].process.kill_hard();
+    stack.workers[victim] = Worker::start(&stack.redis.url(), &stack.model.base_url(), WORKER_ENV);
+}
+
+fn kill_and_replace_orchestrator(stack: &mut Stack) {
+    let victim = rand::rng().random_range(0..stack.orchestrators.len());
+    stack.orchestrators[victim].process.kill_hard();
+    stack.orchestrators[victim] = Orchestrator::start(&stack.redis.url(), &[]);
+}
+
+/// Whether Redis holds a workflow that is still pending or running.
+fn any_in_flight(redis: &RedisServer, ids: &[String]) -> bool {
+    let Ok(mut conn) = redis.client().get_connection() else {
+        return false;
+    };
+    let mut pipe = redis::pipe();
+    for id in ids {
+        let shard = id.split('_').nth(1).unwrap_or("0");
+        pipe.hget(format!("nexus:{{nx{shard}}}:wf:{id}"), "status");
+    }
+    let statuses: Vec<Option<String>> = pipe.query(&mut conn).unwrap_or_default();
+    statuses
+        .iter()
+        .flatten()
+        .any(|status| status == "pending" || status == "running")
 }
