@@ -247,7 +247,14 @@ async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
         "40",
     ]);
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
-    let frozen = Worker::start(&redis.url(), &model.base_url(), &[]);
+    // Its heartbeat is due only every 10 s, so after SIGCONT it streams on
+    // (and finishes) before it could learn from a heartbeat that it lost the
+    // task: only the attempt fence can keep its output out.
+    let frozen = Worker::start(
+        &redis.url(),
+        &model.base_url(),
+        &[("NEXUS_VISIBILITY_TIMEOUT_MS", "30000")],
+    );
     let mut client = connect(&orchestrator.endpoint()).await;
     let id = start(&mut client, "Frozen").await;
     wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
