@@ -11,9 +11,12 @@ use nexus_proto::v1::{
     CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ListWorkflowsResponse, StartWorkflowRequest,
     StartWorkflowResponse, WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
+use nexus_runtime::telemetry;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct WorkflowApi {
     pub store: WorkflowStore,
@@ -22,6 +25,20 @@ pub struct WorkflowApi {
 }
 
 impl WorkflowApi {
+    async fn start(&self, id: WorkflowId, request: &StartWorkflowRequest) -> Result<StartWorkflowResponse, Status> {
+        let valid = validate_start(request, self.max_plan_bytes)?;
+        let started = self.store.start(id, valid).await?;
+        if started.created {
+            crate::metrics::METRICS.workflows_started.inc();
+        }
+        tracing::Span::current().record("workflow_id", started.workflow_id.as_str());
+        tracing::info!(workflow_id = %started.workflow_id, created = started.created, "workflow accepted");
+        Ok(StartWorkflowResponse {
+            workflow_id: started.workflow_id,
+            created: started.created,
+        })
+    }
+
     fn parse_id(&self, text: &str) -> Result<WorkflowId, ApiError> {
         let id = WorkflowId::parse(text)?;
         if id.shard() >= self.store.shards() {
@@ -37,17 +54,14 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<StartWorkflowRequest>,
     ) -> Result<Response<StartWorkflowResponse>, Status> {
+        let client_span = client_traceparent(request.metadata());
         let request = request.into_inner();
-        let valid = validate_start(&request, self.max_plan_bytes)?;
-        let started = self.store.start(valid).await?;
-        if started.created {
-            crate::metrics::METRICS.workflows_started.inc();
-        }
-        tracing::info!(workflow_id = %started.workflow_id, created = started.created, "workflow accepted");
-        Ok(Response::new(StartWorkflowResponse {
-            workflow_id: started.workflow_id,
-            created: started.created,
-        }))
+        // The id comes first: without a client span, the trace is named by it.
+        let id = self.store.new_id(&request.idempotency_key);
+        let span = start_workflow_span(client_span.as_deref(), &id);
+        let started = self.start(id, &request).instrument(span.clone()).await;
+        record_outcome(&span, &started);
+        Ok(Response::new(started?))
     }
 
     type WatchWorkflowStream = ReceiverStream<Result<WorkflowEvent, Status>>;
@@ -88,5 +102,45 @@ impl WorkflowService for WorkflowApi {
             return Err(ApiError::InvalidArgument("reason must be at most 1024 bytes".into()).into());
         }
         Ok(Response::new(self.store.cancel(&id, &request.reason).await?))
+    }
+}
+
+/// The W3C `traceparent` the client sent as metadata, if any.
+fn client_traceparent(metadata: &MetadataMap) -> Option<String> {
+    let value = metadata.get("traceparent")?.to_str().ok()?;
+    Some(value.to_string())
+}
+
+/// The server span of a `StartWorkflow` call, the root of the workflow's
+/// tree: a child of the client's span when the client sent one (the
+/// workflow then lives in the client's trace), else the root of a new
+/// trace named by the workflow's UUID.
+fn start_workflow_span(client_span: Option<&str>, id: &WorkflowId) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "StartWorkflow",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "nexus.v1.WorkflowService",
+        rpc.method = "StartWorkflow",
+        workflow_id = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    let joined = client_span.is_some_and(|traceparent| telemetry::join_trace(&span, traceparent));
+    if !joined {
+        telemetry::start_trace(&span, &id.trace_id());
+    }
+    span
+}
+
+/// Records the call's gRPC status on its span.
+fn record_outcome<T>(span: &tracing::Span, outcome: &Result<T, Status>) {
+    let code = outcome.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+    span.record("rpc.grpc.status_code", code as i64);
+    if let Err(status) = outcome {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", status.message());
     }
 }

@@ -5,8 +5,10 @@
 //! replica. What tells a watcher to read again is a per-replica hub: one
 //! pub/sub connection per orchestrator receives "workflow X has news" and
 //! wakes the local watchers of X. Watchers therefore cost no Redis
-//! connection each, and a missed notification (say, while Redis restarts)
-//! only delays a watcher until its periodic re-read.
+//! connection each, and a quiet watcher costs Redis nothing: it reads only
+//! when notified. Pub/sub loses messages only when its connection breaks,
+//! so every local watcher is woken when the subscription is re-established
+//! (say, after a Redis restart) and re-reads from its cursor.
 
 use crate::errors::ApiError;
 use crate::state::is_terminal;
@@ -28,8 +30,10 @@ use tonic::Status;
 
 /// Events read per round trip while replaying.
 const PAGE: usize = 256;
-/// A watcher re-reads at least this often even without a notification.
-const POLL_FALLBACK: Duration = Duration::from_secs(2);
+/// After a failed read, a watcher tries again this soon. A healthy, quiet
+/// watcher does not poll at all: it reads when notified, and every watcher
+/// is notified when the notification connection comes back after a break.
+const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// How long a watch keeps retrying Redis before giving up on the client.
 const REDIS_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -181,14 +185,13 @@ impl Watcher {
     async fn stream_events(&mut self) {
         let feed = self.hub.subscribe(&self.id.to_string());
         let mut failing_since: Option<tokio::time::Instant> = None;
-        let mut force_read = false;
         loop {
             // Registered before reading, so a notification that arrives
             // while we read is not missed.
             let notified = feed.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.read_page(&feed, force_read).await {
+            match self.read_page(&feed).await {
                 Ok(events) => {
                     failing_since = None;
                     match self.forward(&events).await {
@@ -215,11 +218,15 @@ impl Watcher {
                     }
                 }
             }
-            // After a quiet poll interval, read Redis itself: the page
-            // cache is only as fresh as the last notification.
-            force_read = tokio::select! {
-                _ = notified => false,
-                _ = tokio::time::sleep(POLL_FALLBACK) => true,
+            let retry = async {
+                match failing_since {
+                    Some(_) => tokio::time::sleep(RETRY_AFTER_ERROR).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = retry => {}
                 _ = self.sender.closed() => return,
                 _ = self.hub.shutdown.cancelled() => {
                     let status = Status::unavailable("this orchestrator is shutting down; resume with your last cursor on another replica");
@@ -233,12 +240,12 @@ impl Watcher {
     /// The events after this watcher's cursor: the feed's cached page when
     /// another watcher just read from the same cursor since the last
     /// notification, else one XRANGE (single-flight per workflow).
-    async fn read_page(&mut self, feed: &Feed, force: bool) -> redis::RedisResult<Arc<Vec<WorkflowEvent>>> {
+    async fn read_page(&mut self, feed: &Feed) -> redis::RedisResult<Arc<Vec<WorkflowEvent>>> {
         let generation = feed.generation.load(Ordering::SeqCst);
         let mut last_page = feed.last_page.lock().await;
         if let Some(page) = last_page
             .as_ref()
-            .filter(|page| !force && page.after == self.cursor && page.generation == generation)
+            .filter(|page| page.after == self.cursor && page.generation == generation)
         {
             return Ok(page.events.clone());
         }

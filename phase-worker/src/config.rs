@@ -22,6 +22,12 @@ pub struct Config {
     #[arg(long, env = "OPENROUTER_BASE_URL", default_value = "https://openrouter.ai")]
     pub openrouter_base_url: String,
 
+    /// A PEM file of root certificates to trust for the model server, besides
+    /// the system's: a private gateway's CA, or the stand-in model's
+    /// certificate (stand-in-model --tls --cert-out PATH). Unset or empty: none.
+    #[arg(long, env = "NEXUS_MODEL_CA_FILE", value_parser = any_path())]
+    pub model_ca_file: Option<std::path::PathBuf>,
+
     /// OpenRouter API key, sent as a bearer token. Never logged.
     #[arg(long, env = "OPENROUTER_API_KEY", hide_env_values = true)]
     pub openrouter_api_key: Option<String>,
@@ -116,6 +122,13 @@ pub struct Config {
     pub process: nexus_runtime::process::ProcessArgs,
 }
 
+/// A path, the empty one included (clap's own refuses it), so that an empty
+/// variable means "unset" as it does for the other settings.
+fn any_path() -> impl clap::builder::TypedValueParser<Value = std::path::PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().map(std::path::PathBuf::from)
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -125,6 +138,7 @@ impl std::fmt::Debug for Config {
                 &crate::model_client::redact_url_text(&self.openrouter_base_url),
             )
             .field("openrouter_api_key", &self.openrouter_api_key.as_ref().map(|_| "<set>"))
+            .field("model_ca_file", &self.model_ca_file)
             .field("max_in_flight", &self.max_in_flight)
             .field("visibility_timeout_ms", &self.visibility_timeout_ms)
             .field("max_deliveries", &self.max_deliveries)
@@ -162,6 +176,7 @@ impl Config {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             max_retry_after: Duration::from_millis(self.max_retry_after_ms),
             max_total_wait: Duration::from_millis(self.max_total_wait_ms),
+            ca_file: self.model_ca_file.clone().filter(|path| !path.as_os_str().is_empty()),
         }
     }
 }

@@ -8,6 +8,12 @@
 //! retry policy (exponential backoff with full jitter, `Retry-After` as a floor) lives here so
 //! the worker only sees deltas, retry notices and one final outcome. Wire facts follow
 //! `/work/shared/OPENROUTER.md`.
+//!
+//! The body is parsed as server-sent events, never as lines: events may arrive split across
+//! reads (even inside a UTF-8 character), with CRLF line ends, as several `data:` lines, and
+//! with `:` comments between them. Reasoning deltas (`delta.reasoning`) are not part of the
+//! answer, but they are the model's first tokens: they stop the first-token clock. Their count
+//! comes with the usage chunk.
 
 use std::fmt;
 use std::future::Future;
@@ -24,6 +30,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 const CHAT_PATH: &str = "/api/v1/chat/completions";
 const GENERATION_ID_HEADER: &str = "x-generation-id";
@@ -56,8 +63,9 @@ pub struct ModelClientConfig {
     /// OpenRouter attribution: sent as `X-Title`.
     pub app_title: Option<String>,
     pub connect_timeout: Duration,
-    /// From sending the request to the first non-empty content delta; keep-alive comments do
-    /// not count, so a provider that only says "processing" still times out.
+    /// From sending the request to the first token, content or reasoning: a thinking model
+    /// that streams reasoning is making progress, while keep-alive comments do not count, so a
+    /// provider that only says "processing" still times out.
     pub first_token_timeout: Duration,
     /// Longest silence between two pieces of the body, comments included.
     pub idle_timeout: Duration,
@@ -71,6 +79,9 @@ pub struct ModelClientConfig {
     /// Total time one call may spend waiting out `Retry-After` and the
     /// shared rate limit. Waits are not tries: they have this budget instead.
     pub max_total_wait: Duration,
+    /// A PEM file of root certificates to trust besides the system's: a
+    /// private gateway's CA, or the stand-in model's certificate (`--tls`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ModelClientConfig {
@@ -115,6 +126,7 @@ impl Default for ModelClientConfig {
             backoff_max: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
             max_total_wait: Duration::from_secs(300),
+            ca_file: None,
         }
     }
 }
@@ -142,8 +154,10 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
     pub response_format: Option<Value>,
-    /// W3C trace context sent as the `traceparent` header, so the model call
-    /// joins the workflow's trace (and the stand-in can tell calls apart).
+    /// W3C trace context of the span the call belongs to. Each try is a
+    /// `model_request` span, its child, and its `traceparent` header names
+    /// that span; when spans are not exported, the header is this value.
+    /// Either way the provider (and the stand-in) can tell calls apart.
     pub traceparent: Option<String>,
     /// Accept an answer cut short (`finish_reason` "length" or
     /// "content_filter"); otherwise it is a failed try.
@@ -151,9 +165,48 @@ pub struct ChatRequest {
 }
 
 /// A request ready to send: encoded once, sent on every try.
+#[derive(Clone)]
 struct Prepared {
     body: bytes::Bytes,
     headers: HeaderMap,
+}
+
+impl Prepared {
+    /// The request as the try of `span` sends it: its `traceparent` header
+    /// names that span (kept as prepared when spans are not exported).
+    fn for_try(&self, span: &tracing::Span) -> Prepared {
+        let mut this = self.clone();
+        if let Some(value) = nexus_runtime::telemetry::traceparent_of(span).and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            this.headers.insert(HeaderName::from_static("traceparent"), value);
+        }
+        this
+    }
+}
+
+/// The span of one HTTP try of a call: a child of the span the call
+/// belongs to.
+fn model_request_span(request: &ChatRequest, try_number: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        "model_request",
+        otel.kind = "client",
+        model = %request.model,
+        try_number,
+        http.request.method = "POST",
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &request.traceparent {
+        nexus_runtime::telemetry::join_trace(&span, traceparent);
+    }
+    span
+}
+
+/// Marks a try's span as failed with `error` (already redacted).
+fn record_failed_try(span: &tracing::Span, error: &ModelError) {
+    span.record("otel.status_code", "error");
+    span.record("otel.status_description", error.to_string());
 }
 
 /// Token counts and cost as the provider reported them in the stream's last chunk.
@@ -385,10 +438,31 @@ impl fmt::Debug for ModelClient {
 impl ModelClient {
     pub fn new(config: ModelClientConfig) -> Result<Self, ModelError> {
         install_crypto_provider();
+        // Over TLS, ALPN picks HTTP/2 when the server offers it (OpenRouter
+        // does), and then every call of this client is a stream on one shared
+        // connection. One connection that died silently (a dropped NAT entry,
+        // a vanished peer) would take every call with it until the TCP
+        // retransmission timeout, minutes later; pings find it within
+        // interval + timeout, close it, and the failed tries retry on a new one.
+        const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+        const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
         let endpoint = endpoint(&config.base_url)?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(H2_PING_INTERVAL)
+            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true);
+        if let Some(path) = &config.ca_file {
+            let unusable = |why: String| ModelError::Config(format!("model CA file {}: {why}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(describe_reqwest_error(e)))?;
+            if roots.is_empty() {
+                return Err(unusable("no PEM certificate in it".into()));
+            }
+            builder = builder.tls_certs_merge(roots);
+        }
+        let http = builder
             .build()
             .map_err(|e| ModelError::Config(describe_reqwest_error(e)))?;
         Ok(Self {
@@ -492,15 +566,17 @@ impl ModelClient {
             self.wait_turn(&request.model, &mut waits, events, cancel)
                 .await
                 .map_err(|e| self.redact(e))?;
+            let span = model_request_span(request, try_number);
             let tried = self
                 .try_once(
-                    &prepared,
+                    &prepared.for_try(&span),
                     try_number,
                     request.accept_truncated,
                     validator,
                     events,
                     cancel,
                 )
+                .instrument(span.clone())
                 .await;
             let error = match tried {
                 Ok(completion) => {
@@ -511,6 +587,7 @@ impl ModelClient {
                 }
                 Err(error) => self.redact(error),
             };
+            record_failed_try(&span, &error);
             if let Some(asked) = error.retry_after() {
                 // The provider said when to come back: waiting is not a failed
                 // try, so it spends the wait budget and the try number stays.
@@ -653,6 +730,7 @@ impl ModelClient {
             .await
             .map_err(|_| self.first_token_timeout())?
             .map_err(|e| self.transport_error(e))?;
+        tracing::Span::current().record("http.response.status_code", response.status().as_u16());
         if response.status().is_success() {
             return Ok(response);
         }
@@ -668,7 +746,8 @@ impl ModelClient {
         http_error(status, &body, retry_after)
     }
 
-    /// The next SSE event; until the first token arrives, also bounded by its deadline.
+    /// The next SSE event; until the first token (content or reasoning) arrives, also bounded
+    /// by its deadline.
     async fn next_event<S>(
         &self,
         sse: &mut S,
@@ -994,6 +1073,8 @@ enum Data {
 #[derive(Debug, Default, PartialEq)]
 struct Chunk {
     content: Option<String>,
+    /// The chunk carried reasoning: the model is thinking, not silent.
+    reasoning: bool,
     finish_reason: Option<String>,
     usage: Option<Usage>,
 }
@@ -1020,6 +1101,23 @@ struct WireChoice {
 struct WireDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    /// Structured reasoning; only whether there is any matters here.
+    #[serde(default)]
+    reasoning_details: Option<Value>,
+}
+
+impl WireDelta {
+    fn has_reasoning(&self) -> bool {
+        let text = self.reasoning.as_deref().is_some_and(|text| !text.is_empty());
+        let details = match &self.reasoning_details {
+            Some(Value::Array(items)) => !items.is_empty(),
+            Some(Value::Null) | None => false,
+            Some(_) => true,
+        };
+        text || details
+    }
 }
 
 /// Lenient on purpose: providers omit or null fields they do not track.
@@ -1079,6 +1177,7 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     let choice = wire.choices.into_iter().next();
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
     Ok(Data::Chunk(Chunk {
+        reasoning: delta.as_ref().is_some_and(WireDelta::has_reasoning),
         content: delta.and_then(|d| d.content).filter(|text| !text.is_empty()),
         finish_reason,
         usage: wire.usage.map(Usage::from),
@@ -1091,13 +1190,15 @@ struct Reply {
     text: String,
     finish_reason: Option<String>,
     usage: Option<Usage>,
+    /// A first token, content or reasoning, has arrived: the first-token clock has stopped.
     started: bool,
     done: bool,
 }
 
 impl Reply {
-    /// Folds a chunk in and returns its new text, if any.
+    /// Folds a chunk in and returns its new answer text, if any; reasoning is not answer text.
     fn apply(&mut self, chunk: Chunk) -> Option<String> {
+        self.started |= chunk.reasoning;
         if chunk.finish_reason.is_some() {
             self.finish_reason = chunk.finish_reason;
         }
@@ -1203,6 +1304,26 @@ mod tests {
     }
 
     #[test]
+    fn reasoning_is_progress_but_not_answer_text() {
+        let thinking = chunk(
+            r#"{"choices":[{"delta":{"role":"assistant","content":null,"reasoning":"Let me think",
+                "reasoning_details":[{"type":"reasoning.text","text":"Let me think"}]}}]}"#,
+        );
+        assert!(thinking.reasoning);
+        assert_eq!(thinking.content, None);
+        let details_only =
+            chunk(r#"{"choices":[{"delta":{"content":"","reasoning_details":[{"type":"reasoning.encrypted"}]}}]}"#);
+        assert!(details_only.reasoning);
+        let empty = chunk(r#"{"choices":[{"delta":{"content":"Hi","reasoning":"","reasoning_details":null}}]}"#);
+        assert!(!empty.reasoning);
+
+        let mut reply = Reply::default();
+        assert_eq!(reply.apply(thinking), None);
+        assert!(reply.started, "reasoning stops the first-token clock");
+        assert_eq!(reply.text, "");
+    }
+
+    #[test]
     fn empty_or_null_delta_yields_no_text() {
         assert_eq!(chunk(r#"{"choices":[{"delta":{"content":""}}]}"#).content, None);
         assert_eq!(chunk(r#"{"choices":[{"delta":null}]}"#).content, None);
@@ -1271,7 +1392,7 @@ mod tests {
         reply.apply(Chunk {
             content: Some("b".into()),
             finish_reason: Some("stop".into()),
-            usage: None,
+            ..Chunk::default()
         });
         reply.apply(Chunk {
             usage: Some(Usage {

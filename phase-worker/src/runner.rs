@@ -39,8 +39,8 @@ pub struct RunnerContext {
 /// cancel that lands at any point reaches the call. Errors talking to Redis
 /// leave the task unacknowledged, so it is reclaimed and run again.
 pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
-    let span = tracing::info_span!("phase", workflow_id = %handle.workflow, phase = task.phase_index, attempt = handle.attempt, delivery);
-    nexus_runtime::telemetry::join_trace(&span, &task.traceparent);
+    let span = phase_span(&handle, &task, delivery);
+    let task = continued_in(&span, task);
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
     let stop = registration.token.clone();
@@ -50,6 +50,34 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
         .await;
     heartbeat.abort();
     METRICS.tasks_in_flight.dec();
+}
+
+/// The span of one delivery of a task: a child of the span that scheduled
+/// the phase, named by the task.
+fn phase_span(handle: &TaskHandle, task: &PhaseTask, delivery: u64) -> tracing::Span {
+    let spec = task.spec.as_ref();
+    let span = tracing::info_span!(
+        "phase",
+        workflow_id = %handle.workflow,
+        phase = task.phase_index,
+        phase_name = spec.map_or("", |spec| spec.name.as_str()),
+        model = spec.map_or("", |spec| spec.model.as_str()),
+        attempt = handle.attempt,
+        delivery,
+    );
+    nexus_runtime::telemetry::join_trace(&span, &task.traceparent);
+    span
+}
+
+/// The task with its trace context moved on to its phase span, so what it
+/// produces (model requests, its result) descends from that span rather
+/// than from the one that scheduled it. Unchanged when spans are not
+/// exported.
+fn continued_in(span: &tracing::Span, task: PhaseTask) -> PhaseTask {
+    match nexus_runtime::telemetry::traceparent_of(span) {
+        Some(traceparent) => PhaseTask { traceparent, ..task },
+        None => task,
+    }
 }
 
 async fn run_task_in_span(
@@ -84,7 +112,7 @@ async fn run_task_in_span(
             return;
         }
     };
-    let request = chat_request(handle, &spec, &inputs);
+    let request = chat_request(&task, &spec, &inputs);
     let outcome = call_model(ctx, handle, &task, &spec, request, delivery, stop).await;
     match outcome {
         CallOutcome::Result(result, final_delta) => {
@@ -191,10 +219,9 @@ fn validate_rating(text: &str) -> Result<(), String> {
     rating::parse_rating(text).map(|_| ())
 }
 
-/// Loads the phase's inputs and renders its prompt.
 /// The model request for a phase: its system prompt and its template
 /// rendered with the stored inputs.
-fn chat_request(handle: &TaskHandle, spec: &PhaseSpec, inputs: &HashMap<String, String>) -> ChatRequest {
+fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, String>) -> ChatRequest {
     let mut messages = Vec::new();
     if !spec.system_prompt.is_empty() {
         messages.push(ChatMessage {
@@ -212,7 +239,7 @@ fn chat_request(handle: &TaskHandle, spec: &PhaseSpec, inputs: &HashMap<String, 
         temperature: spec.temperature,
         max_tokens: (spec.max_tokens > 0).then_some(spec.max_tokens),
         response_format: (spec.output() == OutputKind::Rating).then(rating::response_format),
-        traceparent: Some(handle.workflow.traceparent()),
+        traceparent: Some(task.traceparent.clone()),
         accept_truncated: spec.accept_truncated,
     }
 }

@@ -32,11 +32,15 @@ impl Drop for StandIn {
 
 impl StandIn {
     async fn start() -> Self {
+        Self::start_with(quick()).await
+    }
+
+    /// A stand-in with rough framing whose replies reason for `reasoning` first.
+    async fn start_rough(reasoning: Duration) -> Self {
         Self::start_with(StandInConfig {
-            first_token_latency: Duration::from_millis(5),
-            tokens_per_second: 0.0,
-            reply_words: 12,
-            keepalive_comments: true,
+            rough: true,
+            reasoning,
+            ..quick()
         })
         .await
     }
@@ -100,6 +104,17 @@ impl StandIn {
         };
         adjust(&mut config);
         ModelClient::new(config).unwrap()
+    }
+}
+
+/// Short unpaced replies after a 5 ms wait, smooth framing, no reasoning.
+fn quick() -> StandInConfig {
+    StandInConfig {
+        first_token_latency: Duration::from_millis(5),
+        tokens_per_second: 0.0,
+        reply_words: 12,
+        keepalive_comments: true,
+        ..StandInConfig::default()
     }
 }
 
@@ -257,6 +272,64 @@ async fn keepalive_comments_do_not_count_as_the_first_token() {
     };
     let first_token = TimeoutKind::FirstToken;
     assert!(matches!(**last, ModelError::Timeout { which, .. } if which == first_token));
+}
+
+#[tokio::test]
+async fn a_rough_stream_completes_with_exactly_the_text_of_a_smooth_one() {
+    let smooth = StandIn::start().await;
+    let rough = StandIn::start_rough(Duration::from_millis(200)).await;
+    let request = ask(
+        "anthropic/claude-test",
+        "summarise the quarterly figures — in € and in ¥",
+    );
+    let expected = call(&smooth.client(), &request, None).await;
+    let call = call(&rough.client(), &request, None).await;
+
+    let completion = call.completion();
+    assert_eq!(completion.text, expected.completion().text);
+    assert_eq!(call.text_of_try(1), completion.text);
+    assert_eq!(completion.tries, 1);
+    assert!(!completion.text.contains("reasoning"), "{}", completion.text);
+    let usage = &completion.usage;
+    assert_eq!(usage.reasoning_tokens, 4, "200 ms of reasoning, a delta every 50 ms");
+    let words = expected.completion().usage.completion_tokens;
+    assert_eq!(usage.completion_tokens, words + usage.reasoning_tokens);
+    assert_eq!(rough.outcomes().await, ["ok"]);
+}
+
+#[tokio::test]
+async fn reasoning_for_longer_than_the_first_token_timeout_does_not_trip_it() {
+    let stand_in = StandIn::start_rough(Duration::from_millis(1200)).await;
+    let client = stand_in.client_with(|c| {
+        c.first_token_timeout = Duration::from_millis(400);
+        c.idle_timeout = Duration::from_millis(400);
+        c.max_tries = 1;
+    });
+    let call = call(&client, &ask("m/thinker", "think hard"), None).await;
+
+    let completion = call.completion();
+    assert_eq!(completion.tries, 1);
+    assert!(completion.text.starts_with("[stand-in model for m/thinker"));
+    assert_eq!(completion.usage.reasoning_tokens, 24);
+}
+
+#[tokio::test]
+async fn a_model_silent_after_its_reasoning_is_caught_by_the_idle_timeout() {
+    let stand_in = StandIn::start_rough(Duration::from_millis(300)).await;
+    stand_in
+        .queue_faults(json!([{"kind": "stall", "after_words": 0, "secs": 30}]))
+        .await;
+    let client = stand_in.client_with(|c| {
+        c.first_token_timeout = Duration::from_secs(10);
+        c.idle_timeout = Duration::from_millis(400);
+    });
+    let started = Instant::now();
+    let call = call(&client, &ask("m/thinker", "think, then stall"), None).await;
+
+    assert_eq!(call.completion().tries, 2);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(call.retries()[0].0.contains("stalled"), "{:?}", call.retries());
+    assert_eq!(call.text_of_try(1), "", "reasoning is never answer text");
 }
 
 #[tokio::test]

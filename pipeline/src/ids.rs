@@ -39,7 +39,9 @@ impl WorkflowId {
         self.uuid.simple().to_string()
     }
 
-    /// A `traceparent` header value for a new span of this workflow's trace.
+    /// A `traceparent` naming this workflow's trace and a made-up span: for
+    /// when spans are not exported, so there is no real span to name, yet
+    /// every task and model request still tells which workflow it serves.
     pub fn traceparent(&self) -> String {
         let span_id = rand::random::<u64>().max(1);
         format!("00-{}-{span_id:016x}-01", self.trace_id())

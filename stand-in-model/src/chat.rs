@@ -3,24 +3,31 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::header::{AUTHORIZATION, RETRY_AFTER};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
 use crate::faults::Fault;
 use crate::plan::{ChatBody, Plan};
-use crate::state::{Outcome, RequestRecord, Shared};
+use crate::state::{ConnectionId, Outcome, RequestRecord, Shared};
 use crate::{stream, wire};
 
 const MALFORMED_BODY: &str = "{this is not json";
 
-pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn completions(
+    State(shared): State<Shared>,
+    version: Version,
+    connection: Option<Extension<ConnectInfo<ConnectionId>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let connection = connection.map_or(0, |Extension(ConnectInfo(ConnectionId(id)))| id);
     let body = match serde_json::from_slice::<ChatBody>(&body) {
         Ok(body) => body,
-        Err(err) => return reject_unreadable(&shared, &err),
+        Err(err) => return reject_unreadable(&shared, &err, version, connection),
     };
     let mut record = body.record();
     record.traceparent = headers
@@ -28,6 +35,8 @@ pub(crate) async fn completions(State(shared): State<Shared>, headers: HeaderMap
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    record.http_version = format!("{version:?}");
+    record.connection = connection;
     let outcome = shared.record(record);
     if !has_bearer(&headers) {
         outcome.settle("status 401");
@@ -80,7 +89,7 @@ fn retry_after_value(secs: f64, http_date: bool) -> String {
     httpdate::fmt_http_date(when)
 }
 
-fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
+fn reject_unreadable(shared: &Shared, err: &serde_json::Error, version: Version, connection: u64) -> Response {
     let record = RequestRecord {
         seq: 0,
         model: String::new(),
@@ -92,6 +101,8 @@ fn reject_unreadable(shared: &Shared, err: &serde_json::Error) -> Response {
         received_us: 0,
         finished_us: 0,
         traceparent: String::new(),
+        http_version: format!("{version:?}"),
+        connection,
     };
     shared.record(record).settle("status 400");
     error_response(400, &format!("Invalid request body: {err}"), None, false)
@@ -109,7 +120,7 @@ fn error_response(status: u16, message: &str, retry_after: Option<String>, scrip
 
 /// A non-streaming answer: same latency and faults, delivered in one body.
 async fn whole(plan: Plan, outcome: Outcome) -> Response {
-    tokio::time::sleep(plan.first_token_latency).await;
+    tokio::time::sleep(plan.first_token_latency + plan.reasoning_time()).await;
     let response = match &plan.fault {
         Some(Fault::Stall { secs, .. }) => {
             tokio::time::sleep(Duration::try_from_secs_f64(*secs).unwrap_or_default()).await;
@@ -127,6 +138,12 @@ async fn whole(plan: Plan, outcome: Outcome) -> Response {
 }
 
 fn completion_response(plan: &Plan) -> Response {
-    let body = wire::completion(&plan.meta, &plan.text(), &plan.finish_reason, &plan.usage);
+    let body = wire::completion(
+        &plan.meta,
+        &plan.text(),
+        &plan.reasoning_text(),
+        &plan.finish_reason,
+        &plan.usage,
+    );
     ([("x-generation-id", plan.meta.id.clone())], Json(body)).into_response()
 }

@@ -1,11 +1,12 @@
-//! How the stand-in behaves when no fault is scripted: how slow, how fast, how long.
+//! How the stand-in behaves when no fault is scripted: how slow, how fast, how long, and how
+//! rough its stream looks on the wire.
 
 use std::time::Duration;
 
 /// Behaviour of every reply. Faults queued through the control API override it per request.
 #[derive(Clone, Debug)]
 pub struct StandInConfig {
-    /// Wait before the first content chunk (after the keep-alive comment).
+    /// Wait before the first token, reasoning or content (keep-alive comments meanwhile).
     pub first_token_latency: Duration,
     /// Pace of content chunks; `0.0` sends them as fast as the connection takes them.
     pub tokens_per_second: f64,
@@ -14,6 +15,13 @@ pub struct StandInConfig {
     /// Send `: OPENROUTER PROCESSING` comments while waiting for the first token, as OpenRouter
     /// does, so clients prove they skip SSE comments.
     pub keepalive_comments: bool,
+    /// How long each reply streams reasoning deltas (`delta.reasoning`) before its first content
+    /// token, as a thinking model does; zero sends none.
+    pub reasoning: Duration,
+    /// Put every legal roughness of the wire into the stream (see `framing`): events split
+    /// across writes, CRLF line ends, multi-line `data:` fields, comments between events. Off
+    /// by default: benchmarks want the cheap stream.
+    pub rough: bool,
 }
 
 impl Default for StandInConfig {
@@ -23,6 +31,8 @@ impl Default for StandInConfig {
             tokens_per_second: 200.0,
             reply_words: 60,
             keepalive_comments: true,
+            reasoning: Duration::ZERO,
+            rough: false,
         }
     }
 }

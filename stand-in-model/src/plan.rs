@@ -13,6 +13,8 @@ use crate::state::RequestRecord;
 use crate::wire::{self, Meta};
 
 const EXCERPT_CHARS: usize = 160;
+/// Gap between reasoning deltas: a thinking model's thoughts trickle in.
+pub(crate) const REASONING_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The parts of an OpenAI-style request body the stand-in reads.
 #[derive(Debug, Deserialize)]
@@ -80,6 +82,8 @@ impl ChatBody {
             received_us: 0,
             finished_us: 0,
             traceparent: String::new(),
+            http_version: String::new(),
+            connection: 0,
         }
     }
 }
@@ -88,12 +92,15 @@ impl ChatBody {
 #[derive(Debug)]
 pub(crate) struct Plan {
     pub meta: Meta,
+    /// Reasoning deltas, sent [`REASONING_INTERVAL`] apart before the first content chunk.
+    pub reasoning: Vec<String>,
     pub chunks: Vec<String>,
     pub finish_reason: String,
     pub usage: Value,
     pub first_token_latency: Duration,
     pub token_interval: Option<Duration>,
     pub keepalive_comments: bool,
+    pub rough: bool,
     pub fault: Option<Fault>,
 }
 
@@ -117,18 +124,27 @@ impl Plan {
             Some(Fault::Latency { first_token_ms }) => Duration::from_millis(first_token_ms),
             _ => config.first_token_latency,
         };
+        let reasoning = reply::reasoning_deltas(&body.model, reasoning_deltas(config.reasoning));
+        let completion_tokens = (chunks.len() + reasoning.len()) as u64;
         Self {
             meta: Meta {
                 id: format!("gen-standin-{seq}"),
                 model: body.model.clone(),
                 created: unix_now(),
             },
-            usage: wire::usage(&body.model, body.prompt_tokens(), chunks.len() as u64),
+            usage: wire::usage(
+                &body.model,
+                body.prompt_tokens(),
+                completion_tokens,
+                reasoning.len() as u64,
+            ),
+            reasoning,
             chunks,
             finish_reason,
             first_token_latency,
             token_interval: config.token_interval(),
             keepalive_comments: config.keepalive_comments,
+            rough: config.rough,
             fault,
         }
     }
@@ -137,10 +153,24 @@ impl Plan {
         self.chunks.concat()
     }
 
+    pub(crate) fn reasoning_text(&self) -> String {
+        self.reasoning.concat()
+    }
+
+    /// How long the reasoning takes before the answer starts.
+    pub(crate) fn reasoning_time(&self) -> Duration {
+        REASONING_INTERVAL * self.reasoning.len() as u32
+    }
+
     /// What the request log records when the plan plays out to the end.
     pub(crate) fn outcome_label(&self) -> String {
         self.fault.as_ref().map_or_else(|| "ok".into(), Fault::outcome_label)
     }
+}
+
+/// Enough deltas, [`REASONING_INTERVAL`] apart, to fill `time`.
+fn reasoning_deltas(time: Duration) -> usize {
+    time.as_millis().div_ceil(REASONING_INTERVAL.as_millis()) as usize
 }
 
 fn reply_text(body: &ChatBody, config: &StandInConfig, fault: Option<&Fault>) -> String {

@@ -38,6 +38,14 @@ struct Verdict {
     reasons: [String; 2],
 }
 
+/// `count` reasoning deltas: a banner that says these are no real thoughts, then numbered
+/// steps. The dash and ellipsis are multi-byte on purpose, so a rough stream splits characters.
+pub(crate) fn reasoning_deltas(model: &str, count: usize) -> Vec<String> {
+    let banner = format!("[stand-in reasoning for {model}; not a real model's thoughts]");
+    let steps = (1..count).map(|step| format!(" step {step} — weighing the plan…"));
+    std::iter::once(banner).chain(steps).take(count).collect()
+}
+
 /// Text a structured request gets under the `bad_json_output` fault.
 pub(crate) const BAD_JSON_OUTPUT: &str = "not json at all (stand-in)";
 
@@ -65,6 +73,15 @@ mod tests {
         let text = free_text("m/x", "alpha beta", 3);
         assert_eq!(text, "[stand-in model for m/x; not a real LLM] alpha beta alpha");
         assert_eq!(chunks(&text).concat(), text);
+    }
+
+    #[test]
+    fn reasoning_names_the_stand_in_and_has_the_asked_length() {
+        assert!(reasoning_deltas("m/x", 0).is_empty());
+        let deltas = reasoning_deltas("m/x", 3);
+        assert_eq!(deltas.len(), 3);
+        assert!(deltas[0].starts_with("[stand-in reasoning for m/x"));
+        assert!(deltas[2].contains("step 2"));
     }
 
     #[test]

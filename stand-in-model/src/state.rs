@@ -4,10 +4,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use serde::Serialize;
 
+use crate::PlainListener;
 use crate::config::StandInConfig;
 use crate::faults::{Fault, FaultQueue, FaultSpec};
+use crate::tls::TlsListener;
 
 /// One chat request as the control API reports it.
 #[derive(Clone, Debug, Serialize)]
@@ -27,6 +31,38 @@ pub(crate) struct RequestRecord {
     pub finished_us: u64,
     /// The `traceparent` header, which names the workflow's trace.
     pub traceparent: String,
+    /// The request's HTTP version as the server saw it: "HTTP/1.1" or "HTTP/2.0".
+    pub http_version: String,
+    /// The connection it came over (see [`ConnectionId`]); 0 when unknown.
+    pub connection: u64,
+}
+
+/// Which connection a request came over, numbered from 1 in the order connections were
+/// accepted, so the ledger shows how clients spread their calls over connections (many
+/// HTTP/2 streams share one; HTTP/1.1 needs a connection per call in flight). Routers hosted
+/// without [`axum::Router::into_make_service_with_connect_info`] record 0.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Plain HTTP: the listener of [`crate::serve`].
+impl Connected<IncomingStream<'_, PlainListener>> for ConnectionId {
+    fn connect_info(_stream: IncomingStream<'_, PlainListener>) -> Self {
+        Self::next()
+    }
+}
+
+/// HTTPS: the listener of [`crate::serve_tls`].
+impl Connected<IncomingStream<'_, TlsListener>> for ConnectionId {
+    fn connect_info(_stream: IncomingStream<'_, TlsListener>) -> Self {
+        Self::next()
+    }
 }
 
 fn now_us() -> u64 {

@@ -1,7 +1,9 @@
 //! Plays a [`Plan`] out as an SSE body, the way OpenRouter streams: keep-alive comments while
-//! "processing", one `data:` chunk per word, a usage chunk, `[DONE]`, and any scripted
-//! mid-stream fault. A spawned task writes into a small channel that feeds the body, so it
-//! notices at once when the client hangs up (the channel closes) and stops generating.
+//! "processing", reasoning deltas when the model thinks, one `data:` chunk per word, a usage
+//! chunk, `[DONE]`, and any scripted mid-stream fault. How each event looks on the wire, smooth
+//! or rough, is `framing`'s business. A spawned task writes into a small channel that feeds the
+//! body, so it notices at once when the client hangs up (the channel closes) and stops
+//! generating.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -16,21 +18,28 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::faults::Fault;
-use crate::plan::Plan;
+use crate::framing::Framing;
+use crate::plan::{Plan, REASONING_INTERVAL};
 use crate::state::Outcome;
 use crate::wire;
 
 /// How often OpenRouter-style comments are repeated while waiting for the first token.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_COMMENT: &str = ": OPENROUTER PROCESSING\n\n";
-const MALFORMED_CHUNK: &str = "data: {this is not json\n\n";
-const DONE: &str = "data: [DONE]\n\n";
+const MALFORMED_PAYLOAD: &str = "{this is not json";
+const DONE: &str = "[DONE]";
+/// Rough framing waits this long between the writes of one event, so they leave as separate
+/// TCP segments instead of being coalesced into one.
+const WRITE_GAP: Duration = Duration::from_millis(1);
 
 /// Starts the producer and returns the streaming response.
 pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let generation_id = plan.meta.id.clone();
-    tokio::spawn(produce(plan, Sink(tx), outcome));
+    let sink = Sink {
+        tx,
+        framing: Framing::new(plan.rough),
+    };
+    tokio::spawn(produce(plan, sink, outcome));
     let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
     (
         [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
@@ -44,34 +53,55 @@ pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
 struct Gone;
 
 /// The writing end of the body.
-struct Sink(mpsc::Sender<Bytes>);
+struct Sink {
+    tx: mpsc::Sender<Bytes>,
+    framing: Framing,
+}
 
 impl Sink {
-    async fn send(&self, frame: impl Into<String>) -> Result<(), Gone> {
-        self.0.send(Bytes::from(frame.into())).await.map_err(|_| Gone)
+    /// Sends one event's writes, spaced out when the framing is rough.
+    async fn write(&self, writes: Vec<Bytes>) -> Result<(), Gone> {
+        for (index, bytes) in writes.into_iter().enumerate() {
+            if index > 0 && self.framing.is_rough() {
+                self.pause(WRITE_GAP).await?;
+            }
+            self.tx.send(bytes).await.map_err(|_| Gone)?;
+        }
+        Ok(())
     }
 
-    async fn send_data(&self, chunk: &Value) -> Result<(), Gone> {
-        self.send(format!("data: {chunk}\n\n")).await
+    async fn send_data(&mut self, chunk: &Value) -> Result<(), Gone> {
+        let writes = self.framing.json(chunk);
+        self.write(writes).await
+    }
+
+    async fn send_text(&mut self, payload: &str) -> Result<(), Gone> {
+        let writes = self.framing.text(payload);
+        self.write(writes).await
+    }
+
+    async fn send_keepalive(&self) -> Result<(), Gone> {
+        self.write(self.framing.keepalive()).await
     }
 
     /// Waits, but gives up as soon as the client hangs up.
     async fn pause(&self, wait: Duration) -> Result<(), Gone> {
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
-            () = self.0.closed() => Err(Gone),
+            () = self.tx.closed() => Err(Gone),
         }
     }
 }
 
-async fn produce(plan: Plan, sink: Sink, outcome: Outcome) {
-    if play(&plan, &sink).await.is_ok() {
+async fn produce(plan: Plan, mut sink: Sink, outcome: Outcome) {
+    if play(&plan, &mut sink).await.is_ok() {
         outcome.settle(plan.outcome_label());
     }
 }
 
-async fn play(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
+async fn play(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
     wait_for_first_token(plan, sink).await?;
+    send_reasoning(plan, sink).await?;
     let words = plan.chunks.len();
     let fault_at = plan.fault.as_ref().and_then(Fault::fires_after).map(|at| at.min(words));
     for index in 0..=words {
@@ -83,11 +113,20 @@ async fn play(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
         }
     }
     sink.send_data(&wire::usage_chunk(&plan.meta, &plan.usage)).await?;
-    sink.send(DONE).await
+    sink.send_text(DONE).await
+}
+
+/// The model's thoughts, one delta every [`REASONING_INTERVAL`], before its answer.
+async fn send_reasoning(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
+    for text in &plan.reasoning {
+        sink.send_data(&wire::reasoning_chunk(&plan.meta, text)).await?;
+        sink.pause(REASONING_INTERVAL).await?;
+    }
+    Ok(())
 }
 
 /// One paced content chunk; the last one carries the finish reason.
-async fn send_word(plan: &Plan, sink: &Sink, index: usize) -> Result<(), Gone> {
+async fn send_word(plan: &Plan, sink: &mut Sink, index: usize) -> Result<(), Gone> {
     if let Some(interval) = plan.token_interval.filter(|_| index > 0) {
         sink.pause(interval).await?;
     }
@@ -101,7 +140,7 @@ async fn wait_for_first_token(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
     let due = Instant::now() + plan.first_token_latency;
     loop {
         if plan.keepalive_comments {
-            sink.send(KEEPALIVE_COMMENT).await?;
+            sink.send_keepalive().await?;
         }
         let left = due.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -120,7 +159,7 @@ async fn wait_for_first_token(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
 }
 
 /// Plays the plan's mid-stream fault; `Ok(true)` means the stream carries on afterwards.
-async fn fault_mid_stream(plan: &Plan, sink: &Sink) -> Result<bool, Gone> {
+async fn fault_mid_stream(plan: &Plan, sink: &mut Sink) -> Result<bool, Gone> {
     match &plan.fault {
         Some(Fault::Stall { secs, .. }) => {
             sink.pause(Duration::try_from_secs_f64(*secs).unwrap_or_default())
@@ -128,13 +167,14 @@ async fn fault_mid_stream(plan: &Plan, sink: &Sink) -> Result<bool, Gone> {
             Ok(true)
         }
         Some(Fault::Malformed { .. }) => {
-            sink.send(MALFORMED_CHUNK).await?;
+            sink.send_text(MALFORMED_PAYLOAD).await?;
             Ok(false)
         }
         Some(Fault::MidStreamError { code, message, .. }) => {
             let message = message.as_deref().unwrap_or("Provider disconnected (stand-in)");
             sink.send_data(&wire::error_chunk(&plan.meta, *code, message)).await?;
-            sink.send(DONE).await?;
+            // The fault is delivered: a client may rightly hang up before the `[DONE]`.
+            let _client_may_be_gone = sink.send_text(DONE).await;
             Ok(false)
         }
         _ => Ok(true),

@@ -20,6 +20,20 @@ pub(crate) fn content_chunk(meta: &Meta, text: &str, finish_reason: Option<&str>
     })
 }
 
+/// A thinking model's thoughts: `delta.reasoning` (and its structured twin
+/// `delta.reasoning_details`) with no content, as OpenRouter streams them before the answer.
+pub(crate) fn reasoning_chunk(meta: &Meta, text: &str) -> Value {
+    let details = json!([{"type": "reasoning.text", "text": text, "format": "unknown", "index": 0}]);
+    json!({
+        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+        "model": meta.model, "provider": "Stand-in",
+        "choices": [{"index": 0,
+                     "delta": {"role": "assistant", "content": null, "reasoning": text,
+                               "reasoning_details": details},
+                     "finish_reason": null}],
+    })
+}
+
 /// The last chunk before `[DONE]`: no choices, only usage.
 pub(crate) fn usage_chunk(meta: &Meta, usage: &Value) -> Value {
     json!({
@@ -37,12 +51,16 @@ pub(crate) fn error_chunk(meta: &Meta, code: u16, message: &str) -> Value {
     })
 }
 
-pub(crate) fn completion(meta: &Meta, text: &str, finish_reason: &str, usage: &Value) -> Value {
+/// A whole answer; `reasoning` goes in `message.reasoning`, as OpenRouter puts it.
+pub(crate) fn completion(meta: &Meta, text: &str, reasoning: &str, finish_reason: &str, usage: &Value) -> Value {
+    let mut message = json!({"role": "assistant", "content": text});
+    if !reasoning.is_empty() {
+        message["reasoning"] = json!(reasoning);
+    }
     json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created,
         "model": meta.model, "provider": "Stand-in",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": usage,
     })
 }
@@ -57,7 +75,8 @@ pub(crate) fn error_body(status: u16, message: &str, scripted: bool) -> Value {
 }
 
 /// Usage with cost from a small built-in price table, so cost accounting can be tested.
-pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64) -> Value {
+/// Reasoning tokens are output tokens: they are part of `completion_tokens` and billed.
+pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64, reasoning_tokens: u64) -> Value {
     let (input, output) = usd_per_million_tokens(model);
     let cost = (prompt_tokens as f64 * input + completion_tokens as f64 * output) / 1e6;
     json!({
@@ -67,7 +86,7 @@ pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64) -> 
         "cost": cost,
         "cost_details": {"upstream_inference_cost": cost},
         "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     })
 }
 
@@ -87,7 +106,7 @@ mod tests {
 
     #[test]
     fn cost_follows_the_price_table() {
-        let usage = usage("anthropic/claude", 1_000_000, 1_000_000);
+        let usage = usage("anthropic/claude", 1_000_000, 1_000_000, 0);
         assert_eq!(usage["cost"].as_f64(), Some(18.0));
         assert_eq!(usage["total_tokens"].as_u64(), Some(2_000_000));
     }

@@ -18,6 +18,26 @@ pub async fn connect(endpoint: &str) -> Client {
         .expect("connect to orchestrator")
 }
 
+/// Adds the bearer token to every call of a [`TokenClient`].
+pub type AddToken = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+
+/// A client that sends `authorization: Bearer <token>` on every call.
+pub type TokenClient = WorkflowServiceClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
+
+pub async fn connect_with_token(endpoint: &str, token: &str) -> TokenClient {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to orchestrator");
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().expect("token is ASCII");
+    let add_token: AddToken = Box::new(move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", value.clone());
+        Ok(request)
+    });
+    WorkflowServiceClient::with_interceptor(channel, add_token)
+}
+
 pub fn sample_plan(name: &str) -> ProjectPlan {
     ProjectPlan {
         name: name.to_string(),

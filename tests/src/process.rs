@@ -165,7 +165,8 @@ fn address_in(line: &str) -> SocketAddr {
         .rsplit(' ')
         .next()
         .unwrap_or_default()
-        .trim_start_matches("http://");
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
     text.parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
 }
 
@@ -313,6 +314,40 @@ impl StandIn {
 
     pub fn base_url(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Serving HTTPS (HTTP/2 or HTTP/1.1 by ALPN) on a certificate it makes
+    /// at start, written to a file clients trust.
+    pub fn start_tls(args: &[&str]) -> TlsStandIn {
+        let cert = std::env::temp_dir().join(format!(
+            "nexus-test-stand-in-{}-{}.pem",
+            std::process::id(),
+            free_port()
+        ));
+        let cert_arg = cert.to_str().expect("temporary path is UTF-8");
+        let mut all_args = vec!["--tls", "--cert-out", cert_arg];
+        all_args.extend_from_slice(args);
+        let stand_in = Self::start(&all_args);
+        TlsStandIn { stand_in, cert }
+    }
+}
+
+/// The stand-in model over TLS, and its certificate (removed on drop).
+pub struct TlsStandIn {
+    pub stand_in: StandIn,
+    /// The certificate's PEM file, for NEXUS_MODEL_CA_FILE.
+    pub cert: PathBuf,
+}
+
+impl TlsStandIn {
+    pub fn base_url(&self) -> String {
+        format!("https://{}", self.stand_in.address)
+    }
+}
+
+impl Drop for TlsStandIn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.cert);
     }
 }
 

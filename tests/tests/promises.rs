@@ -538,6 +538,7 @@ async fn a_cut_off_answer_is_a_failed_try_then_a_clear_failure() {
 async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
     let password = "REDIS-PASSWORD-s3cr3t";
     let api_key = "sk-or-v1-ECHOED-KEY-0123456789";
+    let api_token = "NEXUS-API-TOKEN-t0k3n";
     let redis = RedisServer::start_with(&["--requirepass", password]);
     let url = format!("redis://:{password}@127.0.0.1:{}", redis.port);
     let model = StandIn::start(&["--first-token-latency-ms", "1", "--reply-words", "5"]);
@@ -547,19 +548,56 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
         .inject(serde_json::json!([{"kind": "status", "status": 401, "echo_key": true,
                                     "message": format!("Invalid key {huge}")}]))
         .await;
-    let debug = [("RUST_LOG", "debug")];
-    let orchestrator = Orchestrator::start(&url, &debug);
+    let orchestrator = Orchestrator::start(&url, &[("RUST_LOG", "debug"), ("NEXUS_API_TOKEN", api_token)]);
     let worker = Worker::start(
         &url,
         &model.base_url(),
         &[("RUST_LOG", "debug"), ("OPENROUTER_API_KEY", api_key)],
     );
-    let mut client = connect(&orchestrator.endpoint()).await;
-    let id = start(&mut client, "Secrets").await;
-    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
-    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(5)).await;
+    let mut client = connect_with_token(&orchestrator.endpoint(), api_token).await;
+    let id = client
+        .start_workflow(StartWorkflowRequest {
+            plan: Some(sample_plan("Secrets")),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workflow_id;
+    let workflow = loop {
+        let workflow = client
+            .get_workflow(nexus_proto::v1::GetWorkflowRequest {
+                workflow_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if workflow.status() == WorkflowStatus::Failed {
+            break workflow;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stream = client
+        .watch_workflow(WatchWorkflowRequest {
+            workflow_id: id.clone(),
+            after_cursor: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        events.push(event);
+    }
+    let mut intruder = connect_with_token(&orchestrator.endpoint(), "wrong-token-guess").await;
+    let refused = intruder
+        .get_workflow(nexus_proto::v1::GetWorkflowRequest {
+            workflow_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 
-    assert_eq!(workflow.status(), WorkflowStatus::Failed);
     assert!(
         workflow.reason.contains("Invalid key"),
         "{}",
@@ -570,14 +608,21 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
         "reason is {} bytes",
         workflow.reason.len()
     );
-    let answers = format!("{workflow:?}{events:?}");
-    for secret in [password, api_key] {
+    let answers = format!("{workflow:?}{events:?}{refused:?}");
+    assert!(!answers.contains("wrong-token-guess"), "a sent token echoed back");
+    for secret in [password, api_key, api_token] {
         assert!(!answers.contains(secret), "{secret} in an answer");
         for process in [&orchestrator.process, &worker.process, &model.process] {
             let log = process.log_text();
-            assert!(!log.is_empty() || process.name == "stand-in-model");
             assert!(!log.contains(secret), "{secret} in the log of {}", process.name);
         }
+    }
+    for process in [&orchestrator.process, &worker.process] {
+        assert!(
+            process.log_text().contains("DEBUG"),
+            "{} logged at debug level",
+            process.name
+        );
     }
 }
 

@@ -34,6 +34,7 @@ use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_ev
 use pipelines::PipelineCache;
 use prost::Message;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The orchestrator's configured pipeline, resolved once at start-up.
 pub struct CurrentPipeline {
@@ -50,7 +51,9 @@ pub struct WorkflowStore {
     current: Arc<CurrentPipeline>,
 }
 
-/// The task message for one phase of a workflow.
+/// The task message for one phase of a workflow. Its trace context names
+/// the current span, the one scheduling the phase (`create_workflow` or
+/// `apply_result`), so the worker's span of the phase is that span's child.
 fn phase_task(id: &WorkflowId, phase_index: u32, spec: &PhaseSpec, pipeline_id: &str) -> PhaseTask {
     PhaseTask {
         version: nexus_proto::STREAM_MESSAGE_VERSION,
@@ -58,7 +61,7 @@ fn phase_task(id: &WorkflowId, phase_index: u32, spec: &PhaseSpec, pipeline_id: 
         phase_index,
         attempt: 1,
         spec: Some(spec.clone()),
-        traceparent: id.traceparent(),
+        traceparent: nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent()),
         enqueued_at_ms: nexus_pipeline::now_ms(),
         pipeline_id: pipeline_id.to_string(),
     }
@@ -91,9 +94,21 @@ impl WorkflowStore {
         self.conn.clone()
     }
 
-    /// Stores a new workflow and queues its first phase, atomically.
-    pub async fn start(&self, request: ValidStart<'_>) -> Result<Started, ApiError> {
-        let id = WorkflowId::new(shard_for(request.idempotency_key, self.shards));
+    /// The id a new workflow gets: on the shard of its idempotency key
+    /// (empty for none), so a retry lands where the key is stored.
+    pub fn new_id(&self, idempotency_key: &str) -> WorkflowId {
+        let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
+        WorkflowId::new(shard_for(key, self.shards))
+    }
+
+    /// Stores a new workflow under `id` (from [`Self::new_id`]) and queues
+    /// its first phase, atomically, in a `create_workflow` span.
+    pub async fn start(&self, id: WorkflowId, request: ValidStart<'_>) -> Result<Started, ApiError> {
+        let span = tracing::info_span!("create_workflow", workflow_id = %id);
+        self.create(id, request).instrument(span).await
+    }
+
+    async fn create(&self, id: WorkflowId, request: ValidStart<'_>) -> Result<Started, ApiError> {
         let keys = WorkflowKeys::new(&id);
         let plan_bytes = request.plan.encode_to_vec();
         let plan_fingerprint = plan_fingerprint(request.plan);
