@@ -1,18 +1,26 @@
 """Celery peer of the Nexus throughput benchmark.
 
 Measures what a user would get from the tool they would otherwise pick: a
-Celery 5 chain of six no-op tasks per workflow, on the same Redis as Nexus
-(broker and result backend), with a prefork worker of one process per core.
+Celery 5 chain of six no-op tasks per workflow, written as Celery's docs
+advise (intermediate steps `ignore_result=True`, only the last step's
+result stored), on Redis with the same settings as Nexus's (broker and
+result backend), with a prefork worker of one process per core.
 
 Run with the venv made by setup.sh:
 
     bench/.venv/bin/python bench/celery_peer/peer.py \
         --redis-url redis://127.0.0.1:6399/1 --chains 2000
 
-stdout carries exactly one JSON line:
+stdout carries one JSON line, the result:
     {"chains": N, "tasks": 6N, "seconds": t, "chains_per_second": r,
-     "concurrency": C, "celery": "5.x.y"}
+     "concurrency": C, "acks_late": false, "warmup": W, "celery": "5.x.y"}
 Everything else (progress, the worker's own output) goes to stderr.
+With --handshake (how the Rust bench runs it, to read CPU and Redis
+counters around exactly the timed window) stdout first carries
+    {"warm": true, "worker_pid": P, "warmup_seconds": s}
+after the warm-up; the peer then waits for a line on stdin before the
+timed run and, after the result line, for another line (or the end of
+stdin) before it stops the worker.
 Exit status: 0 on success, 1 on failure (timeout, worker died, wrong
 results, Redis unreachable), 2 on bad arguments, 128+signal when stopped
 by SIGINT/SIGTERM/SIGHUP (the worker is stopped first).
@@ -27,9 +35,14 @@ Settings, and why (the goal is a typical, fair production setup):
     holds Celery back here: on 2 cores, 1000 chains, 64 gave ~71 chains/s
     against ~69 for 4 (within noise; the per-task Redis round trips, each
     waiting for Redis's fsync, dominate), so the default is kept.
-  * task_acks_late = False (default): ack when a task starts.
-  * results stored in Redis for every task (default: a chain needs them;
-    the intermediate results are what a user's chain would store too).
+  * task_acks_late = False (default): ack when a task starts, so a task
+    whose worker dies mid-run is lost. --acks-late sets task_acks_late=True:
+    ack after the task ran, the at-least-once setting comparable to Nexus's
+    (a phase is only acknowledged once its result is published).
+  * Intermediate steps `ignore_result=True`, the last step's result stored
+    (the idiomatic chain: a chain passes each result to the next step in
+    the message, so only the final value needs the result backend; the
+    caller waits on the chain's AsyncResult, i.e. the last step).
   * JSON serializer, gossip/mingle/heartbeat left on: all Celery defaults.
   * A short warm-up (--warmup chains, default 2 * concurrency, excluded
     from timing) so the pool's processes have opened their connections;
@@ -51,6 +64,7 @@ from celery.result import ResultSet
 
 ENV_URL = "NEXUS_CELERY_PEER_REDIS_URL"
 ENV_PREFETCH = "NEXUS_CELERY_PEER_PREFETCH"
+ENV_ACKS_LATE = "NEXUS_CELERY_PEER_ACKS_LATE"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # "peer"
 STEPS = 6
@@ -64,12 +78,12 @@ def log(msg):
 app = Celery("nexus_celery_peer")
 
 
-def configure(redis_url, prefetch):
+def configure(redis_url, prefetch, acks_late):
     app.conf.update(
         broker_url=redis_url,
         result_backend=redis_url,
         worker_prefetch_multiplier=prefetch,
-        task_acks_late=False,
+        task_acks_late=acks_late,
         broker_connection_retry_on_startup=True,
         # Keep the worker's log to the point; its stdout goes to our stderr.
         worker_hijack_root_logger=True,
@@ -81,11 +95,20 @@ def configure(redis_url, prefetch):
 # configuration in the environment set by main().
 if os.environ.get(ENV_URL):
     configure(os.environ[ENV_URL],
-              int(os.environ.get(ENV_PREFETCH, DEFAULT_PREFETCH)))
+              int(os.environ.get(ENV_PREFETCH, DEFAULT_PREFETCH)),
+              os.environ.get(ENV_ACKS_LATE) == "1")
 
 
-@app.task(name="nexus_celery_peer.noop")
-def noop(x=None):
+# Steps 1 to 5: their results travel in the next step's message, never
+# through the result backend.
+@app.task(name="nexus_celery_peer.step", ignore_result=True)
+def step(x=None):
+    return x
+
+
+# Step 6: the one result the caller waits for.
+@app.task(name="nexus_celery_peer.last")
+def last(x=None):
     return x
 
 
@@ -110,10 +133,11 @@ def check_stop():
         raise Interrupted(_stop_signal)
 
 
-def start_worker(redis_url, concurrency, prefetch, hostname):
+def start_worker(redis_url, concurrency, prefetch, acks_late, hostname):
     env = dict(os.environ)
     env[ENV_URL] = redis_url
     env[ENV_PREFETCH] = str(prefetch)
+    env[ENV_ACKS_LATE] = "1" if acks_late else "0"
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [
@@ -191,7 +215,7 @@ def run_chains(start, count, deadline):
     results = []
     for i in range(start, start + count):
         results.append(
-            chain(noop.s(i), *[noop.s() for _ in range(STEPS - 1)]).apply_async())
+            chain(step.s(i), *[step.s() for _ in range(STEPS - 2)], last.s()).apply_async())
         if i % 64 == 0:
             check_stop()
             if time.monotonic() > deadline:
@@ -236,6 +260,11 @@ def parse_args(argv):
                    help=f"worker_prefetch_multiplier (default {DEFAULT_PREFETCH}, Celery's)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed chains run first (default: 2 * concurrency)")
+    p.add_argument("--acks-late", action="store_true",
+                   help="task_acks_late=True: ack after the task ran (at least once)")
+    p.add_argument("--handshake", action="store_true",
+                   help="print a line after the warm-up and wait for stdin around the "
+                        "timed run (see the module's docstring)")
     a = p.parse_args(argv)
     if a.chains < 1:
         p.error("--chains must be >= 1")
@@ -257,7 +286,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     deadline = time.monotonic() + args.timeout
-    configure(args.redis_url, args.prefetch_multiplier)
+    configure(args.redis_url, args.prefetch_multiplier, args.acks_late)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
 
@@ -269,18 +298,25 @@ def main(argv=None):
         if purged:
             log(f"purged {purged} stale message(s)")
         worker = start_worker(args.redis_url, args.concurrency,
-                              args.prefetch_multiplier, hostname)
+                              args.prefetch_multiplier, args.acks_late, hostname)
         wait_ready(worker, hostname, min(deadline, time.monotonic() + 120))
         others = [n for r in app.control.ping(timeout=0.5) for n in r
                   if n != hostname]
         if others:
             log(f"WARNING: other workers consume this queue too: {others}")
         log(f"worker ready (concurrency={args.concurrency}, "
-            f"prefetch_multiplier={args.prefetch_multiplier}, celery {CELERY_VERSION})")
+            f"prefetch_multiplier={args.prefetch_multiplier}, "
+            f"acks_late={args.acks_late}, celery {CELERY_VERSION})")
 
+        warmup_seconds = 0.0
         if args.warmup:
-            _, t = run_chains(-args.warmup, args.warmup, deadline)
-            log(f"warm-up: {args.warmup} chains in {t:.3f}s")
+            _, warmup_seconds = run_chains(-args.warmup, args.warmup, deadline)
+            log(f"warm-up: {args.warmup} chains in {warmup_seconds:.3f}s")
+        if args.handshake:
+            print(json.dumps({"warm": True, "worker_pid": worker.pid,
+                              "warmup_seconds": round(warmup_seconds, 6)}), flush=True)
+            if not sys.stdin.readline():
+                raise RuntimeError("stdin closed before the timed run")
 
         t_submit, seconds = run_chains(0, args.chains, deadline)
         rate = args.chains / seconds
@@ -292,9 +328,16 @@ def main(argv=None):
             "seconds": round(seconds, 6),
             "chains_per_second": round(rate, 3),
             "concurrency": args.concurrency,
+            "acks_late": args.acks_late,
+            "warmup": args.warmup,
             "celery": CELERY_VERSION,
         })
+        # Printed while the worker still runs: with --handshake the caller
+        # reads its counters now, then lets us stop it.
+        print(line, flush=True)
         ok = True
+        if args.handshake:
+            sys.stdin.readline()
     except Interrupted as e:
         log(f"interrupted ({e})")
         return 128 + signal.Signals[str(e)].value
@@ -315,7 +358,6 @@ def main(argv=None):
                 app.control.purge()
             except Exception as e:
                 log(f"purge after failure failed: {e!r}")
-    print(line, flush=True)
     return 0
 
 

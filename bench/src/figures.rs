@@ -1,20 +1,22 @@
 //! The figures. Each starts its own stack, drives it, prints one line per
 //! number and returns the numbers as JSON.
 
+use crate::Args;
 use crate::drive::{clients, completed, elapsed_until_last, start_many, unix_now, wait_all};
-use crate::measure::{calls_per, command_calls, info_number, key_count, memory_kib, percentiles};
-use crate::{Args, celery};
+use crate::measure::{
+    calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, memory_kib, percentiles,
+};
 use futures::future::BoxFuture;
 use nexus_tests::{ModelControl, Orchestrator, RedisServer, StandIn, Worker};
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub type Figure = fn(Args) -> BoxFuture<'static, anyhow::Result<Value>>;
 
 /// A model that answers at once with a few words.
-const INSTANT_MODEL: &[&str] = &[
+pub const INSTANT_MODEL: &[&str] = &[
     "--first-token-latency-ms",
     "0",
     "--tokens-per-second",
@@ -24,16 +26,22 @@ const INSTANT_MODEL: &[&str] = &[
 ];
 
 /// Redis, the stand-in, one orchestrator and `workers` workers.
-struct BenchStack {
-    redis: RedisServer,
-    model: StandIn,
-    orchestrator: Orchestrator,
-    workers: Vec<Worker>,
+pub struct BenchStack {
+    pub redis: RedisServer,
+    pub model: StandIn,
+    pub orchestrator: Orchestrator,
+    pub workers: Vec<Worker>,
 }
 
 impl BenchStack {
+    /// With Redis's fsync policy the first of `--fsync` (the figures other
+    /// than throughput run in one mode).
     fn start(args: &Args, workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start_with(&["--appendfsync", &args.fsync]);
+        Self::start_in(args.primary_fsync(), workers, model_args, env)
+    }
+
+    pub fn start_in(fsync: &str, workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start_with(&["--appendfsync", fsync]);
         let model = StandIn::start(model_args);
         let orchestrator = Orchestrator::start(&redis.url(), env);
         let workers = (0..workers)
@@ -131,7 +139,8 @@ fn published_us(event: &nexus_proto::v1::WorkflowEvent) -> Option<u64> {
     }
 }
 
-fn breakdown(per_phase: &std::collections::BTreeMap<String, f64>) -> String {
+/// The eight commands called most, most first: "evalsha 3.30, xack 1.00, …".
+pub fn breakdown(per_phase: &BTreeMap<String, f64>) -> String {
     let mut top: Vec<_> = per_phase.iter().collect();
     top.sort_by(|a, b| b.1.total_cmp(a.1));
     top.iter()
@@ -197,55 +206,47 @@ fn hop_latencies_us(requests: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-/// Throughput of six-phase workflows with an instant model, against a
-/// Celery chain of six no-op tasks on the same Redis, same count.
-pub fn throughput(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
-    Box::pin(async move {
-        let runs = args.count(2_000, 100);
-        let stack = BenchStack::start(&args, 1, INSTANT_MODEL, &[]);
-        let nexus = nexus_rate(&stack, runs).await?;
-        println!(
-            "throughput: nexus {:.0} workflows/s ({runs} six-phase workflows, 1 orchestrator, 1 worker)",
-            nexus.rate
-        );
-        let mut result = json!({"workflows": runs, "nexus_per_second": nexus.rate, "nexus_seconds": nexus.seconds,
-                                "redis_bytes_per_finished_workflow": nexus.bytes_per_workflow});
-        if args.skip_celery {
-            println!("throughput: celery skipped (--skip-celery)");
-            return Ok(result);
-        }
-        let url = format!("{}/1", stack.redis.url());
-        match tokio::task::spawn_blocking(move || celery::run(&url, runs)).await? {
-            Ok(celery) => {
-                let ratio = nexus.rate / celery.chains_per_second;
-                println!(
-                    "throughput: celery {:.0} chains/s ({} chains, prefork concurrency {}, celery {})",
-                    celery.chains_per_second, celery.chains, celery.concurrency, celery.celery
-                );
-                println!("throughput: nexus / celery = {ratio:.1}x");
-                result["celery_per_second"] = json!(celery.chains_per_second);
-                result["celery_seconds"] = json!(celery.seconds);
-                result["ratio"] = json!(ratio);
-            }
-            Err(error) => println!("throughput: celery unavailable ({error})"),
-        }
-        Ok(result)
-    })
+pub struct Rate {
+    pub rate: f64,
+    pub seconds: f64,
+    pub bytes_per_workflow: f64,
+    /// CPU of the engine's processes (orchestrator, worker(s), Redis) over
+    /// the timed window, in µs per phase, in that order.
+    pub cpu_us_per_phase: Vec<(String, f64)>,
+    /// Redis commands per phase over the timed window (script-internal
+    /// calls included, and the load driver's own starts and polls).
+    pub commands_per_phase: BTreeMap<String, f64>,
 }
 
-struct Rate {
-    rate: f64,
-    seconds: f64,
-    bytes_per_workflow: f64,
-}
-
-async fn nexus_rate(stack: &BenchStack, runs: usize) -> anyhow::Result<Rate> {
+/// `runs` six-phase workflows, 32 starts in flight, after `warmup` untimed
+/// ones; the time runs from the first start to the last completion as the
+/// orchestrator recorded it.
+pub async fn nexus_rate(stack: &BenchStack, runs: usize, warmup: usize) -> anyhow::Result<Rate> {
     let redis = stack.redis.client();
-    let memory_before = info_number(&redis, "memory", "used_memory").await?;
     let clients = clients(&stack.orchestrator.endpoint(), 4).await;
+    if warmup > 0 {
+        let (ids, _) = start_many(&clients, warmup, 32).await;
+        let finished = wait_all(&clients[0], &ids, Duration::from_secs(600)).await;
+        anyhow::ensure!(completed(&finished) == warmup, "warm-up workflows failed");
+    }
+    let redis_pid = info_number(&redis, "server", "process_id").await? as u32;
+    let worker = if stack.workers.len() == 1 { "worker" } else { "workers" };
+    let groups = [
+        ("orchestrator", vec![stack.orchestrator.process.pid()]),
+        (
+            worker,
+            stack.workers.iter().map(|worker| worker.process.pid()).collect(),
+        ),
+        ("redis", vec![redis_pid]),
+    ];
+    let memory_before = info_number(&redis, "memory", "used_memory").await?;
+    let calls_before = command_calls(&redis).await?;
+    let cpu_before = cpu_sample(&groups);
     let began = unix_now();
     let (ids, _) = start_many(&clients, runs, 32).await;
     let finished = wait_all(&clients[0], &ids, Duration::from_secs(600)).await;
+    let cpu_after = cpu_sample(&groups);
+    let calls_after = command_calls(&redis).await?;
     anyhow::ensure!(
         completed(&finished) == runs,
         "only {} of {runs} workflows completed",
@@ -254,10 +255,13 @@ async fn nexus_rate(stack: &BenchStack, runs: usize) -> anyhow::Result<Rate> {
     let seconds = elapsed_until_last(&finished, began);
     let memory_after = info_number(&redis, "memory", "used_memory").await?;
     let bytes_per_workflow = memory_after.saturating_sub(memory_before) as f64 / runs as f64;
+    let phases = (runs * 6) as f64;
     Ok(Rate {
         rate: runs as f64 / seconds,
         seconds,
         bytes_per_workflow,
+        cpu_us_per_phase: cpu_us_per(&cpu_before, &cpu_after, phases),
+        commands_per_phase: calls_per(&calls_before, &calls_after, phases),
     })
 }
 
@@ -396,7 +400,7 @@ pub fn scaling(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
         let mut curve = Vec::new();
         for workers in [1, 2, 4] {
             let stack = BenchStack::start(&args, workers, INSTANT_MODEL, &[]);
-            let rate = nexus_rate(&stack, runs).await?;
+            let rate = nexus_rate(&stack, runs, 0).await?;
             println!(
                 "scaling: {workers} worker(s): {:.0} workflows/s, redis {:.0} bytes per finished workflow",
                 rate.rate, rate.bytes_per_workflow
@@ -413,7 +417,7 @@ pub fn scaling(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
 async fn retention_check(args: &Args, runs: usize) -> anyhow::Result<Value> {
     let stack = BenchStack::start(args, 1, INSTANT_MODEL, &[("NEXUS_RETENTION_SECS", "10")]);
     let redis = stack.redis.client();
-    let rate = nexus_rate(&stack, runs).await?;
+    let rate = nexus_rate(&stack, runs, 0).await?;
     let keys_finished = key_count(&redis).await?;
     let memory_finished = info_number(&redis, "memory", "used_memory").await?;
     tokio::time::sleep(Duration::from_secs(11)).await;
