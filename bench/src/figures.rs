@@ -318,49 +318,66 @@ pub fn in_flight(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
 /// creation (its `time`) to its arrival at the watcher.
 pub fn watchers(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
     Box::pin(async move {
-        let (workflows, per_workflow) = if args.quick { (50, 4) } else { (1_000, 10) };
-        let model = [
-            "--first-token-latency-ms",
-            "3000",
-            "--tokens-per-second",
-            "20",
-            "--reply-words",
-            "10",
-        ];
-        let stack = BenchStack::start(&args, 1, &model, &[]);
-        let clients = clients(&stack.orchestrator.endpoint(), 16).await;
-        let latencies = Arc::new(Mutex::new(Vec::new()));
-        // Started in waves, as real traffic arrives, not all in one instant:
-        // a thousand workflows in lock-step make every phase a burst.
-        let mut watches = Vec::new();
-        for _ in 0..WATCH_WAVES {
-            let (ids, _) = start_many(&clients, workflows / WATCH_WAVES, 32).await;
-            for (n, id) in ids
-                .iter()
-                .flat_map(|id| std::iter::repeat_n(id, per_workflow))
-                .enumerate()
-            {
-                let client = clients[n % clients.len()].clone();
-                watches.push(tokio::spawn(watch_one(client, id.clone(), latencies.clone())));
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        // Two shapes of the same 10,000 streams: many watchers per workflow
+        // (one read serves them all), and the worst case, one watcher on
+        // each of 10,000 different workflows (no sharing at all).
+        let shapes = if args.quick {
+            [(50, 4), (200, 1)]
+        } else {
+            [(1_000, 10), (10_000, 1)]
+        };
+        let mut results = Vec::new();
+        for (workflows, per_workflow) in shapes {
+            results.push(watch_fan_out(&args, workflows, per_workflow).await?);
         }
-        let connected_clients = sample_connected_clients(&stack.redis.client()).await?;
-        futures::future::join_all(watches).await;
-        let sample: Vec<f64> = latencies.lock().unwrap().iter().map(|us| *us as f64 / 1000.0).collect();
-        let (p50, p99, max) = percentiles(sample.clone());
-        let streams = workflows * per_workflow;
-        println!(
-            "watchers: {streams} concurrent streams over {} connections, {} live events delivered: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-            clients.len(),
-            sample.len()
-        );
-        println!("watchers: redis connected_clients during the run: {connected_clients} (not one per watcher)");
-        Ok(
-            json!({"streams": streams, "connections": clients.len(), "events": sample.len(), "p50_ms": p50,
-                  "p99_ms": p99, "max_ms": max, "redis_connected_clients": connected_clients}),
-        )
+        Ok(json!({"shapes": results}))
     })
+}
+
+/// `workflows` workflows with `per_workflow` concurrent watch streams each.
+async fn watch_fan_out(args: &Args, workflows: usize, per_workflow: usize) -> anyhow::Result<Value> {
+    let model = [
+        "--first-token-latency-ms",
+        "3000",
+        "--tokens-per-second",
+        "20",
+        "--reply-words",
+        "10",
+    ];
+    let stack = BenchStack::start(args, 1, &model, &[]);
+    let clients = clients(&stack.orchestrator.endpoint(), 16).await;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    // Started in waves, as real traffic arrives, not all in one instant:
+    // a thousand workflows in lock-step make every phase a burst.
+    let mut watches = Vec::new();
+    for _ in 0..WATCH_WAVES {
+        let (ids, _) = start_many(&clients, workflows / WATCH_WAVES, 32).await;
+        for (n, id) in ids
+            .iter()
+            .flat_map(|id| std::iter::repeat_n(id, per_workflow))
+            .enumerate()
+        {
+            let client = clients[n % clients.len()].clone();
+            watches.push(tokio::spawn(watch_one(client, id.clone(), latencies.clone())));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let connected_clients = sample_connected_clients(&stack.redis.client()).await?;
+    futures::future::join_all(watches).await;
+    let sample: Vec<f64> = latencies.lock().unwrap().iter().map(|us| *us as f64 / 1000.0).collect();
+    let (p50, p99, max) = percentiles(sample.clone());
+    let streams = workflows * per_workflow;
+    println!(
+        "watchers: {streams} concurrent streams on {workflows} workflows ({per_workflow} each) over {} connections, {} live events delivered: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+        clients.len(),
+        sample.len()
+    );
+    println!("watchers: redis connected_clients during the run: {connected_clients} (not one per watcher)");
+    Ok(
+        json!({"streams": streams, "workflows": workflows, "per_workflow": per_workflow, "connections": clients.len(),
+              "events": sample.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+              "redis_connected_clients": connected_clients}),
+    )
 }
 
 /// Waves in which the watched workflows are started.

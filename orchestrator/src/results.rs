@@ -133,6 +133,11 @@ impl ResultConsumer {
         let Ok(result) = PhaseResult::decode(entry.payload.as_slice()) else {
             return self.dead_letter_undecodable(shard, entry, "undecodable result").await;
         };
+        if result.version > nexus_proto::STREAM_MESSAGE_VERSION {
+            // Not ours to judge: a newer replica will apply it (rolling upgrade).
+            tracing::warn!(entry = %entry.id, version = result.version, "result from a newer build keeps waiting for a newer orchestrator");
+            return;
+        }
         let Ok(id) = nexus_pipeline::ids::WorkflowId::parse(&result.workflow_id) else {
             return self
                 .dead_letter_undecodable(shard, entry, "result names no valid workflow")
@@ -145,7 +150,7 @@ impl ResultConsumer {
         tracing::error!(workflow_id = %id, entry = %entry.id, deliveries, "giving up on a result; failing the workflow");
         match self
             .store
-            .fail_unapplicable(&id, &entry.id, &entry.payload, deliveries, &reason)
+            .fail_unapplicable(&id, &result, &entry.id, &entry.payload, deliveries, &reason)
             .await
         {
             Ok(outcome) => tracing::info!(workflow_id = %id, %outcome, "unapplicable result dead-lettered"),

@@ -149,9 +149,26 @@ pub async fn watch(
     after_cursor: String,
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
     let keys = WorkflowKeys::new(&id);
-    let exists: bool = redis::AsyncCommands::exists(&mut conn.clone(), keys.state()).await?;
-    if !exists {
+    let (status, last): (Option<String>, StreamRangeReply) = redis::pipe()
+        .hget(keys.state(), field::STATUS)
+        .cmd("XREVRANGE")
+        .arg(keys.events())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn.clone())
+        .await?;
+    let Some(status) = status else {
         return Err(ApiError::NotFound(id.to_string()));
+    };
+    let last = last.ids.first().map(|entry| stream_id(&entry.id));
+    if !status::is_terminal(&status) && !after_cursor.is_empty() && Some(stream_id(&after_cursor)) > last {
+        // Resuming past the end of a running workflow would wait on events
+        // the client can never have seen: the cursor is not from here.
+        return Err(ApiError::InvalidArgument(format!(
+            "after_cursor {after_cursor} is ahead of workflow {id}'s events; resume with a cursor this workflow sent"
+        )));
     }
     let (sender, receiver) = mpsc::channel(64);
     let watcher = Watcher {
@@ -164,6 +181,13 @@ pub async fn watch(
     };
     tokio::spawn(watcher.run());
     Ok(receiver)
+}
+
+/// A stream id as a comparable (milliseconds, sequence); the cursor was
+/// validated as one already.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(u64::MAX), seq.parse().unwrap_or(u64::MAX))
 }
 
 struct Watcher {
@@ -185,6 +209,9 @@ impl Watcher {
     async fn stream_events(&mut self) {
         let feed = self.hub.subscribe(&self.id.to_string());
         let mut failing_since: Option<tokio::time::Instant> = None;
+        // Only a watch that finds nothing on its first read can be at or
+        // past the end already; later, the terminal event itself ends it.
+        let mut first_read = true;
         loop {
             // Registered before reading, so a notification that arrives
             // while we read is not missed.
@@ -196,13 +223,15 @@ impl Watcher {
                     failing_since = None;
                     match self.forward(&events).await {
                         Flow::Continue if events.len() == PAGE => continue,
-                        Flow::Continue if events.is_empty() => match self.caught_up_with_end().await {
-                            Ok(Flow::Stop) => return,
-                            Ok(Flow::Continue) => {}
-                            Err(error) => {
-                                tracing::warn!(%error, workflow_id = %self.id, "watch cannot check the workflow's status")
+                        Flow::Continue if events.is_empty() && std::mem::take(&mut first_read) => {
+                            match self.caught_up_with_end().await {
+                                Ok(Flow::Stop) => return,
+                                Ok(Flow::Continue) => {}
+                                Err(error) => {
+                                    tracing::warn!(%error, workflow_id = %self.id, "watch cannot check the workflow's status")
+                                }
                             }
-                        },
+                        }
                         Flow::Continue => {}
                         Flow::Stop => return,
                     }

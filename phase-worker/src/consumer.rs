@@ -24,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 /// How often departed workers' consumer names are cleaned from the group.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// How long the reclaim loop waits for a free slot before leaving abandoned
+/// tasks to a less busy worker (or its own next round).
+const RECLAIM_SLOT_WAIT: Duration = Duration::from_secs(10);
+
 /// Most tasks taken in one read.
 const BATCH: usize = 64;
 
@@ -163,13 +167,35 @@ impl TaskConsumer {
         let stream = ShardKeys::new(shard).tasks();
         let every = (self.visibility_timeout / 4).max(Duration::from_millis(100));
         let mut last_prune = tokio::time::Instant::now();
+        let mut hold_until: Option<tokio::time::Instant> = None;
+        let mut quiet = nexus_pipeline::connection::LogBackoff::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if let Err(error) = self.reclaim(shard, &stream).await {
-                tracing::warn!(%error, %stream, "reclaiming tasks failed; will retry");
+            if hold_until.is_some_and(|until| tokio::time::Instant::now() < until) {
+                continue;
+            }
+            match self.redis_just_restarted().await {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
+                    // Redis was away: every task's idle time now includes the
+                    // outage, and live workers have not heartbeated yet.
+                    // Give them one visibility timeout to reassert their
+                    // claims before taking anything over.
+                    hold_until = Some(tokio::time::Instant::now() + self.visibility_timeout);
+                    continue;
+                }
+            }
+            match self.reclaim(shard, &stream).await {
+                Ok(()) => quiet.reset(),
+                Err(error) => {
+                    hold_until = Some(tokio::time::Instant::now() + self.visibility_timeout);
+                    if quiet.should_log() {
+                        tracing::warn!(%error, %stream, "reclaiming tasks failed; will retry");
+                    }
+                }
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = tokio::time::Instant::now();
@@ -180,6 +206,26 @@ impl TaskConsumer {
                 }
             }
         }
+    }
+
+    /// Whether the Redis server started less than a visibility timeout ago
+    /// (so its pending entries' idle times include its downtime). Known for a
+    /// single server; on a cluster, node restarts are noticed through the
+    /// errors they cause instead.
+    async fn redis_just_restarted(&self) -> redis::RedisResult<bool> {
+        if self.redis.redis_cluster {
+            return Ok(false);
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let uptime_secs: u64 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("uptime_in_seconds:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        Ok(Duration::from_secs(uptime_secs) < self.visibility_timeout)
     }
 
     /// Takes over idle tasks, each as a new attempt, as far as free slots
@@ -200,10 +246,17 @@ impl TaskConsumer {
             if self.is_running(&entry_id) {
                 continue;
             }
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            // Queue for a slot like the read loops do (the semaphore is
+            // fair): a worker with few slots must still get to take over
+            // tasks of a dead one. Full for a while: another worker may.
+            let Ok(Ok(slot)) = tokio::time::timeout(RECLAIM_SLOT_WAIT, self.slots.clone().acquire_owned()).await else {
                 return Ok(());
             };
             let Some(entry) = self.read_entry(stream, &entry_id).await? else {
+                // Deleted but still pending (settled by a script that died
+                // half-way is impossible; a manual XDEL is not): drop it.
+                let _: i64 =
+                    redis::AsyncCommands::xack(&mut self.conn.clone(), stream, WORKERS_GROUP, &[&entry_id]).await?;
                 continue;
             };
             let Some((mut handle, task)) = self.decode(&entry, shard).await else {

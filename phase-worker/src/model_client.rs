@@ -42,6 +42,8 @@ const EXCERPT_CHARS: usize = 120;
 const MAX_ERROR_BODY_BYTES: usize = 16 * 1024;
 /// Longest provider message carried into reasons, events and logs.
 const MAX_MESSAGE_CHARS: usize = 500;
+/// The shortest wait a `Retry-After` can impose, whatever it says.
+const MIN_WAIT: Duration = Duration::from_millis(10);
 /// Pacer waits shorter than this are not announced as events.
 const ANNOUNCED_WAIT: Duration = Duration::from_millis(100);
 
@@ -542,6 +544,14 @@ impl ModelClient {
         .await
     }
 
+    /// Removes the API key from a text a provider sent.
+    fn redact_text(&self, text: String) -> String {
+        match &self.config.api_key {
+            Some(key) if !key.expose_secret().is_empty() => text.replace(key.expose_secret(), "[redacted]"),
+            _ => text,
+        }
+    }
+
     /// Removes the API key from an error's messages.
     fn redact(&self, error: ModelError) -> ModelError {
         match &self.config.api_key {
@@ -591,7 +601,12 @@ impl ModelClient {
             if let Some(asked) = error.retry_after() {
                 // The provider said when to come back: waiting is not a failed
                 // try, so it spends the wait budget and the try number stays.
-                let wait = asked.min(self.config.max_retry_after);
+                // Never less than the first backoff: a `Retry-After: 0` (or a
+                // date already past) must not become a tight loop.
+                let wait = asked.clamp(
+                    self.config.backoff_base.max(MIN_WAIT),
+                    self.config.max_retry_after.max(MIN_WAIT),
+                );
                 if let Some(pacer) = &self.pacer {
                     pacer.back_off(&request.model, wait).await;
                 }
@@ -707,7 +722,9 @@ impl ModelClient {
         let mut sse = Box::pin(bytes.eventsource());
         let mut reply = Reply::default();
         while let Some(event) = self.next_event(&mut sse, reply.started, first_token_due).await? {
-            let Data::Chunk(chunk) = parse_data(&event.data)? else {
+            // A failed parse quotes the provider's text: quote it scrubbed.
+            let data = parse_data(&event.data).or_else(|_| parse_data(&self.redact_text(event.data.clone())))?;
+            let Data::Chunk(chunk) = data else {
                 reply.done = true;
                 break;
             };
@@ -743,7 +760,8 @@ impl ModelClient {
         let body = tokio::time::timeout(self.config.idle_timeout, read_bounded(response, MAX_ERROR_BODY_BYTES))
             .await
             .unwrap_or_default();
-        http_error(status, &body, retry_after)
+        // Scrubbed before any excerpt is cut, so no part of a key survives.
+        http_error(status, &self.redact_text(body), retry_after)
     }
 
     /// The next SSE event; until the first token (content or reasoning) arrives, also bounded
@@ -907,7 +925,8 @@ async fn read_bounded(response: reqwest::Response, limit: usize) -> String {
 fn parse_retry_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
     let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).ok();
+        // Absurdly large values are kept (the caller caps them), not dropped.
+        return (seconds >= 0.0).then(|| Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
     }
     let date = httpdate::parse_http_date(text).ok()?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
@@ -1288,6 +1307,7 @@ mod tests {
         assert_eq!(parse("Wed, 21 Oct 2015 07:28:03 GMT"), Some(Duration::from_secs(3)));
         assert_eq!(parse("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse("-1"), None);
+        assert_eq!(parse("1e400"), Some(Duration::MAX), "capped later, not ignored");
         assert_eq!(parse("NaN"), None);
         assert_eq!(parse("soon"), None);
         assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);

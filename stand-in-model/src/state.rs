@@ -137,12 +137,16 @@ impl Shared {
 
     /// Logs a request as in progress; the returned guard records how it ended.
     pub(crate) fn record(&self, mut record: RequestRecord) -> Outcome {
-        record.seq = self.0.next_seq.fetch_add(1, Ordering::Relaxed);
         record.outcome = "in_progress".into();
         record.received_us = now_us();
         record.received_ms = record.received_us / 1000;
-        let seq = record.seq;
         let mut log = lock(&self.0.log);
+        // Numbered under the lock, so records sit in seq order and the
+        // index `seq - first_seq` finds each one when its outcome comes in
+        // (numbered outside it, two requests racing could swap places and
+        // one outcome would be lost, leaving a finished call "in_progress").
+        record.seq = self.0.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = record.seq;
         if log.records.is_empty() {
             log.first_seq = record.seq;
         }

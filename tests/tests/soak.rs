@@ -72,7 +72,7 @@ async fn soak_random_kills_lose_and_duplicate_nothing() {
     done.store(true, Ordering::SeqCst);
     chaos_loop.await.unwrap();
 
-    let ledger = successful_calls_by_workflow(&model.requests().await);
+    let ledger = ledger_by_generation(&model.requests().await);
     let lost = outcomes.iter().filter(|o| o.workflow.is_none()).count();
     let duplicated = outcomes.iter().filter(|o| !o.once_per_phase).count();
     let completed = outcomes
@@ -92,6 +92,18 @@ async fn soak_random_kills_lose_and_duplicate_nothing() {
             workflow.status(),
             workflow.reason
         );
+    }
+    for outcome in outcomes.iter().filter(|o| !o.matches_ledger(&ledger)) {
+        let workflow = outcome.workflow.as_ref().unwrap();
+        for phase in &workflow.phases {
+            eprintln!(
+                "ledger mismatch {} phase {} {}: {:?}",
+                workflow.workflow_id,
+                phase.index,
+                phase.generation_id,
+                ledger.get(&phase.generation_id)
+            );
+        }
     }
     let kills = chaos.kills.load(Ordering::SeqCst);
     let redis_restarts = chaos.redis_restarts.load(Ordering::SeqCst);
@@ -115,17 +127,29 @@ async fn soak_random_kills_lose_and_duplicate_nothing() {
     );
 }
 
-/// Successful model calls per workflow as the stand-in saw them: the trace
-/// id of the `traceparent` each call carried names its workflow.
-fn successful_calls_by_workflow(requests: &[serde_json::Value]) -> HashMap<String, Vec<String>> {
-    let mut calls: HashMap<String, Vec<String>> = HashMap::new();
-    for request in requests.iter().filter(|r| r["outcome"] == "ok") {
-        let traceparent = request["traceparent"].as_str().unwrap_or_default();
-        let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_string();
-        let model = request["model"].as_str().unwrap_or_default().to_string();
-        calls.entry(trace_id).or_default().push(model);
-    }
-    calls
+/// The stand-in's ledger by generation id (`gen-standin-<seq>`): each
+/// call's model, outcome and the trace id of the `traceparent` it carried
+/// (which names its workflow).
+fn ledger_by_generation(requests: &[serde_json::Value]) -> HashMap<String, LedgerCall> {
+    requests
+        .iter()
+        .map(|request| {
+            let traceparent = request["traceparent"].as_str().unwrap_or_default();
+            let call = LedgerCall {
+                model: request["model"].as_str().unwrap_or_default().to_string(),
+                outcome: request["outcome"].as_str().unwrap_or_default().to_string(),
+                trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
+            };
+            (format!("gen-standin-{}", request["seq"]), call)
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct LedgerCall {
+    model: String,
+    outcome: String,
+    trace_id: String,
 }
 
 /// Starts every workflow with an idempotency key, retrying on whichever
@@ -183,22 +207,20 @@ impl Outcome {
         self.workflow.as_ref().map(Workflow::status)
     }
 
-    /// Every completed phase was answered by a successful call of its model
-    /// that the stand-in itself recorded for this workflow.
-    fn matches_ledger(&self, ledger: &HashMap<String, Vec<String>>) -> bool {
+    /// Every completed phase names (by generation id) a call the stand-in
+    /// itself recorded: of that phase's model, for this workflow, answered
+    /// to the end.
+    fn matches_ledger(&self, ledger: &HashMap<String, LedgerCall>) -> bool {
         let Some(workflow) = &self.workflow else { return true };
         let trace_id = workflow.workflow_id.rsplit('_').next().unwrap_or_default();
-        let mut calls = ledger.get(trace_id).cloned().unwrap_or_default();
         workflow
             .phases
             .iter()
             .filter(|p| p.status() == nexus_proto::v1::PhaseStatus::Completed)
-            .all(|phase| match calls.iter().position(|model| *model == phase.model) {
-                Some(found) => {
-                    calls.swap_remove(found);
-                    true
-                }
-                None => false,
+            .all(|phase| {
+                ledger
+                    .get(&phase.generation_id)
+                    .is_some_and(|call| call.model == phase.model && call.trace_id == trace_id && call.outcome == "ok")
             })
     }
 }

@@ -165,6 +165,7 @@ impl WorkflowStore {
     pub async fn fail_unapplicable(
         &self,
         id: &WorkflowId,
+        result: &nexus_proto::internal::PhaseResult,
         entry_id: &str,
         payload: &[u8],
         deliveries: u64,
@@ -191,6 +192,8 @@ impl WorkflowStore {
             .arg(nexus_pipeline::stream::ORCHESTRATORS_GROUP)
             .arg(payload)
             .arg(deliveries)
+            .arg(result.phase_index)
+            .arg(result.attempt)
             .invoke_async(&mut self.conn.clone())
             .await?)
     }

@@ -104,6 +104,7 @@ impl WorkflowStore {
             duration_ms: success.duration_ms,
             tries: success.tries,
             finish_reason: success.finish_reason.clone(),
+            generation_id: success.generation_id.clone(),
         };
         let completed = event(Kind::PhaseCompleted(PhaseCompleted {
             index: result.phase_index,
@@ -116,6 +117,7 @@ impl WorkflowStore {
             rating: success.rating.clone(),
             result_published_at: Some(nexus_proto::timestamp_from_micros(result.published_at_us)),
             finish_reason: success.finish_reason.clone(),
+            generation_id: success.generation_id.clone(),
         }));
         let mut transition = Transition {
             outcome: "next",

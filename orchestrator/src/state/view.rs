@@ -190,6 +190,10 @@ pub fn total_usage(phases: &[Phase]) -> Usage {
         })
 }
 
+/// Most index reads one `ListWorkflows` call makes while it skips expired
+/// entries.
+const MAX_LIST_ROUNDS: usize = 8;
+
 /// Where the previous page ended: (created ms, workflow id).
 type PageCursor = (i64, WorkflowId);
 
@@ -216,7 +220,12 @@ impl WorkflowStore {
     pub async fn list(&self, page_size: usize, page_token: &str) -> Result<(Vec<Workflow>, String), ApiError> {
         let mut after = parse_page_token(page_token)?;
         let mut workflows = Vec::with_capacity(page_size);
-        while workflows.len() < page_size {
+        // Bounded work per call: past this many refills a short page is
+        // returned with a token, and the client's next call goes on.
+        for _ in 0..MAX_LIST_ROUNDS {
+            if workflows.len() == page_size {
+                break;
+            }
             let wanted = page_size - workflows.len();
             let mut candidates = Vec::new();
             for shard in 0..self.shards {
