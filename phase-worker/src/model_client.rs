@@ -603,10 +603,8 @@ impl ModelClient {
                 // try, so it spends the wait budget and the try number stays.
                 // Never less than the first backoff: a `Retry-After: 0` (or a
                 // date already past) must not become a tight loop.
-                let wait = asked.clamp(
-                    self.config.backoff_base.max(MIN_WAIT),
-                    self.config.max_retry_after.max(MIN_WAIT),
-                );
+                let shortest = self.config.backoff_base.max(MIN_WAIT);
+                let wait = asked.clamp(shortest, self.config.max_retry_after.max(shortest));
                 if let Some(pacer) = &self.pacer {
                     pacer.back_off(&request.model, wait).await;
                 }
