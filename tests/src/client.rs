@@ -109,6 +109,20 @@ pub async fn wait_terminal(client: &mut Client, workflow_id: &str, timeout: Dura
     }
 }
 
+/// Waits for every workflow to end and asserts each completed, naming the
+/// first that did not and its reason.
+pub async fn assert_all_completed(client: &mut Client, ids: &[String], timeout: Duration) {
+    for id in ids {
+        let workflow = wait_terminal(client, id, timeout).await;
+        assert_eq!(
+            workflow.status(),
+            WorkflowStatus::Completed,
+            "{id}: {}",
+            workflow.reason
+        );
+    }
+}
+
 /// GetWorkflow, retried while the service is briefly unavailable (a test
 /// may be restarting Redis or an orchestrator).
 pub async fn get_retrying(client: &mut Client, workflow_id: &str) -> Workflow {

@@ -421,6 +421,16 @@ impl Worker {
     }
 }
 
+/// Stand-in arguments for a model that answers 30 words almost at once.
+pub const FAST_MODEL: &[&str] = &[
+    "--first-token-latency-ms",
+    "5",
+    "--tokens-per-second",
+    "2000",
+    "--reply-words",
+    "30",
+];
+
 /// Redis, the stand-in model, orchestrators and workers.
 pub struct Stack {
     pub redis: RedisServer,
@@ -432,18 +442,7 @@ pub struct Stack {
 impl Stack {
     /// One orchestrator and `workers` workers, the stand-in answering fast.
     pub fn start(workers: usize) -> Self {
-        Self::start_with(
-            1,
-            workers,
-            &[
-                "--first-token-latency-ms",
-                "5",
-                "--tokens-per-second",
-                "2000",
-                "--reply-words",
-                "30",
-            ],
-        )
+        Self::start_with(1, workers, FAST_MODEL)
     }
 
     pub fn start_with(orchestrators: usize, workers: usize, model_args: &[&str]) -> Self {

@@ -219,15 +219,7 @@ async fn busy_workers_never_hold_tasks_they_cannot_run() {
         };
         ids.push(client.start_workflow(request).await.unwrap().into_inner().workflow_id);
     }
-    for id in &ids {
-        let workflow = wait_terminal(&mut client, id, Duration::from_secs(120)).await;
-        assert_eq!(
-            workflow.status(),
-            WorkflowStatus::Completed,
-            "{id}: {}",
-            workflow.reason
-        );
-    }
+    assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
     let mut conn = redis_conn(&redis);
     for shard in 0..4 {
         assert_eq!(xlen(&mut conn, &format!("nexus:{{nx{shard}}}:deadletter")), 0);

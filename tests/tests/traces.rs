@@ -175,14 +175,7 @@ impl TracedStack {
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ];
         let redis = RedisServer::start();
-        let model = StandIn::start(&[
-            "--first-token-latency-ms",
-            "5",
-            "--tokens-per-second",
-            "2000",
-            "--reply-words",
-            "30",
-        ]);
+        let model = StandIn::start(FAST_MODEL);
         let orchestrator = Orchestrator::start(&redis.url(), &export);
         let worker = Worker::start(&redis.url(), &model.base_url(), &export);
         Self {
