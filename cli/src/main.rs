@@ -6,6 +6,7 @@ mod render;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nexus_proto::v1::workflow_event::Kind;
 use nexus_proto::v1::workflow_service_client::WorkflowServiceClient;
 use nexus_proto::v1::{
     CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ProjectPlan, StartWorkflowRequest,
@@ -101,8 +102,13 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
+/// Exit status of `watch` and `start --watch` when the run failed.
+const EXIT_FAILED: u8 = 1;
+/// ... and when it was cancelled.
+const EXIT_CANCELLED: u8 = 3;
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let channel = Channel::from_shared(cli.endpoint.clone())?
         .connect()
@@ -144,14 +150,14 @@ async fn main() -> anyhow::Result<()> {
                 if started.created { "started" } else { "already existed" }
             );
             if watch {
-                watch_to_end(&mut client, &started.workflow_id, String::new(), false).await?;
+                return watch_to_end(&mut client, &started.workflow_id, String::new(), false).await;
             }
         }
         Command::Watch {
             workflow_id,
             after,
             cursors,
-        } => watch_to_end(&mut client, &workflow_id, after, cursors).await?,
+        } => return watch_to_end(&mut client, &workflow_id, after, cursors).await,
         Command::Get { workflow_id } => {
             let workflow = client
                 .get_workflow(GetWorkflowRequest { workflow_id })
@@ -174,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
             render::workflow(&workflow);
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn watch_to_end(
@@ -182,17 +188,23 @@ async fn watch_to_end(
     workflow_id: &str,
     after_cursor: String,
     cursors: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::process::ExitCode> {
     let request = WatchWorkflowRequest {
         workflow_id: workflow_id.to_string(),
         after_cursor,
     };
     let mut events = client.watch_workflow(request).await?.into_inner();
     let mut printer = render::EventPrinter::new(cursors);
+    let mut code = std::process::ExitCode::SUCCESS;
     while let Some(event) = events.message().await? {
         printer.print(&event);
+        code = match &event.kind {
+            Some(Kind::Failed(_)) => std::process::ExitCode::from(EXIT_FAILED),
+            Some(Kind::Cancelled(_)) => std::process::ExitCode::from(EXIT_CANCELLED),
+            _ => code,
+        };
     }
-    Ok(())
+    Ok(code)
 }
 
 fn parse_field(text: &str) -> Result<(String, String), String> {

@@ -53,3 +53,19 @@ async fn nexus_cli_starts_a_workflow_watches_it_live_and_prints_the_rating() {
         "the server's message reaches the user"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_run_makes_the_cli_exit_non_zero() {
+    let stack = Stack::start(1);
+    ModelControl::new(&stack.model.base_url())
+        .inject(serde_json::json!([{"kind": "status", "status": 402, "message": "Insufficient credits"}]))
+        .await;
+    let output = Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "start", "--name", "Unpaid"])
+        .args(["--description", "A plan nobody pays for", "--watch"])
+        .output()
+        .expect("run nexus");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("workflow failed"), "{stdout}");
+    assert_eq!(output.status.code(), Some(1), "a failed run is a failed command");
+}

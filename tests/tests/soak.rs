@@ -1,6 +1,7 @@
-//! The soak test: hundreds of workflows while a chaos loop SIGKILLs random
-//! workers and orchestrators (sometimes two at once) every few seconds, and
-//! Redis itself (AOF `always`) now and then, restarting each. Afterwards
+//! The soak test: hundreds of workflows, arriving over 15 s, while a chaos
+//! loop SIGKILLs random workers and orchestrators (sometimes two at once)
+//! every 1.5 s, and Redis itself (AOF `always`) every sixth round,
+//! restarting each. Afterwards
 //! every workflow must have completed (no injected fault may fail a run),
 //! with exactly one completion per phase, and the stand-in model's own ledger
 //! of successful calls must account for every recorded phase.
@@ -27,9 +28,11 @@ const MODEL: &[&str] = &[
     "--reply-words",
     "25",
 ];
-const KILL_EVERY: Duration = Duration::from_secs(2);
+const KILL_EVERY: Duration = Duration::from_millis(1500);
+/// Time between two workflow starts (300 starts take 15 s).
+const ARRIVAL_GAP: Duration = Duration::from_millis(50);
 /// Every this many chaos rounds, Redis is SIGKILLed and restarted.
-const REDIS_EVERY: usize = 4;
+const REDIS_EVERY: usize = 6;
 const WORKER_ENV: &[(&str, &str)] = &[("NEXUS_VISIBILITY_TIMEOUT_MS", "2000")];
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -152,10 +155,14 @@ struct LedgerCall {
     trace_id: String,
 }
 
-/// Starts every workflow with an idempotency key, retrying on whichever
-/// orchestrator is up, as a careful client would.
+/// Starts every workflow with an idempotency key, one every
+/// [`ARRIVAL_GAP`], retrying on whichever orchestrator is up, as a careful
+/// client would.
 async fn start_all(stack: &Arc<Mutex<Stack>>, ids: &Mutex<Vec<String>>, count: usize) {
     for n in 0..count {
+        // Arrivals spread over time, as real traffic comes: runs are then in
+        // flight for the whole soak, so every chaos round hits live work.
+        tokio::time::sleep(ARRIVAL_GAP).await;
         let request = StartWorkflowRequest {
             plan: Some(sample_plan(&format!("Soak {n}"))),
             idempotency_key: format!("soak-{n}"),
