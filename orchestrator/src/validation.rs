@@ -82,10 +82,7 @@ fn plan_bytes(plan: &ProjectPlan) -> usize {
 /// A stream cursor is a Redis stream id, `<ms>-<seq>`, each part a 64-bit
 /// unsigned number (anything larger is no id Redis can hold).
 pub fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
-    let valid = cursor
-        .split_once('-')
-        .is_some_and(|(ms, seq)| is_u64(ms) && is_u64(seq));
-    if cursor.is_empty() || valid {
+    if cursor.is_empty() || parse_cursor(cursor).is_some() {
         Ok(())
     } else {
         Err(invalid(format!(
@@ -95,8 +92,18 @@ pub fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
     }
 }
 
-fn is_u64(text: &str) -> bool {
-    text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
+/// A stream id as comparable (milliseconds, sequence); `None` when it is
+/// not one.
+pub fn parse_cursor(cursor: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = cursor.split_once('-')?;
+    Some((parse_u64(ms)?, parse_u64(seq)?))
+}
+
+fn parse_u64(text: &str) -> Option<u64> {
+    text.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| text.parse().ok())
+        .flatten()
 }
 
 pub fn page_size(requested: u32) -> Result<usize, ApiError> {

@@ -12,6 +12,7 @@
 
 use crate::errors::ApiError;
 use crate::state::is_terminal;
+use crate::validation::parse_cursor;
 use futures::StreamExt;
 use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::ids::WorkflowId;
@@ -162,8 +163,8 @@ pub async fn watch(
     let Some(status) = status else {
         return Err(ApiError::NotFound(id.to_string()));
     };
-    let last = last.ids.first().map(|entry| stream_id(&entry.id));
-    if !status::is_terminal(&status) && !after_cursor.is_empty() && Some(stream_id(&after_cursor)) > last {
+    let last = last.ids.first().and_then(|entry| parse_cursor(&entry.id));
+    if !status::is_terminal(&status) && !after_cursor.is_empty() && parse_cursor(&after_cursor) > last {
         // Resuming past the end of a running workflow would wait on events
         // the client can never have seen: the cursor is not from here.
         return Err(ApiError::InvalidArgument(format!(
@@ -181,13 +182,6 @@ pub async fn watch(
     };
     tokio::spawn(watcher.run());
     Ok(receiver)
-}
-
-/// A stream id as a comparable (milliseconds, sequence); the cursor was
-/// validated as one already.
-fn stream_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(u64::MAX), seq.parse().unwrap_or(u64::MAX))
 }
 
 struct Watcher {

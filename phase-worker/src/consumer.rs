@@ -44,14 +44,6 @@ pub struct TaskConsumer {
     pub running: Mutex<HashSet<String>>,
 }
 
-/// How a task came to this worker.
-enum Claim {
-    /// Read as a new entry: run as the task's own attempt.
-    New,
-    /// Taken over from an unresponsive worker: this attempt, this delivery.
-    TakenOver { attempt: u32, deliveries: u64 },
-}
-
 impl TaskConsumer {
     /// Reads new tasks from one shard until `stop` is cancelled. Slots are
     /// reserved before reading, so this worker never claims a task it has no
@@ -81,7 +73,7 @@ impl TaskConsumer {
                     Ok(entries) => {
                         for entry in entries {
                             let slot = slots.split(1).expect("one reserved slot per entry read");
-                            self.clone().spawn_task(entry, shard, Claim::New, slot);
+                            self.clone().spawn_new(entry, shard, slot);
                         }
                     }
                     Err(error) => {
@@ -108,22 +100,21 @@ impl TaskConsumer {
         Some(slots)
     }
 
-    fn spawn_task(self: Arc<Self>, entry: Entry, shard: u16, claim: Claim, slot: OwnedSemaphorePermit) {
+    /// Runs a newly read entry: decoded in its own task, as the task's own
+    /// attempt, first delivery.
+    fn spawn_new(self: Arc<Self>, entry: Entry, shard: u16, slot: OwnedSemaphorePermit) {
         tokio::spawn(async move {
-            let _slot = slot;
-            let Some((mut handle, task)) = self.decode(&entry, shard).await else {
-                return;
-            };
-            let delivery = match claim {
-                Claim::New => 1,
-                Claim::TakenOver { attempt, deliveries } => {
-                    handle.attempt = attempt;
-                    deliveries
-                }
-            };
-            let _running = RunningGuard::new(&self.running, &entry.id);
-            run_task(&self.ctx, handle, task, delivery).await;
+            if let Some((handle, task)) = self.decode(&entry, shard).await {
+                self.run(handle, task, 1, slot).await;
+            }
         });
+    }
+
+    /// Runs a task, keeping its entry in the running set (so this worker's
+    /// reclaim loop leaves it alone) and its slot until it ends.
+    async fn run(&self, handle: TaskHandle, task: PhaseTask, delivery: u64, _slot: OwnedSemaphorePermit) {
+        let _running = RunningGuard::new(&self.running, &handle.entry_id);
+        run_task(&self.ctx, handle, task, delivery).await;
     }
 
     /// Decodes a task entry; one that cannot be decoded, or names no valid
@@ -269,8 +260,8 @@ impl TaskConsumer {
                     if deliveries > self.max_deliveries {
                         self.dead_letter(&handle, &task, &entry, deliveries).await;
                     } else {
-                        self.clone()
-                            .spawn_task(entry, shard, Claim::TakenOver { attempt, deliveries }, slot);
+                        let this = self.clone();
+                        tokio::spawn(async move { this.run(handle, task, deliveries, slot).await });
                     }
                 }
                 Takeover::Stale => {

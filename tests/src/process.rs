@@ -431,6 +431,17 @@ pub const FAST_MODEL: &[&str] = &[
     "30",
 ];
 
+/// Stand-in arguments for a model that streams 40 words over about two
+/// seconds, so a test can act in the middle of a phase.
+pub const SLOW_MODEL: &[&str] = &[
+    "--first-token-latency-ms",
+    "50",
+    "--tokens-per-second",
+    "20",
+    "--reply-words",
+    "40",
+];
+
 /// Redis, the stand-in model, orchestrators and workers.
 pub struct Stack {
     pub redis: RedisServer,

@@ -6,16 +6,6 @@ use nexus_proto::v1::{CancelWorkflowRequest, StartWorkflowRequest, WorkflowEvent
 use nexus_tests::*;
 use std::time::{Duration, Instant};
 
-/// About two seconds per phase, so a test can act in the middle of one.
-const SLOW_MODEL: &[&str] = &[
-    "--first-token-latency-ms",
-    "50",
-    "--tokens-per-second",
-    "20",
-    "--reply-words",
-    "40",
-];
-
 fn started_delivery(event: &WorkflowEvent) -> Option<(u32, u32)> {
     match &event.kind {
         Some(Kind::PhaseStarted(started)) => Some((started.index, started.delivery)),

@@ -230,14 +230,7 @@ async fn busy_workers_never_hold_tasks_they_cannot_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
     let redis = RedisServer::start();
-    let model = StandIn::start(&[
-        "--first-token-latency-ms",
-        "50",
-        "--tokens-per-second",
-        "20",
-        "--reply-words",
-        "40",
-    ]);
+    let model = StandIn::start(SLOW_MODEL);
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
     // Its heartbeat is due only every 10 s, so after SIGCONT it streams on
     // (and finishes) before it could learn from a heartbeat that it lost the
