@@ -47,16 +47,6 @@ pub struct Config {
     #[arg(long, env = "NEXUS_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub retention_secs: u64,
 
-    /// A phase result left unacknowledged this long by another orchestrator
-    /// (which probably died) is claimed and applied here, in milliseconds.
-    #[arg(long, env = "NEXUS_RESULT_CLAIM_IDLE_MS", default_value_t = 10_000)]
-    pub result_claim_idle_ms: u64,
-
-    /// A phase result that still cannot be applied after this many deliveries
-    /// goes to the result dead-letter stream, and its workflow fails.
-    #[arg(long, env = "NEXUS_MAX_RESULT_DELIVERIES", default_value_t = 5)]
-    pub max_result_deliveries: u64,
-
     /// Most concurrent gRPC streams (watchers, calls) on one HTTP/2
     /// connection. Clients multiplex many watchers over few connections.
     #[arg(long, env = "NEXUS_MAX_STREAMS_PER_CONNECTION", default_value_t = 10_000)]
@@ -73,11 +63,6 @@ pub struct Config {
     #[arg(long, env = "NEXUS_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
-    /// This replica's consumer name in the results group. Default: host,
-    /// process id and a random suffix, so restarts never collide.
-    #[arg(long, env = "NEXUS_CONSUMER_NAME")]
-    pub consumer_name: Option<String>,
-
     #[command(flatten)]
     pub process: nexus_runtime::process::ProcessArgs,
 }
@@ -91,9 +76,7 @@ impl std::fmt::Debug for Config {
             .field("models", &self.models)
             .field("max_plan_bytes", &self.max_plan_bytes)
             .field("retention_secs", &self.retention_secs)
-            .field("result_claim_idle_ms", &self.result_claim_idle_ms)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
-            .field("consumer_name", &self.consumer_name)
             .finish()
     }
 }

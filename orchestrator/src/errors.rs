@@ -28,6 +28,15 @@ impl From<IdError> for ApiError {
     }
 }
 
+impl From<nexus_pipeline::transition::LoadError> for ApiError {
+    fn from(error: nexus_pipeline::transition::LoadError) -> Self {
+        match error {
+            nexus_pipeline::transition::LoadError::Storage(cause) => Self::Storage(cause),
+            nexus_pipeline::transition::LoadError::Corrupt(what) => Self::Corrupt(what),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         match error {

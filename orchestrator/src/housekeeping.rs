@@ -1,11 +1,9 @@
 //! Periodic clean-up that keeps Redis from growing without bound: finished
 //! workflows' keys expire by themselves (their TTL is set when they end);
-//! this removes what TTLs cannot reach — index entries of expired workflows
-//! and consumer names of orchestrators that are long gone.
+//! this removes what TTLs cannot reach: index entries of expired workflows.
 
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::keys::ShardKeys;
-use nexus_pipeline::stream::{ORCHESTRATORS_GROUP, prune_stale_consumers};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +37,5 @@ async fn sweep_shard(conn: &mut Connection, shard: u16, retention_secs: u64) -> 
     if removed > 0 {
         tracing::info!(removed, shard, "removed index entries of expired workflows");
     }
-    prune_stale_consumers(conn, &keys.results(), ORCHESTRATORS_GROUP).await?;
     Ok(())
 }

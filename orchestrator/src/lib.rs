@@ -2,9 +2,9 @@
 //!
 //! - [`api`]: the `WorkflowService` gRPC handlers, thin.
 //! - [`validation`]: what a request must satisfy before it touches Redis.
-//! - [`state`]: the workflow state machine, the only writer of workflow
-//!   state, one Lua script per transition.
-//! - [`results`]: consumes phase results from workers and applies them.
+//! - [`state`]: the orchestrator's transitions of the workflow state machine
+//!   (create, cancel) and reading workflows back. Phase results are applied
+//!   by the worker that has them (`nexus_pipeline::transition`).
 //! - [`watch`]: serves `WatchWorkflow` from the per-workflow event stream,
 //!   woken by one pub/sub connection per replica.
 //! - [`housekeeping`]: trims what TTLs cannot (index entries, departed
@@ -14,8 +14,8 @@
 //! - [`auth`]: the optional bearer-token interceptor.
 //! - [`config`]: flags and environment.
 //!
-//! Replicas are interchangeable: all state is in Redis, results are shared
-//! through a consumer group, and any replica can serve any watcher.
+//! Replicas are interchangeable: all state is in Redis, and any replica can
+//! serve any call or watcher.
 
 pub mod api;
 pub mod auth;
@@ -23,7 +23,6 @@ pub mod config;
 pub mod errors;
 pub mod housekeeping;
 pub mod metrics;
-pub mod results;
 pub mod state;
 pub mod validation;
 pub mod watch;
@@ -81,26 +80,13 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
     let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, pipeline);
     let hub = Arc::new(watch::WatchHub::new(shutdown.clone()));
     tokio::spawn(hub.clone().listen(config.redis.clone()));
-    let consumer = results::ResultConsumer {
-        store: store.clone(),
-        redis: config.redis.clone(),
-        consumer: config
-            .consumer_name
-            .clone()
-            .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("orchestrator")),
-        claim_idle: Duration::from_millis(config.result_claim_idle_ms),
-        max_deliveries: config.max_result_deliveries.max(1),
-    };
-    let results = tokio::spawn(consumer.run(shutdown.clone()));
     tokio::spawn(housekeeping::run(
         store.connection(),
         config.redis.shards,
         config.retention_secs,
         shutdown.clone(),
     ));
-    serve(&config, store, hub, shutdown).await?;
-    results.await.ok();
-    Ok(())
+    serve(&config, store, hub, shutdown).await
 }
 
 async fn serve(

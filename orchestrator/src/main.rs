@@ -8,10 +8,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use orchestrator::config::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config: Config = nexus_runtime::process::read_config();
-    let _telemetry = nexus_runtime::telemetry::init("nexus-orchestrator", &config.process.log_format);
-    tracing::info!(?config, "starting orchestrator");
-    orchestrator::run(config, nexus_runtime::shutdown::on_signal()).await
+    config.process.runtime()?.block_on(async {
+        let _telemetry = nexus_runtime::telemetry::init("nexus-orchestrator", &config.process.log_format);
+        tracing::info!(?config, "starting orchestrator");
+        orchestrator::run(config, nexus_runtime::shutdown::on_signal()).await
+    })
 }

@@ -1,5 +1,6 @@
-//! The orchestrator's Prometheus metrics: workflows accepted and finished,
-//! results applied or fenced off, live watchers.
+//! The orchestrator's Prometheus metrics: workflows accepted and cancelled,
+//! live watchers. (Runs that complete or fail are counted by the worker that
+//! applied their last result.)
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,7 +18,6 @@ pub struct StatusLabel {
 pub struct Metrics {
     pub workflows_started: Counter,
     pub workflows_finished: Family<StatusLabel, Counter>,
-    pub results: Family<StatusLabel, Counter>,
     pub watchers: Gauge,
 }
 
@@ -34,13 +34,8 @@ pub fn registry() -> Registry {
     );
     registry.register(
         "workflows_finished",
-        "Workflows that ended, by status",
+        "Workflows this replica ended, by status (cancelled); workers count completed and failed",
         m.workflows_finished.clone(),
-    );
-    registry.register(
-        "phase_results",
-        "Phase results by what applying them did (applied, stale)",
-        m.results.clone(),
     );
     registry.register(
         "watchers",

@@ -6,7 +6,7 @@
 //! than the visibility timeout) and sends a task that keeps coming back to the
 //! dead-letter stream, which fails its workflow with a reason.
 
-use crate::runner::{RunnerContext, dead_letter_result, run_task};
+use crate::runner::{RunnerContext, dead_letter_reason, run_task};
 use crate::task_lifecycle::{Takeover, TaskHandle, dead_letter_entry};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
@@ -147,7 +147,7 @@ impl TaskConsumer {
         tracing::error!(entry = %entry.id, %why, "moving the task entry to the dead-letter stream");
         crate::metrics::METRICS.tasks_dead_lettered.inc();
         let shard = ShardKeys::new(shard);
-        let moved = dead_letter_entry(&mut self.conn.clone(), &shard, &entry.id, &entry.payload, None, 1, why).await;
+        let moved = dead_letter_entry(&mut self.conn.clone(), &shard, &entry.id, &entry.payload, why).await;
         if let Err(error) = moved {
             tracing::warn!(%error, "dead-lettering failed; will retry");
         }
@@ -289,11 +289,14 @@ impl TaskConsumer {
     }
 
     async fn dead_letter(&self, handle: &TaskHandle, task: &PhaseTask, entry: &Entry, deliveries: u64) {
-        let failure = dead_letter_result(handle, task, deliveries);
         tracing::warn!(workflow_id = %handle.workflow, phase = task.phase_index, deliveries, "task delivered too often; dead-lettering it");
         crate::metrics::METRICS.tasks_dead_lettered.inc();
-        if let Err(error) = handle.dead_letter(&entry.payload, &failure, deliveries).await {
-            tracing::warn!(%error, "dead-lettering failed; will retry");
+        let phase = task.spec.as_ref().map_or("", |spec| spec.name.as_str());
+        let reason = format!("phase {phase} failed: {}", dead_letter_reason(deliveries));
+        match handle.dead_letter(&entry.payload, phase, deliveries, &reason).await {
+            Ok(true) => crate::metrics::record_applied(nexus_pipeline::transition::Step::Fail),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "dead-lettering failed; will retry"),
         }
     }
 }

@@ -3,9 +3,11 @@
 //! - [`consumer`]: claims tasks from each shard's task stream and reclaims
 //!   those of dead workers; dead-letters poison tasks.
 //! - [`runner`]: runs one task: prompt, streaming model call, deltas,
-//!   heartbeats, result.
+//!   heartbeats, and applying the result (next phase queued, or the run
+//!   ended) as `nexus_pipeline::transition` says.
 //! - [`task_lifecycle`]: the task's Redis side (fenced appends, heartbeat,
-//!   acknowledgement with result), one Lua script per atomic step.
+//!   acknowledgement with the result applied), one Lua script per atomic
+//!   step.
 //! - [`metrics`]: Prometheus metrics: calls, latency, tokens and cost per
 //!   model; tasks in flight, reclaimed, dead-lettered.
 //! - [`model_client`]: the only code that talks HTTP to OpenRouter.
@@ -73,6 +75,7 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         shutdown: abort_calls.clone(),
         heartbeat_every: config.visibility_timeout() / 3,
         publish_patience: Duration::from_millis(config.result_publish_patience_ms),
+        pipelines: Default::default(),
     });
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let consumer = Arc::new(consumer::TaskConsumer {

@@ -1,6 +1,6 @@
 //! The worker's Prometheus metrics, the seed's "cost monitoring": model
 //! calls, their latency, tokens and cost per model; tasks in flight,
-//! reclaimed and dead-lettered.
+//! reclaimed and dead-lettered; results applied and the runs they ended.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,11 @@ pub struct TokenLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
 pub struct Metrics {
     pub model_calls: Family<CallLabels, Counter>,
     pub model_call_seconds: Family<ModelLabel, Histogram>,
@@ -37,6 +42,8 @@ pub struct Metrics {
     pub tasks_in_flight: Gauge,
     pub tasks_reclaimed: Counter,
     pub tasks_dead_lettered: Counter,
+    pub phase_results: Family<StatusLabel, Counter>,
+    pub workflows_finished: Family<StatusLabel, Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -48,6 +55,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     tasks_in_flight: Gauge::default(),
     tasks_reclaimed: Counter::default(),
     tasks_dead_lettered: Counter::default(),
+    phase_results: Family::default(),
+    workflows_finished: Family::default(),
 });
 
 /// A registry holding every worker metric, prefixed `nexus_`.
@@ -94,7 +103,40 @@ pub fn registry() -> Registry {
         "Tasks moved to the dead-letter stream",
         m.tasks_dead_lettered.clone(),
     );
+    registry.register(
+        "phase_results",
+        "Phase results by what applying them did: applied, or stale (the run had moved on)",
+        m.phase_results.clone(),
+    );
+    registry.register(
+        "workflows_finished",
+        "Runs this worker ended, by status (completed, failed); cancels are counted by the orchestrator",
+        m.workflows_finished.clone(),
+    );
     registry
+}
+
+/// Counts an applied result and the run it ended, if it did.
+pub fn record_applied(step: nexus_pipeline::transition::Step) {
+    use nexus_pipeline::transition::Step;
+    let m = &*METRICS;
+    m.phase_results.get_or_create(&StatusLabel { status: "applied" }).inc();
+    let finished = match step {
+        Step::Next => return,
+        Step::Complete => "completed",
+        Step::Fail => "failed",
+    };
+    m.workflows_finished
+        .get_or_create(&StatusLabel { status: finished })
+        .inc();
+}
+
+/// Counts a result the run no longer waited for.
+pub fn record_stale() {
+    METRICS
+        .phase_results
+        .get_or_create(&StatusLabel { status: "stale" })
+        .inc();
 }
 
 /// Records one finished model call.

@@ -1,13 +1,16 @@
 //! Running one phase task: announce it, render its prompt from stored
 //! outputs, call the model while streaming deltas into the workflow's event
-//! log and heartbeating the claim, then publish the result.
+//! log and heartbeating the claim, then apply the result: record the phase
+//! and queue the next one (or end the run) in the step that acknowledges
+//! the task.
 
 use crate::cancellation::CancelRegistry;
 use crate::metrics::{self, METRICS, ModelLabel};
 use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
 use crate::rating;
-use crate::task_lifecycle::TaskHandle;
+use crate::task_lifecycle::{Settled, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
+use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, completes_run, load_earlier_phases};
 use nexus_proto::internal::{
     OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
@@ -30,8 +33,10 @@ pub struct RunnerContext {
     pub cancels: Arc<CancelRegistry>,
     pub shutdown: CancellationToken,
     pub heartbeat_every: Duration,
-    /// How long publishing a finished answer is retried on Redis errors.
+    /// How long applying a finished answer is retried on Redis errors.
     pub publish_patience: Duration,
+    /// The pipelines of the runs this worker advances, by fingerprint.
+    pub pipelines: PipelineCache,
 }
 
 /// Runs a task to its end. The claim is heartbeated from the first moment,
@@ -89,7 +94,7 @@ async fn run_task_in_span(
 ) {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        finish(ctx, handle, None, None, stop).await;
+        settle(ctx, handle, None, None, stop).await;
         return;
     };
     let started = Kind::PhaseStarted(PhaseStarted {
@@ -104,7 +109,7 @@ async fn run_task_in_span(
         Ok(Some(inputs)) => inputs,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            finish(ctx, handle, None, None, stop).await;
+            settle(ctx, handle, None, None, stop).await;
             return;
         }
         Err(error) => {
@@ -116,7 +121,7 @@ async fn run_task_in_span(
     let outcome = call_model(ctx, handle, &task, &spec, request, delivery, stop).await;
     match outcome {
         CallOutcome::Result(result, final_delta) => {
-            finish(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
+            settle(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
         }
         CallOutcome::Stopped => settle_stopped(ctx, handle, stop).await,
     }
@@ -132,7 +137,7 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &Cancell
         return;
     }
     match handle.is_current().await {
-        Ok(false) => finish(ctx, handle, None, None, stop).await,
+        Ok(false) => settle(ctx, handle, None, None, stop).await,
         Ok(true) => {
             tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered")
         }
@@ -420,45 +425,93 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
     }
 }
 
-/// Publishes the result (or just acknowledges) once the answer is in. A
+/// Applies the result (or just acknowledges) once the answer is in. A
 /// Redis error here is retried for a while rather than leaving the task to
 /// be redelivered: that would run (and pay for) the model call again. The
-/// fence makes a repeated publish harmless. Gives up when the task stops
+/// fence makes a repeated apply harmless. Gives up when the task stops
 /// being this worker's or the patience runs out.
-async fn finish(
+async fn settle(
     ctx: &RunnerContext,
     handle: &TaskHandle,
     result: Option<&PhaseResult>,
     final_delta: Option<&Kind>,
     stop: &CancellationToken,
 ) {
+    let span = tracing::info_span!("apply_result", workflow_id = %handle.workflow, phase = handle.phase_index);
     let deadline = Instant::now() + ctx.publish_patience;
     let mut delay = Duration::from_millis(50);
     loop {
-        match handle.finish(result, final_delta).await {
-            Ok(true) => return,
-            Ok(false) => {
-                tracing::info!(workflow_id = %handle.workflow, "the task was taken over by another worker; dropping this attempt's result");
-                return;
-            }
+        let attempt = async {
+            let transition = match result {
+                Some(result) => Some(transition_for(ctx, handle, result).await?),
+                None => None,
+            };
+            let settled = handle.settle(transition.as_ref(), final_delta).await?;
+            Ok::<_, LoadError>((settled, transition.map(|t| t.step)))
+        };
+        match attempt.instrument(span.clone()).await {
+            Ok((settled, step)) => return count_settled(handle, &settled, step),
             Err(error) if Instant::now() < deadline && !stop.is_cancelled() => {
-                tracing::warn!(%error, workflow_id = %handle.workflow, retry_in = ?delay, "could not publish the result; retrying");
+                tracing::warn!(%error, workflow_id = %handle.workflow, retry_in = ?delay, "could not apply the result; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(error) => {
-                tracing::warn!(%error, workflow_id = %handle.workflow, "could not publish the result; the task will be redelivered");
+                tracing::warn!(%error, workflow_id = %handle.workflow, "could not apply the result; the task will be redelivered");
                 return;
             }
         }
     }
 }
 
-/// The failure result reported for a task sent to the dead-letter stream.
-pub fn dead_letter_result(handle: &TaskHandle, task: &PhaseTask, deliveries: u64) -> PhaseResult {
-    let spec = task.spec.clone().unwrap_or_default();
-    let reason = format!(
+/// The transition a result makes. A run whose stored pipeline or phases
+/// cannot be read fails with that reason rather than retrying forever.
+async fn transition_for(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    result: &PhaseResult,
+) -> Result<Transition, LoadError> {
+    let mut conn = handle.conn.clone();
+    let id = &handle.workflow;
+    let loaded = async {
+        let pipeline = ctx.pipelines.get(&mut conn, id.shard(), &result.pipeline_id).await?;
+        let earlier = match completes_run(result, &pipeline) {
+            true => Some(load_earlier_phases(&mut conn, id, &pipeline).await?),
+            false => None,
+        };
+        let traceparent = nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent());
+        Transition::after(id, result, &pipeline, earlier.as_ref(), traceparent)
+    };
+    match loaded.await {
+        Err(LoadError::Corrupt(why)) => {
+            tracing::error!(workflow_id = %id, %why, "cannot apply a phase result; failing the workflow");
+            let phase = format!("#{}", result.phase_index + 1);
+            Ok(Transition::failed(
+                &phase,
+                &format!("its stored data is corrupt ({why})"),
+            ))
+        }
+        other => other,
+    }
+}
+
+fn count_settled(handle: &TaskHandle, settled: &Settled, step: Option<Step>) {
+    match (settled, step) {
+        (Settled::Applied, Some(step)) => metrics::record_applied(step),
+        (Settled::Acknowledged, Some(_)) => {
+            metrics::record_stale();
+            tracing::info!(workflow_id = %handle.workflow, "the workflow no longer waited for this result (cancelled or moved on)")
+        }
+        (Settled::NotOurs, _) => {
+            tracing::info!(workflow_id = %handle.workflow, "the task was taken over by another worker; dropping this attempt's result")
+        }
+        _ => {}
+    }
+}
+
+/// Why a task delivered `deliveries` times is dead-lettered.
+pub fn dead_letter_reason(deliveries: u64) -> String {
+    format!(
         "the task was delivered {deliveries} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream"
-    );
-    result(handle, task, &spec, Outcome::Failure(PhaseFailure { reason }))
+    )
 }

@@ -1,14 +1,16 @@
 //! A task's life in Redis, from the worker's side: fenced event appends,
 //! heartbeats that keep the claim, and the final acknowledgement together
-//! with the result (or the move to the dead-letter stream). Each step that
-//! must be atomic is one Lua script under `lua/`.
+//! with applying the result (or the move to the dead-letter stream). Each
+//! step that must be atomic is one Lua script under `lua/`.
 
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field, status};
 use nexus_pipeline::stream::WORKERS_GROUP;
-use nexus_proto::internal::{PhaseResult, PhaseTask};
-use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
+use nexus_pipeline::transition::event;
+use nexus_pipeline::transition::{ENDING_LUA, Transition};
+use nexus_proto::internal::PhaseTask;
+use nexus_proto::v1::workflow_event::Kind;
 use prost::Message;
 use redis::{Script, ScriptInvocation};
 use std::collections::HashMap;
@@ -19,11 +21,20 @@ fn fenced(body: &str) -> Script {
     Script::new(&format!("{}{body}", include_str!("lua/fence.lua")))
 }
 
+/// Scripts that may end a workflow also start with the shared `ending.lua`.
+fn fenced_ending(body: &str) -> Script {
+    Script::new(&format!("{}{ENDING_LUA}{body}", include_str!("lua/fence.lua")))
+}
+
+/// How long a run is kept after it ends when it was created before runs
+/// carried their own retention (the orchestrator's default).
+pub const FALLBACK_RETENTION_SECS: u64 = 7 * 24 * 3600;
+
 static START_TASK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/start_task.lua")));
 static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/append_event.lua")));
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/heartbeat.lua")));
-static FINISH_TASK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/finish_task.lua")));
-static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/dead_letter.lua")));
+static COMPLETE_TASK: LazyLock<Script> = LazyLock::new(|| fenced_ending(include_str!("lua/complete_task.lua")));
+static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| fenced_ending(include_str!("lua/dead_letter.lua")));
 static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/take_over.lua")));
 
 /// What trying to take over an abandoned task found.
@@ -37,13 +48,16 @@ pub enum Takeover {
     Gone,
 }
 
-/// An event as a worker stores it (the cursor is its stream id).
-fn event(kind: Kind) -> WorkflowEvent {
-    WorkflowEvent {
-        time: Some(nexus_proto::timestamp_now()),
-        kind: Some(kind),
-        ..Default::default()
-    }
+/// What settling a task did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The result was applied (the run moved on, completed or failed).
+    Applied,
+    /// Acknowledged without applying anything: there was no result, or the
+    /// workflow no longer waited for it.
+    Acknowledged,
+    /// Another worker holds the task now; nothing was touched.
+    NotOurs,
 }
 
 /// One claimed task and where it lives.
@@ -166,74 +180,111 @@ impl TaskHandle {
         Ok(alive == 1)
     }
 
-    /// Publishes the result (if any) and acknowledges the task, atomically,
-    /// if the task is still this worker's. With `final_delta`, the last
-    /// streamed output is appended first. `false`: another worker holds it.
-    pub async fn finish(&self, result: Option<&PhaseResult>, final_delta: Option<&Kind>) -> redis::RedisResult<bool> {
-        let payload = result.map(Message::encode_to_vec).unwrap_or_default();
+    /// Applies the result's transition (if any) and acknowledges the task,
+    /// atomically, if the task is still this worker's; with `final_delta`,
+    /// the last streamed output is appended first.
+    pub async fn settle(
+        &self,
+        transition: Option<&Transition>,
+        final_delta: Option<&Kind>,
+    ) -> redis::RedisResult<Settled> {
         let delta = final_delta
             .map(|kind| event(kind.clone()).encode_to_vec())
             .unwrap_or_default();
-        let settled: i64 = FINISH_TASK
-            .key(self.keys.shard.results())
-            .key(self.keys.shard.tasks())
+        let mut invocation = COMPLETE_TASK.key(self.keys.shard.tasks());
+        invocation
             .key(self.keys.state())
             .key(self.keys.events())
-            .arg(payload)
+            .key(self.keys.outputs())
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
-            .arg(delta)
+            .arg(&self.consumer)
             .arg(self.phase_index)
             .arg(self.attempt)
             .arg(EVENTS_CHANNEL)
             .arg(self.workflow.to_string())
-            .arg(&self.consumer)
+            .arg(delta)
+            .arg(transition.map_or("", |t| t.step.as_str()))
+            .arg(nexus_pipeline::now_ms());
+        match transition {
+            Some(t) => invocation
+                .arg(&t.phase_name)
+                .arg(&t.output)
+                .arg(&t.record)
+                .arg(&t.completed_event)
+                .arg(&t.follow_up)
+                .arg(&t.rating)
+                .arg(&t.reason),
+            None => invocation.arg(&["", "", "", "", "", "", ""]),
+        };
+        let reply: String = invocation
+            .arg(FALLBACK_RETENTION_SECS)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(settled == 1)
+        Ok(match reply.as_str() {
+            "applied" => Settled::Applied,
+            "settled" => Settled::Acknowledged,
+            _ => Settled::NotOurs,
+        })
     }
 
-    /// Moves a poison task to the dead-letter stream and reports the failure.
-    pub async fn dead_letter(&self, task: &[u8], failure: &PhaseResult, deliveries: u64) -> redis::RedisResult<()> {
-        let why = match &failure.outcome {
-            Some(nexus_proto::internal::phase_result::Outcome::Failure(failure)) => failure.reason.as_str(),
-            _ => "",
-        };
-        let mut conn = self.conn.clone();
-        dead_letter_entry(
-            &mut conn,
-            &self.keys.shard,
-            &self.entry_id,
-            task,
-            Some(failure),
-            deliveries,
-            why,
-        )
-        .await
+    /// Moves a poison task to the dead-letter stream and fails its run with
+    /// `why`, if the run still waits for this task. `true`: the run failed.
+    pub async fn dead_letter(
+        &self,
+        task: &[u8],
+        phase_name: &str,
+        deliveries: u64,
+        why: &str,
+    ) -> redis::RedisResult<bool> {
+        let failed = Transition::run_failed(phase_name, why.to_string());
+        let reply: String = DEAD_LETTER
+            .key(self.keys.shard.dead_letter())
+            .key(self.keys.shard.tasks())
+            .key(self.keys.state())
+            .key(self.keys.events())
+            .key(self.keys.outputs())
+            .arg(task)
+            .arg(WORKERS_GROUP)
+            .arg(&self.entry_id)
+            .arg(deliveries)
+            .arg(why)
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(failed.follow_up)
+            .arg(nexus_pipeline::now_ms())
+            .arg(EVENTS_CHANNEL)
+            .arg(self.workflow.to_string())
+            .arg(FALLBACK_RETENTION_SECS)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply == "failed")
     }
 }
 
-/// Moves a task entry to its shard's dead-letter stream, with the failure
-/// result to publish (none for an entry that names no workflow).
+/// Moves a task entry that names no workflow (undecodable) to its shard's
+/// dead-letter stream.
 pub async fn dead_letter_entry(
     conn: &mut Connection,
     shard: &ShardKeys,
     entry_id: &str,
     payload: &[u8],
-    failure: Option<&PhaseResult>,
-    deliveries: u64,
     why: &str,
 ) -> redis::RedisResult<()> {
-    DEAD_LETTER
+    let any_key = shard.dead_letter();
+    let _: String = DEAD_LETTER
         .key(shard.dead_letter())
-        .key(shard.results())
         .key(shard.tasks())
+        .key(&any_key)
+        .key(&any_key)
+        .key(&any_key)
         .arg(payload)
-        .arg(failure.map(Message::encode_to_vec).unwrap_or_default())
         .arg(WORKERS_GROUP)
         .arg(entry_id)
-        .arg(deliveries)
+        .arg(1)
         .arg(why)
+        .arg(&["", "", "", "", "", "", ""])
         .invoke_async(conn)
-        .await
+        .await?;
+    Ok(())
 }

@@ -2,15 +2,13 @@
 //! else.
 //!
 //! All keys of one shard carry the hash tag `{nx<shard>}`: a workflow's own
-//! keys, the shard's task, result and dead-letter streams, its index and its
+//! keys, the shard's task and dead-letter streams, its index and its
 //! idempotency keys. On Redis Cluster they therefore share one slot, so every
 //! state transition is one atomic script; shards spread load across masters.
 //!
 //! ```text
 //! nexus:{nx0}:tasks              stream  phase tasks        (group "workers")
-//! nexus:{nx0}:results            stream  phase results      (group "orchestrators")
 //! nexus:{nx0}:deadletter         stream  tasks delivered too often, or undecodable
-//! nexus:{nx0}:results:deadletter stream  results that could not be applied
 //! nexus:{nx0}:index              zset    workflow id -> created ms
 //! nexus:{nx0}:idem:<key>         string  idempotency key -> workflow id
 //! nexus:{nx0}:pipeline:<fp>      string  PipelineSnapshot by fingerprint
@@ -57,16 +55,8 @@ impl ShardKeys {
         format!("{}:tasks", self.prefix)
     }
 
-    pub fn results(&self) -> String {
-        format!("{}:results", self.prefix)
-    }
-
     pub fn dead_letter(&self) -> String {
         format!("{}:deadletter", self.prefix)
-    }
-
-    pub fn results_dead_letter(&self) -> String {
-        format!("{}:results:deadletter", self.prefix)
     }
 
     pub fn index(&self) -> String {
@@ -171,7 +161,6 @@ mod tests {
             keys.events(),
             keys.outputs(),
             keys.shard.tasks(),
-            keys.shard.results(),
             keys.shard.dead_letter(),
             keys.shard.index(),
             keys.shard.idempotency("k"),

@@ -11,12 +11,15 @@
 //! - [`connection`]: how both binaries connect to Redis and ride out restarts.
 //! - [`stream`]: the stream and group names and the protobuf envelope of a
 //!   stream entry.
+//! - [`transition`]: the state machine's step after a phase (what its result
+//!   writes, what comes next), applied by whoever holds the result.
 
 pub mod connection;
 pub mod definition;
 pub mod ids;
 pub mod keys;
 pub mod stream;
+pub mod transition;
 
 /// Milliseconds since the Unix epoch, the timestamp unit stored in Redis.
 pub fn now_ms() -> i64 {

@@ -1,13 +1,11 @@
 //! Stream and consumer-group names, and the envelope of a stream entry.
 //!
 //! Each entry has one field, [`PAYLOAD_FIELD`], holding a protobuf message
-//! from `nexus_proto` (tasks, results, events). Protobuf keeps entries small
+//! from `nexus_proto` (tasks, events). Protobuf keeps entries small
 //! and lets old and new builds share a stream.
 
 /// Consumer group of phase workers on every shard's task stream.
 pub const WORKERS_GROUP: &str = "workers";
-/// Consumer group of orchestrators on every shard's result stream.
-pub const ORCHESTRATORS_GROUP: &str = "orchestrators";
 /// The single field of every stream entry.
 pub const PAYLOAD_FIELD: &str = "m";
 

@@ -23,6 +23,29 @@ pub struct ProcessArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set (standard OTEL_* variables apply).
     #[arg(long, env = "NEXUS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// Threads of the async runtime: 0 for one per CPU core; 1 runs
+    /// everything on one thread (no work stealing, no cross-thread wake-ups:
+    /// the cheapest per request, for a process sharing a small machine, or
+    /// for many small replicas instead of one large one).
+    #[arg(long, env = "NEXUS_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ProcessArgs {
+    /// The async runtime these settings ask for.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            0 => tokio::runtime::Builder::new_multi_thread(),
+            threads => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(threads);
+                builder
+            }
+        };
+        builder.enable_all().build()
+    }
 }
 
 /// Reads the optional config file into the environment, then parses flags

@@ -373,7 +373,6 @@ impl Orchestrator {
         command
             .args(["--listen", "127.0.0.1:0", "--redis-url", redis_url])
             .envs(env.iter().copied());
-        command.env("NEXUS_RESULT_CLAIM_IDLE_MS", "2000");
         let (process, lines) = Process::spawn_collecting("orchestrator", command, "orchestrator listening on");
         Self {
             address: address_in(lines.last().unwrap()),

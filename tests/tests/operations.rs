@@ -46,19 +46,16 @@ async fn metrics_count_workflows_and_model_calls_with_their_cost() {
 
     let orchestrator_metrics = scrape(orchestrator.metrics.expect("orchestrator metrics address")).await;
     assert_eq!(sample(&orchestrator_metrics, "nexus_workflows_started_total"), 1.0);
+
+    let worker_metrics = scrape(worker.metrics.expect("worker metrics address")).await;
     assert_eq!(
-        sample(
-            &orchestrator_metrics,
-            "nexus_workflows_finished_total{status=\"completed\"}"
-        ),
+        sample(&worker_metrics, "nexus_workflows_finished_total{status=\"completed\"}"),
         1.0
     );
     assert_eq!(
-        sample(&orchestrator_metrics, "nexus_phase_results_total{status=\"applied\"}"),
+        sample(&worker_metrics, "nexus_phase_results_total{status=\"applied\"}"),
         6.0
     );
-
-    let worker_metrics = scrape(worker.metrics.expect("worker metrics address")).await;
     let sonnet = "anthropic/claude-sonnet-4.5";
     assert_eq!(
         sample(

@@ -3,13 +3,11 @@
 //! ledger of calls (and when it saw them), Redis itself, the client's own
 //! stream, the processes' logs and exit codes.
 
-use nexus_proto::internal::{PhaseResult, PhaseSuccess, phase_result::Outcome};
 use nexus_proto::v1::{
     CancelWorkflowRequest, ListWorkflowsRequest, ProjectPlan, StartWorkflowRequest, WatchWorkflowRequest,
     WorkflowStatus,
 };
 use nexus_tests::*;
-use prost::Message;
 use std::time::{Duration, Instant};
 
 fn redis_conn(redis: &RedisServer) -> redis::Connection {
@@ -300,11 +298,14 @@ async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
     );
 }
 
+/// Junk on the task stream goes to the dead-letter stream at once; a run
+/// whose result cannot be applied (its stored pipeline is gone) fails with
+/// the reason after one model call, instead of being retried forever.
 #[tokio::test(flavor = "multi_thread")]
-async fn undecodable_entries_and_unapplicable_results_are_dead_lettered_not_retried_forever() {
+async fn undecodable_tasks_and_unapplicable_results_end_in_the_dead_letter_stream_or_a_failed_run() {
     let redis = RedisServer::start();
-    let model = StandIn::start(&["--first-token-latency-ms", "30000"]);
-    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_MAX_RESULT_DELIVERIES", "2")]);
+    let model = StandIn::start(&["--first-token-latency-ms", "1500"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
     let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
     let mut client = connect(&orchestrator.endpoint()).await;
     let id = start(&mut client, "Poisoned").await;
@@ -314,38 +315,23 @@ async fn undecodable_entries_and_unapplicable_results_are_dead_lettered_not_retr
     .await;
 
     let mut conn = redis_conn(&redis);
-    let add = |conn: &mut redis::Connection, stream: &str, payload: Vec<u8>| -> String {
-        redis::cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("m")
-            .arg(payload)
-            .query(conn)
-            .unwrap()
-    };
-    add(&mut conn, "nexus:{nx0}:tasks", b"\xff\xffnot a task".to_vec());
-    add(&mut conn, "nexus:{nx0}:results", b"\xff\xffnot a result".to_vec());
-    let unapplicable = PhaseResult {
-        version: 1,
-        workflow_id: id.clone(),
-        phase_index: 0,
-        attempt: 1,
-        outcome: Some(Outcome::Success(PhaseSuccess {
-            output: "forged".into(),
-            ..Default::default()
-        })),
-        pipeline_id: "no-such-pipeline".into(),
-        ..Default::default()
-    };
-    add(&mut conn, "nexus:{nx0}:results", unapplicable.encode_to_vec());
+    let _: String = redis::cmd("XADD")
+        .arg("nexus:{nx0}:tasks")
+        .arg("*")
+        .arg("m")
+        .arg(b"\xff\xffnot a task".to_vec())
+        .query(&mut conn)
+        .unwrap();
+    let pipelines: Vec<String> = redis::cmd("KEYS").arg("nexus:*:pipeline:*").query(&mut conn).unwrap();
+    assert_eq!(pipelines.len(), 1, "{pipelines:?}");
+    let _: i64 = redis::cmd("DEL").arg(&pipelines[0]).query(&mut conn).unwrap();
 
     let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
     assert_eq!(workflow.status(), WorkflowStatus::Failed);
-    assert!(workflow.reason.contains("could not be applied"), "{}", workflow.reason);
-    assert_eq!(
-        xlen(&mut conn, "nexus:{nx0}:results:deadletter"),
-        2,
-        "junk and the unapplicable result"
+    assert!(
+        workflow.reason.contains("is not stored"),
+        "the reason names the missing pipeline: {}",
+        workflow.reason
     );
     assert_eq!(xlen(&mut conn, "nexus:{nx0}:deadletter"), 1, "the junk task");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -357,8 +343,8 @@ async fn undecodable_entries_and_unapplicable_results_are_dead_lettered_not_retr
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let results_pending = pending_count(&mut conn, "nexus:{nx0}:results", "orchestrators");
-    assert_eq!(results_pending, 0, "no result left pending");
+    let calls = ModelControl::new(&model.base_url()).requests().await.len();
+    assert_eq!(calls, 1, "one model call, not one per redelivery");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,37 +1,26 @@
-//! The workflow state machine. This module is the only writer of workflow
-//! state; every transition is one Lua script under `lua/`, so it is atomic and
-//! can be read (and tested) on its own:
-//!
-//! ```text
-//!            create_workflow          apply_result (next)
-//!  (none) ──────────────────▶ pending ───────────────────▶ running ──┐
-//!                                │                            ▲      │ apply_result (next)
-//!                                │                            └──────┘
-//!                                ├── apply_result (complete) ──▶ completed
-//!                                ├── apply_result (fail) ──────▶ failed
-//!                                └── cancel_workflow ──────────▶ cancelled
-//! ```
-//!
-//! A workflow is `pending` until a worker starts its first phase (the
-//! worker's fenced event append moves it to `running`).
+//! The orchestrator's side of the workflow state machine: creating a run
+//! (with its first phase task) and cancelling one, each one Lua script under
+//! `lua/`, atomic and readable on its own; and reading runs back. The rest of
+//! the machine (a phase's result recorded, the next phase queued, the run
+//! completed or failed) is `nexus_pipeline::transition`, applied by the
+//! worker that holds the result. A workflow is `pending` until a worker
+//! starts its first phase (the worker's fenced event append moves it to
+//! `running`).
 
 mod events;
-mod pipelines;
 mod scripts;
-mod transitions;
 mod view;
 
 pub use events::{event, is_terminal};
-pub use transitions::ApplyOutcome;
 
 use crate::errors::ApiError;
 use crate::validation::{ValidStart, plan_as_text, plan_fingerprint};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, shard_for};
 use nexus_pipeline::keys::{CANCEL_CHANNEL, EVENTS_CHANNEL, WorkflowKeys};
-use nexus_proto::internal::{PhaseSpec, PhaseTask, PipelineSnapshot};
+use nexus_pipeline::transition::{PipelineCache, phase_task};
+use nexus_proto::internal::PipelineSnapshot;
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
-use pipelines::PipelineCache;
 use prost::Message;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -49,22 +38,6 @@ pub struct WorkflowStore {
     retention_secs: u64,
     pipelines: Arc<PipelineCache>,
     current: Arc<CurrentPipeline>,
-}
-
-/// The task message for one phase of a workflow. Its trace context names
-/// the current span, the one scheduling the phase (`create_workflow` or
-/// `apply_result`), so the worker's span of the phase is that span's child.
-fn phase_task(id: &WorkflowId, phase_index: u32, spec: &PhaseSpec, pipeline_id: &str) -> PhaseTask {
-    PhaseTask {
-        version: nexus_proto::STREAM_MESSAGE_VERSION,
-        workflow_id: id.to_string(),
-        phase_index,
-        attempt: 1,
-        spec: Some(spec.clone()),
-        traceparent: nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent()),
-        enqueued_at_ms: nexus_pipeline::now_ms(),
-        pipeline_id: pipeline_id.to_string(),
-    }
 }
 
 /// What `start` did.
@@ -118,7 +91,8 @@ impl WorkflowStore {
             pipeline: snapshot.name.clone(),
             phases: view::planned_phases(snapshot),
         }));
-        let first_task = phase_task(&id, 0, &snapshot.phases[0], &self.current.fingerprint);
+        let traceparent = nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent());
+        let first_task = phase_task(&id, 0, &snapshot.phases[0], &self.current.fingerprint, traceparent);
         let reply: Vec<String> = scripts::CREATE_WORKFLOW
             .key(keys.state())
             .key(keys.events())
@@ -157,45 +131,6 @@ impl WorkflowStore {
             }),
             other => Err(ApiError::Corrupt(format!("create_workflow replied {other:?}"))),
         }
-    }
-
-    /// Gives up on a result that could not be applied after `deliveries`
-    /// deliveries: moves it to the shard's result dead-letter stream and
-    /// fails its workflow with the reason. Returns what the script did.
-    pub async fn fail_unapplicable(
-        &self,
-        id: &WorkflowId,
-        result: &nexus_proto::internal::PhaseResult,
-        entry_id: &str,
-        payload: &[u8],
-        deliveries: u64,
-        reason: &str,
-    ) -> Result<String, ApiError> {
-        let keys = WorkflowKeys::new(id);
-        let failed = event(Kind::Failed(nexus_proto::v1::WorkflowFailed {
-            reason: reason.to_string(),
-            phase: String::new(),
-        }));
-        Ok(scripts::FAIL_WORKFLOW
-            .key(keys.state())
-            .key(keys.events())
-            .key(keys.outputs())
-            .key(keys.shard.results())
-            .key(keys.shard.results_dead_letter())
-            .arg(nexus_pipeline::now_ms())
-            .arg(failed.encode_to_vec())
-            .arg(reason)
-            .arg(self.retention_secs)
-            .arg(EVENTS_CHANNEL)
-            .arg(id.to_string())
-            .arg(entry_id)
-            .arg(nexus_pipeline::stream::ORCHESTRATORS_GROUP)
-            .arg(payload)
-            .arg(deliveries)
-            .arg(result.phase_index)
-            .arg(result.attempt)
-            .invoke_async(&mut self.conn.clone())
-            .await?)
     }
 
     /// Cancels a pending or running workflow; returns it as it then stands.

@@ -1,15 +1,14 @@
 //! The state machine's Lua scripts, loaded once and run by SHA (`EVALSHA`,
 //! falling back to `EVAL` after a Redis restart flushed the script cache).
-//! Scripts that end a workflow start with the shared `ending.lua`.
+//! Scripts that end a workflow start with the shared `ending.lua`
+//! (`nexus_pipeline::transition::ENDING_LUA`).
 
 use redis::Script;
 use std::sync::LazyLock;
 
 fn ending(body: &str) -> Script {
-    Script::new(&format!("{}{body}", include_str!("lua/ending.lua")))
+    Script::new(&format!("{}{body}", nexus_pipeline::transition::ENDING_LUA))
 }
 
 pub static CREATE_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_workflow.lua")));
-pub static APPLY_RESULT: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/apply_result.lua")));
 pub static CANCEL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/cancel_workflow.lua")));
-pub static FAIL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/fail_workflow.lua")));

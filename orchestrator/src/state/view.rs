@@ -7,8 +7,9 @@ use crate::errors::ApiError;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{WorkflowKeys, field, status};
+use nexus_pipeline::transition::total_usage;
 use nexus_proto::internal::PipelineSnapshot;
-use nexus_proto::v1::{Phase, PhaseStatus, ProjectPlan, Rating, Usage, Workflow, WorkflowStatus};
+use nexus_proto::v1::{Phase, PhaseStatus, ProjectPlan, Rating, Workflow, WorkflowStatus};
 use prost::Message;
 use std::collections::HashMap;
 
@@ -174,20 +175,6 @@ pub fn planned_phases(pipeline: &PipelineSnapshot) -> Vec<Phase> {
             ..Default::default()
         })
         .collect()
-}
-
-pub fn total_usage(phases: &[Phase]) -> Usage {
-    phases
-        .iter()
-        .filter_map(|phase| phase.usage.as_ref())
-        .fold(Usage::default(), |sum, usage| Usage {
-            prompt_tokens: sum.prompt_tokens + usage.prompt_tokens,
-            completion_tokens: sum.completion_tokens + usage.completion_tokens,
-            total_tokens: sum.total_tokens + usage.total_tokens,
-            cost_usd: sum.cost_usd + usage.cost_usd,
-            cached_prompt_tokens: sum.cached_prompt_tokens + usage.cached_prompt_tokens,
-            reasoning_tokens: sum.reasoning_tokens + usage.reasoning_tokens,
-        })
 }
 
 /// Most index reads one `ListWorkflows` call makes while it skips expired

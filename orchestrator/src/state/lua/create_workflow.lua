@@ -35,7 +35,7 @@ redis.call('HSET', KEYS[1],
   'status', 'pending', 'phase', '0', 'attempt', '1',
   'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
   'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11],
-  'idem_key', idempotency_record)
+  'idem_key', idempotency_record, 'retention_s', ARGV[12])
 redis.call('HSET', KEYS[3], 'plan', ARGV[6])
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])

@@ -1,11 +1,17 @@
--- Shared by the scripts that end a workflow, which are this file followed
--- by their own text.
+-- Shared by the scripts that end a workflow (the orchestrator's cancel, the
+-- worker's phase completion and dead-letter), which are this file followed by
+-- their own text.
 
 -- Ends a workflow: status, reason, the terminal event, and the retention
 -- clock on all its keys, the idempotency record included (it lives exactly
 -- as long as the workflow, so a retry with the key finds the run for as long
 -- as the run can be found). Wakes the workflow's watchers.
+--
+-- The retention is the one the workflow was created with (`retention_s`), so
+-- a worker that ends a run needs no retention setting of its own; `ttl` only
+-- serves runs created before that field existed.
 local function end_workflow(state_key, events_key, outputs_key, fields, event, ttl, now, channel, workflow_id)
+  ttl = redis.call('HGET', state_key, 'retention_s') or ttl
   redis.call('HSET', state_key, 'updated_ms', now, unpack(fields))
   redis.call('XADD', events_key, '*', 'm', event)
   redis.call('EXPIRE', state_key, ttl)
@@ -17,4 +23,3 @@ local function end_workflow(state_key, events_key, outputs_key, fields, event, t
   end
   redis.call('PUBLISH', channel, workflow_id)
 end
-

@@ -1,0 +1,68 @@
+-- Settles a task: appends the last streamed output, applies the phase's
+-- result (records it, then queues the next phase, completes the run or
+-- fails it) and acknowledges the task, all in one step. So a task is never
+-- acknowledged without its result applied, a result is applied at most once
+-- (the fence), and the next phase is queued in the same fsync'd write that
+-- records this one: one round trip from a model's answer to the next task.
+--
+-- Only the consumer that holds the task may settle it: a worker whose task
+-- was taken over (a new attempt) touches nothing, so it can neither apply a
+-- stale result nor acknowledge the entry from under its new owner. A result
+-- is applied only while its attempt is the workflow's current one.
+--
+-- KEYS: 1 shard task stream, 2 state hash, 3 events stream, 4 outputs hash
+-- ARGV: 1 workers group, 2 task entry id, 3 this consumer, 4 phase index,
+--       5 attempt, 6 events channel, 7 workflow id, 8 encoded final delta
+--       event or "", 9 step: "" (no result, only acknowledge) | "next" |
+--       "complete" | "fail", 10 now (ms), 11 phase name, 12 phase output,
+--       13 encoded Phase record, 14 encoded PhaseCompleted event,
+--       15 encoded next PhaseTask ("next") or terminal event, 16 encoded
+--       Rating or "", 17 failure reason ("fail"), 18 retention (s) for runs
+--       that do not carry their own
+-- Returns "applied", "settled" (acknowledged, nothing to apply or the
+-- workflow moved on) or "not_ours" (taken over: nothing touched).
+
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if not pending[1] or pending[1][2] ~= ARGV[3] then
+  return 'not_ours'
+end
+
+local outcome = 'settled'
+local status = current_status(KEYS[2], ARGV[4], ARGV[5])
+if status then
+  local step = ARGV[9]
+  if ARGV[8] ~= '' then
+    if step == '' then
+      append_event(KEYS[2], status, KEYS[3], ARGV[8], ARGV[10], ARGV[6], ARGV[7])
+    else
+      -- The step below wakes the watchers once for both events.
+      redis.call('XADD', KEYS[3], '*', 'm', ARGV[8])
+    end
+  end
+  if step ~= '' and step ~= 'fail' then
+    redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
+    redis.call('HSET', KEYS[2], 'phase:' .. ARGV[4], ARGV[13])
+    redis.call('XADD', KEYS[3], '*', 'm', ARGV[14])
+    if ARGV[16] ~= '' then
+      redis.call('HSET', KEYS[2], 'rating', ARGV[16])
+    end
+  end
+  if step == 'next' then
+    redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
+      'attempt', '1', 'updated_ms', ARGV[10])
+    redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
+    redis.call('PUBLISH', ARGV[6], ARGV[7])
+  elseif step == 'complete' then
+    end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1},
+      ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
+  elseif step == 'fail' then
+    end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'failed', 'reason', ARGV[17]},
+      ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
+  end
+  if step ~= '' then
+    outcome = 'applied'
+  end
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return outcome

@@ -1,0 +1,452 @@
+//! The step after a phase: what its result writes and what comes next.
+//!
+//! Whoever holds a phase's result applies it, in the same atomic script that
+//! settles the task: the worker that ran the phase, or the worker that gives
+//! up on a poison task. This module builds what that script writes (the
+//! phase's record, its completed event, and the next phase's task or the
+//! run's terminal event) from the result and the pipeline the workflow
+//! started with, so the decision is plain Rust with unit tests, and the Lua
+//! only stores it behind the fence.
+//!
+//! ```text
+//!            create_workflow       phase result: next
+//!  (none) ──────────────────▶ pending ────────────────▶ running ──┐
+//!                                │                         ▲      │ phase result: next
+//!                                │                         └──────┘
+//!                                ├── phase result: complete ──▶ completed
+//!                                ├── phase result: fail ──────▶ failed (also: dead-lettered task)
+//!                                └── cancel_workflow ─────────▶ cancelled
+//! ```
+
+use crate::connection::Connection;
+use crate::ids::WorkflowId;
+use crate::keys::{ShardKeys, WorkflowKeys, field};
+use nexus_proto::internal::{PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, PipelineSnapshot, phase_result::Outcome};
+use nexus_proto::v1::{
+    Phase, PhaseCompleted, PhaseStatus, Rating, Usage, WorkflowCompleted, WorkflowEvent, WorkflowFailed,
+    workflow_event::Kind,
+};
+use prost::Message;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// `end_workflow`, the Lua every script that ends a run starts with.
+pub const ENDING_LUA: &str = include_str!("lua/ending.lua");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("storage unavailable: {0}")]
+    Storage(#[from] redis::RedisError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An event as stored: the cursor and workflow id are filled in when it is
+/// read back (the cursor is its stream id; the id is implied by the stream).
+pub fn event(kind: Kind) -> WorkflowEvent {
+    WorkflowEvent {
+        time: Some(nexus_proto::timestamp_now()),
+        kind: Some(kind),
+        ..Default::default()
+    }
+}
+
+/// The task message for one phase of a workflow. `traceparent` is the
+/// trace context of the span scheduling the phase (`create_workflow` or
+/// `apply_result`), so the worker's span of the phase is that span's child.
+pub fn phase_task(
+    id: &WorkflowId,
+    phase_index: u32,
+    spec: &PhaseSpec,
+    pipeline_id: &str,
+    traceparent: String,
+) -> PhaseTask {
+    PhaseTask {
+        version: nexus_proto::STREAM_MESSAGE_VERSION,
+        workflow_id: id.to_string(),
+        phase_index,
+        attempt: 1,
+        spec: Some(spec.clone()),
+        traceparent,
+        enqueued_at_ms: crate::now_ms(),
+        pipeline_id: pipeline_id.to_string(),
+    }
+}
+
+/// The sum of the phases' usage.
+pub fn total_usage(phases: &[Phase]) -> Usage {
+    phases
+        .iter()
+        .filter_map(|phase| phase.usage.as_ref())
+        .fold(Usage::default(), |sum, usage| Usage {
+            prompt_tokens: sum.prompt_tokens + usage.prompt_tokens,
+            completion_tokens: sum.completion_tokens + usage.completion_tokens,
+            total_tokens: sum.total_tokens + usage.total_tokens,
+            cost_usd: sum.cost_usd + usage.cost_usd,
+            cached_prompt_tokens: sum.cached_prompt_tokens + usage.cached_prompt_tokens,
+            reasoning_tokens: sum.reasoning_tokens + usage.reasoning_tokens,
+        })
+}
+
+/// Where a phase's result takes the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Record the phase and queue the next one.
+    Next,
+    /// Record the last phase and complete the run.
+    Complete,
+    /// Fail the run with a reason.
+    Fail,
+}
+
+impl Step {
+    /// The name the scripts and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Next => "next",
+            Step::Complete => "complete",
+            Step::Fail => "fail",
+        }
+    }
+}
+
+/// Everything the applying script writes, encoded.
+#[derive(Debug)]
+pub struct Transition {
+    pub step: Step,
+    pub phase_name: String,
+    /// The phase's output, stored under its name.
+    pub output: String,
+    /// The encoded `Phase` record (empty for a failure).
+    pub record: Vec<u8>,
+    /// The encoded phase-completed event (empty for a failure).
+    pub completed_event: Vec<u8>,
+    /// The encoded next `PhaseTask` (next), or the terminal event.
+    pub follow_up: Vec<u8>,
+    /// The encoded `Rating` of a rating phase's success, else empty.
+    pub rating: Vec<u8>,
+    /// Why the run failed (fail only).
+    pub reason: String,
+}
+
+/// What completing a run needs of the phases before its last: their
+/// records, the stored final output and rating.
+#[derive(Debug, Default)]
+pub struct EarlierPhases {
+    pub records: Vec<Phase>,
+    pub final_output: Option<String>,
+    pub rating: Option<Rating>,
+}
+
+/// Whether applying `result` completes the run, so its completed event
+/// needs the earlier phases ([`load_earlier_phases`]).
+pub fn completes_run(result: &PhaseResult, pipeline: &PipelineSnapshot) -> bool {
+    matches!(result.outcome, Some(Outcome::Success(_))) && result.phase_index as usize + 1 == pipeline.phases.len()
+}
+
+impl Transition {
+    /// The transition `result` makes in a run of `pipeline`. `earlier` is
+    /// needed when the result completes the run (see [`completes_run`]);
+    /// `traceparent` goes into the next phase's task.
+    pub fn after(
+        id: &WorkflowId,
+        result: &PhaseResult,
+        pipeline: &PipelineSnapshot,
+        earlier: Option<&EarlierPhases>,
+        traceparent: String,
+    ) -> Result<Self, LoadError> {
+        match &result.outcome {
+            Some(Outcome::Success(success)) => success_transition(id, result, success, pipeline, earlier, traceparent),
+            Some(Outcome::Failure(failure)) => {
+                Ok(Self::failed(&phase_name(pipeline, result.phase_index), &failure.reason))
+            }
+            None => Ok(Self::failed(
+                &phase_name(pipeline, result.phase_index),
+                "the worker reported no outcome",
+            )),
+        }
+    }
+
+    /// The run fails at `phase` because of `why`.
+    pub fn failed(phase: &str, why: &str) -> Self {
+        let reason = format!("phase {phase} failed: {why}");
+        Self::run_failed(phase, reason)
+    }
+
+    /// The run fails with `reason` as given (no phase prefix added).
+    pub fn run_failed(phase: &str, reason: String) -> Self {
+        let failed = event(Kind::Failed(WorkflowFailed {
+            reason: reason.clone(),
+            phase: phase.to_string(),
+        }));
+        Self {
+            step: Step::Fail,
+            phase_name: phase.to_string(),
+            output: String::new(),
+            record: Vec::new(),
+            completed_event: Vec::new(),
+            follow_up: failed.encode_to_vec(),
+            rating: Vec::new(),
+            reason,
+        }
+    }
+}
+
+/// The name of phase `index`, or `#index` for one the pipeline lacks.
+pub fn phase_name(pipeline: &PipelineSnapshot, index: u32) -> String {
+    pipeline
+        .phases
+        .get(index as usize)
+        .map(|spec| spec.name.clone())
+        .unwrap_or_else(|| format!("#{index}"))
+}
+
+fn success_transition(
+    id: &WorkflowId,
+    result: &PhaseResult,
+    success: &PhaseSuccess,
+    pipeline: &PipelineSnapshot,
+    earlier: Option<&EarlierPhases>,
+    traceparent: String,
+) -> Result<Transition, LoadError> {
+    let index = result.phase_index as usize;
+    let spec = pipeline.phases.get(index).ok_or_else(|| {
+        LoadError::Corrupt(format!(
+            "result for phase {index} of a {}-phase pipeline",
+            pipeline.phases.len()
+        ))
+    })?;
+    let record = Phase {
+        index: result.phase_index,
+        name: spec.name.clone(),
+        model: result.model.clone(),
+        status: PhaseStatus::Completed as i32,
+        output: String::new(),
+        usage: success.usage,
+        duration_ms: success.duration_ms,
+        tries: success.tries,
+        finish_reason: success.finish_reason.clone(),
+        generation_id: success.generation_id.clone(),
+    };
+    let completed = event(Kind::PhaseCompleted(PhaseCompleted {
+        index: result.phase_index,
+        phase: spec.name.clone(),
+        model: result.model.clone(),
+        output: success.output.clone(),
+        usage: success.usage,
+        duration_ms: success.duration_ms,
+        tries: success.tries,
+        rating: success.rating.clone(),
+        result_published_at: Some(nexus_proto::timestamp_from_micros(result.published_at_us)),
+        finish_reason: success.finish_reason.clone(),
+        generation_id: success.generation_id.clone(),
+    }));
+    let (step, follow_up) = match pipeline.phases.get(index + 1) {
+        Some(next) => (
+            Step::Next,
+            phase_task(id, result.phase_index + 1, next, &result.pipeline_id, traceparent).encode_to_vec(),
+        ),
+        None => {
+            let earlier = earlier.ok_or_else(|| LoadError::Corrupt("the earlier phases were not loaded".into()))?;
+            let finished = completion(pipeline, earlier, &record, success);
+            (Step::Complete, event(Kind::Completed(finished)).encode_to_vec())
+        }
+    };
+    Ok(Transition {
+        step,
+        phase_name: spec.name.clone(),
+        output: success.output.clone(),
+        record: record.encode_to_vec(),
+        completed_event: completed.encode_to_vec(),
+        follow_up,
+        rating: success.rating.as_ref().map(Message::encode_to_vec).unwrap_or_default(),
+        reason: String::new(),
+    })
+}
+
+/// The completed event: final plan, rating and total usage, from the
+/// earlier phases plus the last phase's result.
+fn completion(
+    pipeline: &PipelineSnapshot,
+    earlier: &EarlierPhases,
+    last: &Phase,
+    success: &PhaseSuccess,
+) -> WorkflowCompleted {
+    let mut phases = earlier.records.clone();
+    phases.push(last.clone());
+    let final_plan = if last.name == pipeline.final_output_phase {
+        success.output.clone()
+    } else {
+        earlier.final_output.clone().unwrap_or_default()
+    };
+    WorkflowCompleted {
+        final_plan,
+        rating: success.rating.clone().or_else(|| earlier.rating.clone()),
+        total_usage: Some(total_usage(&phases)),
+    }
+}
+
+/// Reads what [`EarlierPhases`] holds, in one round trip.
+pub async fn load_earlier_phases(
+    conn: &mut Connection,
+    id: &WorkflowId,
+    pipeline: &PipelineSnapshot,
+) -> Result<EarlierPhases, LoadError> {
+    let keys = WorkflowKeys::new(id);
+    let (state, final_output): (HashMap<String, Vec<u8>>, Option<String>) = redis::pipe()
+        .hgetall(keys.state())
+        .hget(keys.outputs(), &pipeline.final_output_phase)
+        .query_async(conn)
+        .await?;
+    let mut records = state
+        .iter()
+        .filter(|(name, _)| name.starts_with("phase:"))
+        .map(|(name, bytes)| Phase::decode(bytes.as_slice()).map_err(|e| LoadError::Corrupt(format!("{name}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    records.sort_by_key(|phase| phase.index);
+    let rating = state
+        .get(field::RATING)
+        .map(|bytes| Rating::decode(bytes.as_slice()).map_err(|e| LoadError::Corrupt(format!("rating: {e}"))))
+        .transpose()?;
+    Ok(EarlierPhases {
+        records,
+        final_output,
+        rating,
+    })
+}
+
+/// Pipeline snapshots by fingerprint. A workflow keeps the pipeline it
+/// started with; processes configured differently (mid-deploy) still advance
+/// it correctly by loading its snapshot from Redis once and caching it.
+#[derive(Default)]
+pub struct PipelineCache {
+    by_fingerprint: RwLock<HashMap<String, Arc<PipelineSnapshot>>>,
+}
+
+impl PipelineCache {
+    pub fn insert(&self, fingerprint: &str, snapshot: Arc<PipelineSnapshot>) {
+        self.by_fingerprint
+            .write()
+            .expect("pipeline cache lock")
+            .insert(fingerprint.to_string(), snapshot);
+    }
+
+    pub async fn get(
+        &self,
+        conn: &mut Connection,
+        shard: u16,
+        fingerprint: &str,
+    ) -> Result<Arc<PipelineSnapshot>, LoadError> {
+        if let Some(found) = self
+            .by_fingerprint
+            .read()
+            .expect("pipeline cache lock")
+            .get(fingerprint)
+        {
+            return Ok(found.clone());
+        }
+        let bytes: Option<Vec<u8>> = conn.get(ShardKeys::new(shard).pipeline(fingerprint)).await?;
+        let bytes = bytes.ok_or_else(|| LoadError::Corrupt(format!("pipeline {fingerprint} is not stored")))?;
+        let snapshot = Arc::new(
+            PipelineSnapshot::decode(bytes.as_slice())
+                .map_err(|e| LoadError::Corrupt(format!("pipeline {fingerprint}: {e}")))?,
+        );
+        self.insert(fingerprint, snapshot.clone());
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_proto::v1::Usage;
+
+    fn pipeline(phases: &[&str]) -> PipelineSnapshot {
+        PipelineSnapshot {
+            name: "test".into(),
+            final_output_phase: phases[phases.len() - 2].to_string(),
+            phases: phases
+                .iter()
+                .map(|name| PhaseSpec {
+                    name: name.to_string(),
+                    model: "m".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn success(index: u32, output: &str, cost: f64) -> PhaseResult {
+        PhaseResult {
+            phase_index: index,
+            pipeline_id: "fp".into(),
+            outcome: Some(Outcome::Success(PhaseSuccess {
+                output: output.into(),
+                usage: Some(Usage {
+                    cost_usd: cost,
+                    total_tokens: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_success_before_the_last_phase_queues_the_next_with_attempt_one() {
+        let id = WorkflowId::new(0);
+        let pipeline = pipeline(&["a", "b", "c"]);
+        let transition = Transition::after(&id, &success(0, "out a", 0.1), &pipeline, None, String::new()).unwrap();
+        assert_eq!(transition.step, Step::Next);
+        let next = PhaseTask::decode(transition.follow_up.as_slice()).unwrap();
+        assert_eq!((next.phase_index, next.attempt), (1, 1));
+        assert_eq!(next.spec.unwrap().name, "b");
+        assert_eq!(transition.output, "out a");
+    }
+
+    #[test]
+    fn the_last_success_completes_with_the_final_output_and_total_usage() {
+        let id = WorkflowId::new(0);
+        let pipeline = pipeline(&["a", "b", "c"]);
+        let earlier = EarlierPhases {
+            records: vec![Phase {
+                usage: Some(Usage {
+                    cost_usd: 0.25,
+                    total_tokens: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            final_output: Some("the plan".into()),
+            rating: None,
+        };
+        assert!(completes_run(&success(2, "rated", 0.5), &pipeline));
+        let transition =
+            Transition::after(&id, &success(2, "rated", 0.5), &pipeline, Some(&earlier), String::new()).unwrap();
+        assert_eq!(transition.step, Step::Complete);
+        let finished = WorkflowEvent::decode(transition.follow_up.as_slice()).unwrap();
+        let Some(Kind::Completed(completed)) = finished.kind else {
+            panic!("{finished:?}")
+        };
+        assert_eq!(completed.final_plan, "the plan");
+        let total = completed.total_usage.unwrap();
+        assert_eq!((total.cost_usd, total.total_tokens), (0.75, 20));
+    }
+
+    #[test]
+    fn a_failure_fails_the_run_naming_the_phase() {
+        let id = WorkflowId::new(0);
+        let result = PhaseResult {
+            phase_index: 1,
+            outcome: Some(Outcome::Failure(nexus_proto::internal::PhaseFailure {
+                reason: "HTTP 400".into(),
+            })),
+            ..Default::default()
+        };
+        let transition = Transition::after(&id, &result, &pipeline(&["a", "b"]), None, String::new()).unwrap();
+        assert_eq!(transition.step, Step::Fail);
+        assert_eq!(transition.reason, "phase b failed: HTTP 400");
+    }
+}
