@@ -238,6 +238,7 @@ pub async fn nexus_rate(stack: &BenchStack, runs: usize, warmup: usize) -> anyho
             stack.workers.iter().map(|worker| worker.process.pid()).collect(),
         ),
         ("redis", vec![redis_pid]),
+        ("stand_in", vec![stack.model.process.pid()]),
     ];
     let memory_before = info_number(&redis, "memory", "used_memory").await?;
     let calls_before = command_calls(&redis).await?;

@@ -76,7 +76,9 @@ impl Args {
     }
 }
 
-#[tokio::main]
+/// One thread: the stand-in shares the machine with what it measures, and a thread per core
+/// would only add cross-thread wake-ups to its cost.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()

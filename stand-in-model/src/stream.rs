@@ -3,7 +3,8 @@
 //! chunk, `[DONE]`, and any scripted mid-stream fault. How each event looks on the wire, smooth
 //! or rough, is `framing`'s business. A spawned task writes into a small channel that feeds the
 //! body, so it notices at once when the client hangs up (the channel closes) and stops
-//! generating.
+//! generating. An unpaced smooth stream ("as fast as the connection takes it") is gathered
+//! between pauses and written at once, as a fast provider's bytes arrive in few TCP segments.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -38,6 +38,7 @@ pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
     let sink = Sink {
         tx,
         framing: Framing::new(plan.rough),
+        gathered: (!plan.rough && plan.token_interval.is_none()).then(Vec::new),
     };
     tokio::spawn(produce(plan, sink, outcome));
     let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
@@ -56,11 +57,17 @@ struct Gone;
 struct Sink {
     tx: mpsc::Sender<Bytes>,
     framing: Framing,
+    /// Writes not sent yet, for an unpaced smooth stream; `None` sends each write at once.
+    gathered: Option<Vec<u8>>,
 }
 
 impl Sink {
     /// Sends one event's writes, spaced out when the framing is rough.
-    async fn write(&self, writes: Vec<Bytes>) -> Result<(), Gone> {
+    async fn write(&mut self, writes: Vec<Bytes>) -> Result<(), Gone> {
+        if let Some(gathered) = self.gathered.as_mut() {
+            writes.iter().for_each(|bytes| gathered.extend_from_slice(bytes));
+            return Ok(());
+        }
         for (index, bytes) in writes.into_iter().enumerate() {
             if index > 0 && self.framing.is_rough() {
                 self.pause(WRITE_GAP).await?;
@@ -70,7 +77,18 @@ impl Sink {
         Ok(())
     }
 
-    async fn send_data(&mut self, chunk: &Value) -> Result<(), Gone> {
+    /// Sends what was gathered, if anything.
+    async fn flush(&mut self) -> Result<(), Gone> {
+        match self.gathered.as_mut().filter(|gathered| !gathered.is_empty()) {
+            Some(gathered) => {
+                let bytes = Bytes::from(std::mem::take(gathered));
+                self.tx.send(bytes).await.map_err(|_| Gone)
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn send_data<T: serde::Serialize>(&mut self, chunk: &T) -> Result<(), Gone> {
         let writes = self.framing.json(chunk);
         self.write(writes).await
     }
@@ -80,12 +98,14 @@ impl Sink {
         self.write(writes).await
     }
 
-    async fn send_keepalive(&self) -> Result<(), Gone> {
-        self.write(self.framing.keepalive()).await
+    async fn send_keepalive(&mut self) -> Result<(), Gone> {
+        let writes = self.framing.keepalive();
+        self.write(writes).await
     }
 
-    /// Waits, but gives up as soon as the client hangs up.
-    async fn pause(&self, wait: Duration) -> Result<(), Gone> {
+    /// Waits, but gives up as soon as the client hangs up. What was gathered goes out first.
+    async fn pause(&mut self, wait: Duration) -> Result<(), Gone> {
+        self.flush().await?;
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
             () = self.tx.closed() => Err(Gone),
@@ -113,7 +133,8 @@ async fn play(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
         }
     }
     sink.send_data(&wire::usage_chunk(&plan.meta, &plan.usage)).await?;
-    sink.send_text(DONE).await
+    sink.send_text(DONE).await?;
+    sink.flush().await
 }
 
 /// The model's thoughts, one delta every [`REASONING_INTERVAL`], before its answer.
@@ -136,7 +157,7 @@ async fn send_word(plan: &Plan, sink: &mut Sink, index: usize) -> Result<(), Gon
 }
 
 /// Comments now and every [`KEEPALIVE_INTERVAL`] until the first token is due.
-async fn wait_for_first_token(plan: &Plan, sink: &Sink) -> Result<(), Gone> {
+async fn wait_for_first_token(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
     let due = Instant::now() + plan.first_token_latency;
     loop {
         if plan.keepalive_comments {
@@ -168,13 +189,18 @@ async fn fault_mid_stream(plan: &Plan, sink: &mut Sink) -> Result<bool, Gone> {
         }
         Some(Fault::Malformed { .. }) => {
             sink.send_text(MALFORMED_PAYLOAD).await?;
+            sink.flush().await?;
             Ok(false)
         }
         Some(Fault::MidStreamError { code, message, .. }) => {
             let message = message.as_deref().unwrap_or("Provider disconnected (stand-in)");
             sink.send_data(&wire::error_chunk(&plan.meta, *code, message)).await?;
             // The fault is delivered: a client may rightly hang up before the `[DONE]`.
-            let _client_may_be_gone = sink.send_text(DONE).await;
+            let _client_may_be_gone = async {
+                sink.send_text(DONE).await?;
+                sink.flush().await
+            }
+            .await;
             Ok(false)
         }
         _ => Ok(true),

@@ -1,6 +1,7 @@
 //! The JSON OpenRouter puts on the wire: completion chunks, the final usage chunk, whole
 //! completions and error bodies. Kept in one place so the shapes match the real API docs.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Identity shared by every chunk of one generation.
@@ -11,13 +12,47 @@ pub(crate) struct Meta {
     pub created: u64,
 }
 
-pub(crate) fn content_chunk(meta: &Meta, text: &str, finish_reason: Option<&str>) -> Value {
-    json!({
-        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-        "model": meta.model, "provider": "Stand-in",
-        "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason}],
-    })
+/// One content delta, typed rather than a `json!` value: it is the chunk sent most often, and
+/// serializing a struct costs a fraction of building and printing a map.
+#[derive(Serialize)]
+pub(crate) struct ContentChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    provider: &'static str,
+    choices: [ContentChoice<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ContentChoice<'a> {
+    index: u32,
+    delta: ContentDelta<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ContentDelta<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+pub(crate) fn content_chunk<'a>(meta: &'a Meta, text: &'a str, finish_reason: Option<&'a str>) -> ContentChunk<'a> {
+    ContentChunk {
+        id: &meta.id,
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: &meta.model,
+        provider: "Stand-in",
+        choices: [ContentChoice {
+            index: 0,
+            delta: ContentDelta {
+                role: "assistant",
+                content: text,
+            },
+            finish_reason,
+        }],
+    }
 }
 
 /// A thinking model's thoughts: `delta.reasoning` (and its structured twin
