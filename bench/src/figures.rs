@@ -40,7 +40,14 @@ impl BenchStack {
         Self::start_in(args.primary_fsync(), workers, model_args, env)
     }
 
+    /// Every Nexus process runs on one thread (`NEXUS_THREADS=1`): on this
+    /// 2-core machine it shares the cores with Redis, the stand-in and the
+    /// load driver, and BullMQ's workers are single-threaded Node too.
     pub fn start_in(fsync: &str, workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let env: Vec<(&str, &str)> = std::iter::once(("NEXUS_THREADS", "1"))
+            .chain(env.iter().copied())
+            .collect();
+        let env = env.as_slice();
         let redis = RedisServer::start_with(&["--appendfsync", fsync]);
         let model = StandIn::start(model_args);
         let orchestrator = Orchestrator::start(&redis.url(), env);

@@ -238,12 +238,7 @@ async fn available_contenders(args: &Args) -> Vec<Contender> {
 /// One run of one contender on a fresh Redis (and, for Nexus, a fresh stack).
 async fn measure(contender: Contender, fsync: &str, runs: usize, warmup: usize) -> anyhow::Result<Measured> {
     if contender == Contender::Nexus {
-        let stack = BenchStack::start_in(
-            fsync,
-            1,
-            INSTANT_MODEL,
-            &[("NEXUS_WORKER_MAX_IN_FLIGHT", "100"), ("NEXUS_THREADS", "1")],
-        );
+        let stack = BenchStack::start_in(fsync, 1, INSTANT_MODEL, &[("NEXUS_WORKER_MAX_IN_FLIGHT", "100")]);
         let rate = nexus_rate(&stack, runs, warmup).await?;
         let about = json!({"orchestrators": 1, "workers": stack.workers.len(),
                            "redis_bytes_per_finished_workflow": rate.bytes_per_workflow});

@@ -111,10 +111,21 @@ impl TaskConsumer {
     }
 
     /// Runs a task, keeping its entry in the running set (so this worker's
-    /// reclaim loop leaves it alone) and its slot until it ends.
+    /// reclaim loop leaves it alone) and its slot until it ends; then, in the
+    /// same slot, the task its settling claimed (often the same workflow's
+    /// next phase), and so on.
     async fn run(&self, handle: TaskHandle, task: PhaseTask, delivery: u64, _slot: OwnedSemaphorePermit) {
-        let _running = RunningGuard::new(&self.running, &handle.entry_id);
-        run_task(&self.ctx, handle, task, delivery).await;
+        let shard = handle.workflow.shard();
+        let mut next = {
+            let _running = RunningGuard::new(&self.running, &handle.entry_id);
+            run_task(&self.ctx, handle, task, delivery).await
+        };
+        while let Some(entry) = next.take() {
+            let _running = RunningGuard::new(&self.running, &entry.id);
+            if let Some((handle, task)) = self.decode(&entry, shard).await {
+                next = run_task(&self.ctx, handle, task, 1).await;
+            }
+        }
     }
 
     /// Decodes a task entry; one that cannot be decoded, or names no valid

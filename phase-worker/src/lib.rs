@@ -73,6 +73,7 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         client,
         cancels,
         shutdown: abort_calls.clone(),
+        stopping: stop.clone(),
         heartbeat_every: config.visibility_timeout() / 3,
         publish_patience: Duration::from_millis(config.result_publish_patience_ms),
         pipelines: Default::default(),

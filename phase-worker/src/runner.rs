@@ -10,6 +10,7 @@ use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, Mod
 use crate::rating;
 use crate::task_lifecycle::{Settled, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
+use nexus_pipeline::stream::Entry;
 use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, completes_run, load_earlier_phases};
 use nexus_proto::internal::{
     OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
@@ -31,7 +32,10 @@ const DELTA_MAX_BYTES: usize = 4096;
 pub struct RunnerContext {
     pub client: ModelClient,
     pub cancels: Arc<CancelRegistry>,
+    /// Cancelled when the drain after a stop signal runs out: aborts calls.
     pub shutdown: CancellationToken,
+    /// Cancelled at the stop signal: no new work is claimed from then on.
+    pub stopping: CancellationToken,
     pub heartbeat_every: Duration,
     /// How long applying a finished answer is retried on Redis errors.
     pub publish_patience: Duration,
@@ -42,19 +46,22 @@ pub struct RunnerContext {
 /// Runs a task to its end. The claim is heartbeated from the first moment,
 /// and the cancel token registered before the task's start is fenced, so a
 /// cancel that lands at any point reaches the call. Errors talking to Redis
-/// leave the task unacknowledged, so it is reclaimed and run again.
-pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) {
+/// leave the task unacknowledged, so it is reclaimed and run again. Returns
+/// the task claimed for this worker when this one settled, if any: the
+/// caller runs it next, in the same slot.
+pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) -> Option<Entry> {
     let span = phase_span(&handle, &task, delivery);
     let task = continued_in(&span, task);
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
     let stop = registration.token.clone();
     let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
-    run_task_in_span(ctx, &handle, task, delivery, &stop)
+    let next = run_task_in_span(ctx, &handle, task, delivery, &stop)
         .instrument(span)
         .await;
     heartbeat.abort();
     METRICS.tasks_in_flight.dec();
+    next
 }
 
 /// The span of one delivery of a task: a child of the span that scheduled
@@ -91,11 +98,10 @@ async fn run_task_in_span(
     task: PhaseTask,
     delivery: u64,
     stop: &CancellationToken,
-) {
+) -> Option<Entry> {
     let Some(spec) = task.spec.clone() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        settle(ctx, handle, None, None, stop).await;
-        return;
+        return settle(ctx, handle, None, None, stop).await;
     };
     let started = Kind::PhaseStarted(PhaseStarted {
         index: task.phase_index,
@@ -109,12 +115,11 @@ async fn run_task_in_span(
         Ok(Some(inputs)) => inputs,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            settle(ctx, handle, None, None, stop).await;
-            return;
+            return settle(ctx, handle, None, None, stop).await;
         }
         Err(error) => {
             tracing::warn!(%error, "could not start task; it will be redelivered");
-            return;
+            return None;
         }
     };
     let request = chat_request(&task, &spec, &inputs);
@@ -131,18 +136,20 @@ async fn run_task_in_span(
 /// longer needs it (cancelled, finished or moved on). Otherwise (shutdown,
 /// Redis trouble, or another worker took it over) it stays pending, so it is
 /// redelivered rather than lost.
-async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &CancellationToken) {
+async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &CancellationToken) -> Option<Entry> {
     if ctx.shutdown.is_cancelled() {
         tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker");
-        return;
+        return None;
     }
     match handle.is_current().await {
         Ok(false) => settle(ctx, handle, None, None, stop).await,
         Ok(true) => {
-            tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered")
+            tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered");
+            None
         }
         Err(error) => {
-            tracing::warn!(%error, workflow_id = %handle.workflow, "cannot check the task; leaving it to be redelivered")
+            tracing::warn!(%error, workflow_id = %handle.workflow, "cannot check the task; leaving it to be redelivered");
+            None
         }
     }
 }
@@ -436,7 +443,7 @@ async fn settle(
     result: Option<&PhaseResult>,
     final_delta: Option<&Kind>,
     stop: &CancellationToken,
-) {
+) -> Option<Entry> {
     let span = tracing::info_span!("apply_result", workflow_id = %handle.workflow, phase = handle.phase_index);
     let deadline = Instant::now() + ctx.publish_patience;
     let mut delay = Duration::from_millis(50);
@@ -446,11 +453,15 @@ async fn settle(
                 Some(result) => Some(transition_for(ctx, handle, result).await?),
                 None => None,
             };
-            let settled = handle.settle(transition.as_ref(), final_delta).await?;
-            Ok::<_, LoadError>((settled, transition.map(|t| t.step)))
+            let claim_next = !ctx.stopping.is_cancelled();
+            let (settled, next) = handle.settle(transition.as_ref(), final_delta, claim_next).await?;
+            Ok::<_, LoadError>((settled, next, transition.map(|t| t.step)))
         };
         match attempt.instrument(span.clone()).await {
-            Ok((settled, step)) => return count_settled(handle, &settled, step),
+            Ok((settled, next, step)) => {
+                count_settled(handle, &settled, step);
+                return next;
+            }
             Err(error) if Instant::now() < deadline && !stop.is_cancelled() => {
                 tracing::warn!(%error, workflow_id = %handle.workflow, retry_in = ?delay, "could not apply the result; retrying");
                 tokio::time::sleep(delay).await;
@@ -458,7 +469,7 @@ async fn settle(
             }
             Err(error) => {
                 tracing::warn!(%error, workflow_id = %handle.workflow, "could not apply the result; the task will be redelivered");
-                return;
+                return None;
             }
         }
     }

@@ -6,7 +6,7 @@
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field, status};
-use nexus_pipeline::stream::WORKERS_GROUP;
+use nexus_pipeline::stream::{Entry, WORKERS_GROUP};
 use nexus_pipeline::transition::event;
 use nexus_pipeline::transition::{ENDING_LUA, Transition};
 use nexus_proto::internal::PhaseTask;
@@ -182,12 +182,15 @@ impl TaskHandle {
 
     /// Applies the result's transition (if any) and acknowledges the task,
     /// atomically, if the task is still this worker's; with `final_delta`,
-    /// the last streamed output is appended first.
+    /// the last streamed output is appended first. With `claim_next`, the
+    /// same step claims the shard's next new task for this worker (the
+    /// continuation it should run in this task's slot), if there is one.
     pub async fn settle(
         &self,
         transition: Option<&Transition>,
         final_delta: Option<&Kind>,
-    ) -> redis::RedisResult<Settled> {
+        claim_next: bool,
+    ) -> redis::RedisResult<(Settled, Option<Entry>)> {
         let delta = final_delta
             .map(|kind| event(kind.clone()).encode_to_vec())
             .unwrap_or_default();
@@ -217,15 +220,24 @@ impl TaskHandle {
                 .arg(&t.reason),
             None => invocation.arg(&["", "", "", "", "", "", ""]),
         };
-        let reply: String = invocation
+        let reply: Vec<Vec<u8>> = invocation
             .arg(FALLBACK_RETENTION_SECS)
+            .arg(if claim_next { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(match reply.as_str() {
-            "applied" => Settled::Applied,
-            "settled" => Settled::Acknowledged,
+        let settled = match reply.first().map(Vec::as_slice) {
+            Some(b"applied") => Settled::Applied,
+            Some(b"settled") => Settled::Acknowledged,
             _ => Settled::NotOurs,
-        })
+        };
+        let next = match reply.as_slice() {
+            [_, id, payload] => Some(Entry {
+                id: String::from_utf8_lossy(id).into_owned(),
+                payload: payload.clone(),
+            }),
+            _ => None,
+        };
+        Ok((settled, next))
     }
 
     /// Moves a poison task to the dead-letter stream and fails its run with

@@ -632,3 +632,71 @@ async fn an_idempotency_key_lives_exactly_as_long_as_its_workflow() {
         "key {key_ttl} ms, state {state_ttl} ms"
     );
 }
+
+/// The phase-started events of a workflow as stored in Redis: (phase, worker).
+fn stored_phase_starts(conn: &mut redis::Connection, id: &str) -> Vec<(u32, String)> {
+    use prost::Message;
+    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("nexus:{{nx0}}:wf:{id}:events"))
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    stored
+        .ids
+        .iter()
+        .filter_map(|entry| {
+            let bytes: Vec<u8> = entry.get("m")?;
+            match nexus_proto::v1::WorkflowEvent::decode(bytes.as_slice()).ok()?.kind? {
+                nexus_proto::v1::workflow_event::Kind::PhaseStarted(started) => Some((started.index, started.worker)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// SIGTERM to a busy worker: it finishes the calls it has (none is paid
+/// twice), claims nothing more (every later phase starts on the other
+/// worker, as Redis's event log shows) and exits well within its drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_told_to_stop_finishes_its_calls_and_claims_nothing_more() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "1500", "--reply-words", "5"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let mut stopping = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(start(&mut client, &format!("Drained {n}")).await);
+    }
+    for id in &ids {
+        wait_for_event(&mut client, id, Duration::from_secs(20), |e| {
+            kind_name(e) == "phase_started"
+        })
+        .await;
+    }
+    let _other = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let signalled = Instant::now();
+    stopping.process.signal("TERM");
+    assert!(
+        stopping.process.wait_exit(Duration::from_secs(8)),
+        "the worker still ran 8 s after SIGTERM"
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(5), "exited {took:?} after SIGTERM");
+    assert_all_completed(&mut client, &ids, Duration::from_secs(60)).await;
+
+    let mut conn = redis_conn(&redis);
+    for id in &ids {
+        let starts = stored_phase_starts(&mut conn, id);
+        let phases: Vec<u32> = starts.iter().map(|(phase, _)| *phase).collect();
+        assert_eq!(phases, [0, 1, 2, 3, 4, 5], "each phase started once: {starts:?}");
+        let first = &starts[0].1;
+        assert!(
+            starts[1..].iter().all(|(_, worker)| worker != first),
+            "after SIGTERM the stopping worker started nothing: {starts:?}"
+        );
+    }
+    let calls = ModelControl::new(&model.base_url()).requests().await.len();
+    assert_eq!(calls, 18, "three runs of six phases, none paid twice");
+}

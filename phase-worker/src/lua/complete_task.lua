@@ -18,13 +18,37 @@
 --       13 encoded Phase record, 14 encoded PhaseCompleted event,
 --       15 encoded next PhaseTask ("next") or terminal event, 16 encoded
 --       Rating or "", 17 failure reason ("fail"), 18 retention (s) for runs
---       that do not carry their own
--- Returns "applied", "settled" (acknowledged, nothing to apply or the
--- workflow moved on) or "not_ours" (taken over: nothing touched).
+--       that do not carry their own, 19 "1" to claim the shard's next new
+--       task for this consumer (its slot is free now) or "0"
+-- Returns {outcome} or, having claimed a task, {outcome, entry id, payload}.
+-- The outcome is "applied", "settled" (acknowledged, nothing to apply or
+-- the workflow moved on) or "not_ours" (taken over: nothing touched).
+--
+-- Claiming here is what a read loop would do next (the oldest task no
+-- consumer has been given, fair to every workflow), minus its round trip:
+-- when the task just queued is the next one, the worker starts it at once.
+
+local function claim_next(outcome)
+  if ARGV[19] ~= '1' then
+    return {outcome}
+  end
+  local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if not read or not read[1] or not read[1][2][1] then
+    return {outcome}
+  end
+  local entry = read[1][2][1]
+  local payload = ''
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == 'm' then
+      payload = entry[2][i + 1]
+    end
+  end
+  return {outcome, entry[1], payload}
+end
 
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if not pending[1] or pending[1][2] ~= ARGV[3] then
-  return 'not_ours'
+  return claim_next('not_ours')
 end
 
 local outcome = 'settled'
@@ -65,4 +89,4 @@ if status then
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-return outcome
+return claim_next(outcome)
