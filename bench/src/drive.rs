@@ -56,6 +56,7 @@ pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) ->
                 let request = StartWorkflowRequest {
                     plan: Some(plan(n)),
                     idempotency_key: format!("bench-{run}-{n}"),
+                    ..Default::default()
                 };
                 let started = patiently("StartWorkflow", || {
                     let (mut client, request) = (client.clone(), request.clone());

@@ -42,7 +42,10 @@ impl BenchStack {
 
     /// Every Nexus process runs on one thread (`NEXUS_THREADS=1`): on this
     /// 2-core machine it shares the cores with Redis, the stand-in and the
-    /// load driver, and BullMQ's workers are single-threaded Node too.
+    /// load driver, and BullMQ's workers are single-threaded Node too. The
+    /// response cache is off (the harness's default): the stand-in's short
+    /// answers make later phases of different runs identical requests, and a
+    /// hit would measure the cache, not the engine.
     pub fn start_in(fsync: &str, workers: usize, model_args: &[&str], env: &[(&str, &str)]) -> Self {
         let env: Vec<(&str, &str)> = std::iter::once(("NEXUS_THREADS", "1"))
             .chain(env.iter().copied())

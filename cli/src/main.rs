@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use nexus_proto::v1::workflow_event::Kind;
 use nexus_proto::v1::workflow_service_client::WorkflowServiceClient;
 use nexus_proto::v1::{
-    CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ProjectPlan, StartWorkflowRequest,
-    WatchWorkflowRequest,
+    CancelWorkflowRequest, GetWorkflowRequest, ListPipelinesRequest, ListWorkflowsRequest, ProjectPlan,
+    StartWorkflowRequest, WatchWorkflowRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -57,10 +57,28 @@ enum Command {
         /// Retrying with the same key returns the same workflow.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// The pipeline to run (see `nexus pipelines`); default: the server's.
+        #[arg(long, default_value = "")]
+        pipeline: String,
+        /// A model for one role of this run only, as role=model; repeatable.
+        #[arg(long = "model", value_parser = parse_field)]
+        models: Vec<(String, String)>,
+        /// Extra instructions for every phase of this run.
+        #[arg(long, default_value = "")]
+        instructions: String,
+        /// Call the model for every phase, never the response cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// Stop the run before a model call that would take its cost past
+        /// this many USD (default: the server's).
+        #[arg(long, default_value_t = 0.0)]
+        max_cost_usd: f64,
         /// Watch the workflow live until it ends.
         #[arg(long)]
         watch: bool,
     },
+    /// List the pipelines a run can choose, with their phases and models.
+    Pipelines,
     /// Stream a workflow's events, live, until it ends.
     Watch {
         workflow_id: String,
@@ -123,6 +141,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             description_file,
             fields,
             idempotency_key,
+            pipeline,
+            models,
+            instructions,
+            no_cache,
+            max_cost_usd,
             watch,
         } => {
             let description = match (description, description_file) {
@@ -141,6 +164,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 .start_workflow(StartWorkflowRequest {
                     plan: Some(plan),
                     idempotency_key,
+                    pipeline,
+                    models: models.into_iter().collect(),
+                    instructions,
+                    no_cache,
+                    max_cost_usd,
                 })
                 .await?
                 .into_inner();
@@ -171,6 +199,10 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 .await?
                 .into_inner();
             render::list(&page);
+        }
+        Command::Pipelines => {
+            let pipelines = client.list_pipelines(ListPipelinesRequest {}).await?.into_inner();
+            render::pipelines(&pipelines);
         }
         Command::Cancel { workflow_id, reason } => {
             let workflow = client

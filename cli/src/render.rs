@@ -1,7 +1,7 @@
 //! How the CLI prints workflows and their events for a person.
 
 use nexus_proto::v1::workflow_event::Kind;
-use nexus_proto::v1::{ListWorkflowsResponse, Rating, Usage, Workflow, WorkflowEvent};
+use nexus_proto::v1::{ListPipelinesResponse, ListWorkflowsResponse, Rating, Usage, Workflow, WorkflowEvent};
 use std::io::Write;
 
 /// Prints events as they arrive, streaming each phase's text inline.
@@ -73,6 +73,12 @@ impl EventPrinter {
                     waiting.reason
                 );
             }
+            Some(Kind::PhaseCompleted(done)) if done.cache_hit => {
+                println!(
+                    "\n✓ {} answered from the cache · saved ${:.4}",
+                    done.phase, done.saved_usd
+                );
+            }
             Some(Kind::PhaseCompleted(done)) => {
                 println!(
                     "\n✓ {} done in {:.1} s · {}",
@@ -114,6 +120,16 @@ pub fn workflow(workflow: &Workflow) {
         workflow.status(),
         workflow.plan.as_ref().map(|p| p.name.as_str()).unwrap_or_default()
     );
+    println!("pipeline: {}", workflow.pipeline);
+    if !workflow.instructions.is_empty() {
+        println!("instructions: {}", workflow.instructions);
+    }
+    if let Some(budget) = &workflow.budget {
+        println!(
+            "budget: ${:.4} of ${:.4} spent, ${:.4} left",
+            budget.spent_usd, budget.max_cost_usd, budget.remaining_usd
+        );
+    }
     for phase in &workflow.phases {
         println!(
             "  {}. {:<16} {:<32} {:?}  {}",
@@ -132,6 +148,19 @@ pub fn workflow(workflow: &Workflow) {
     }
     print_rating(workflow.rating.as_ref());
     println!("total: {}", usage(workflow.total_usage.as_ref()));
+}
+
+pub fn pipelines(response: &ListPipelinesResponse) {
+    for pipeline in &response.pipelines {
+        let default = if pipeline.is_default { "  (default)" } else { "" };
+        println!("{}{default}", pipeline.name);
+        println!("  phases: {}", pipeline.phases.join(" → "));
+        let mut models: Vec<_> = pipeline.models.iter().collect();
+        models.sort();
+        for (role, model) in models {
+            println!("  {role}: {model}");
+        }
+    }
 }
 
 pub fn list(page: &ListWorkflowsResponse) {

@@ -1,15 +1,16 @@
 //! The `WorkflowService` gRPC handlers: validate, call the store, map errors.
 //! Handlers stay thin; the state machine lives in `state`.
 
+use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
 use crate::state::WorkflowStore;
-use crate::validation::{page_size, validate_cursor, validate_start};
+use crate::validation::{CostCaps, page_size, validate_cursor, validate_start};
 use crate::watch::{WatchHub, watch};
 use nexus_pipeline::ids::WorkflowId;
 use nexus_proto::v1::workflow_service_server::WorkflowService;
 use nexus_proto::v1::{
-    CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ListWorkflowsResponse, StartWorkflowRequest,
-    StartWorkflowResponse, WatchWorkflowRequest, Workflow, WorkflowEvent,
+    CancelWorkflowRequest, GetWorkflowRequest, ListPipelinesRequest, ListPipelinesResponse, ListWorkflowsRequest,
+    ListWorkflowsResponse, StartWorkflowRequest, StartWorkflowResponse, WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use nexus_runtime::telemetry;
 use std::sync::Arc;
@@ -21,12 +22,14 @@ use tracing::Instrument;
 pub struct WorkflowApi {
     pub store: WorkflowStore,
     pub hub: Arc<WatchHub>,
+    pub catalog: Arc<PipelineCatalog>,
     pub max_plan_bytes: usize,
+    pub cost_caps: CostCaps,
 }
 
 impl WorkflowApi {
     async fn start(&self, id: WorkflowId, request: &StartWorkflowRequest) -> Result<StartWorkflowResponse, Status> {
-        let valid = validate_start(request, self.max_plan_bytes)?;
+        let valid = validate_start(request, self.max_plan_bytes, &self.catalog, self.cost_caps)?;
         let started = self.store.start(id, valid).await?;
         if started.created {
             crate::metrics::METRICS.workflows_started.inc();
@@ -102,6 +105,15 @@ impl WorkflowService for WorkflowApi {
             return Err(ApiError::InvalidArgument("reason must be at most 1024 bytes".into()).into());
         }
         Ok(Response::new(self.store.cancel(&id, &request.reason).await?))
+    }
+
+    async fn list_pipelines(
+        &self,
+        _request: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        Ok(Response::new(ListPipelinesResponse {
+            pipelines: self.catalog.describe(),
+        }))
     }
 }
 

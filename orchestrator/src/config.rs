@@ -23,10 +23,16 @@ pub struct Config {
     #[command(flatten)]
     pub redis: RedisArgs,
 
-    /// Pipeline definition file (TOML). Without it the built-in six-phase
-    /// pipeline runs.
+    /// Pipeline definition file (TOML): the default pipeline, for runs that
+    /// name none. Without it the built-in six-phase "enterprise-plan" is.
     #[arg(long, env = "NEXUS_PIPELINE_FILE")]
     pub pipeline_file: Option<PathBuf>,
+
+    /// A directory of pipeline files (every *.toml), offered to runs by
+    /// their `name` beside the built-in "enterprise-plan" and
+    /// "quick-review" (a file may replace a built-in by using its name).
+    #[arg(long, env = "NEXUS_PIPELINES_DIR")]
+    pub pipelines_dir: Option<PathBuf>,
 
     /// OpenRouter model id for each role the pipeline uses, as
     /// "role=model,role=model".
@@ -41,6 +47,16 @@ pub struct Config {
     /// Largest accepted plan (description plus fields), in bytes.
     #[arg(long, env = "NEXUS_MAX_PLAN_BYTES", default_value_t = 64 * 1024)]
     pub max_plan_bytes: usize,
+
+    /// Cost cap in USD for runs that set none (`max_cost_usd` 0); 0 for no
+    /// cap.
+    #[arg(long, env = "NEXUS_DEFAULT_MAX_COST_USD", default_value_t = 0.0)]
+    pub default_max_cost_usd: f64,
+
+    /// The highest cost cap a run may ask for, in USD; with it set, every run
+    /// has a cap (this one when it asks for none). 0: no limit.
+    #[arg(long, env = "NEXUS_MAX_COST_USD", default_value_t = 0.0)]
+    pub max_cost_usd: f64,
 
     /// How long a finished workflow (state, events, outputs) is kept, in
     /// seconds. Idempotency keys are kept as long.
@@ -73,6 +89,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("redis", &self.redis)
             .field("pipeline_file", &self.pipeline_file)
+            .field("pipelines_dir", &self.pipelines_dir)
             .field("models", &self.models)
             .field("max_plan_bytes", &self.max_plan_bytes)
             .field("retention_secs", &self.retention_secs)

@@ -2,6 +2,8 @@
 //!
 //! - [`api`]: the `WorkflowService` gRPC handlers, thin.
 //! - [`validation`]: what a request must satisfy before it touches Redis.
+//! - [`catalog`]: the pipelines a run can choose, and a run's choices
+//!   (pipeline, model per role, instructions) resolved to a snapshot.
 //! - [`state`]: the orchestrator's transitions of the workflow state machine
 //!   (create, cancel) and reading workflows back. Phase results are applied
 //!   by the worker that has them (`nexus_pipeline::transition`).
@@ -19,6 +21,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod housekeeping;
@@ -28,32 +31,16 @@ pub mod validation;
 pub mod watch;
 
 use anyhow::Context;
+use catalog::PipelineCatalog;
 use config::Config;
-use nexus_pipeline::definition::{PipelineDefinition, fingerprint};
 use nexus_proto::v1::workflow_service_server::WorkflowServiceServer;
-use state::{CurrentPipeline, WorkflowStore};
+use state::WorkflowStore;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Resolves the configured pipeline (file or built-in) with the configured
 /// models. Fails at start-up, not mid-run, when either is wrong.
-pub fn load_pipeline(config: &Config) -> anyhow::Result<CurrentPipeline> {
-    let definition = match &config.pipeline_file {
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading pipeline file {}", path.display()))?;
-            PipelineDefinition::from_toml(&text)?
-        }
-        None => PipelineDefinition::default_pipeline(),
-    };
-    let snapshot = definition.resolve(&config.models)?;
-    Ok(CurrentPipeline {
-        fingerprint: fingerprint(&snapshot),
-        snapshot: Arc::new(snapshot),
-    })
-}
-
 /// Runs the orchestrator until `shutdown` is cancelled, then stops within
 /// the configured grace period whatever Redis does.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -65,19 +52,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pipeline = load_pipeline(&config)?;
+    let catalog = Arc::new(PipelineCatalog::load(&config)?);
     if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
             .await
             .context("serving metrics")?;
     }
-    tracing::info!(pipeline = %pipeline.snapshot.name, fingerprint = %pipeline.fingerprint, "pipeline loaded");
+    for pipeline in catalog.describe() {
+        tracing::info!(pipeline = %pipeline.name, default = pipeline.is_default, phases = pipeline.phases.len(), "pipeline offered");
+    }
     let conn = config
         .redis
         .connect_patiently(false)
         .await
         .context("connecting to redis")?;
-    let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, pipeline);
+    let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, &catalog);
     let hub = Arc::new(watch::WatchHub::new(shutdown.clone()));
     tokio::spawn(hub.clone().listen(config.redis.clone()));
     tokio::spawn(housekeeping::run(
@@ -86,19 +75,25 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
         config.retention_secs,
         shutdown.clone(),
     ));
-    serve(&config, store, hub, shutdown).await
+    serve(&config, store, hub, catalog, shutdown).await
 }
 
 async fn serve(
     config: &Config,
     store: WorkflowStore,
     hub: Arc<watch::WatchHub>,
+    catalog: Arc<PipelineCatalog>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api = api::WorkflowApi {
         store,
         hub,
+        catalog,
         max_plan_bytes: config.max_plan_bytes,
+        cost_caps: validation::CostCaps {
+            default_usd: config.default_max_cost_usd,
+            max_usd: config.max_cost_usd,
+        },
     };
     let auth = auth::BearerToken::new(config.api_token.clone());
     let workflow_service = WorkflowServiceServer::new(api)

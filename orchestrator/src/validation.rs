@@ -1,5 +1,6 @@
 //! Checks on what clients send, before anything touches Redis.
 
+use crate::catalog::{ChosenPipeline, PipelineCatalog};
 use crate::errors::ApiError;
 use nexus_proto::v1::{ProjectPlan, StartWorkflowRequest};
 
@@ -10,15 +11,60 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 pub const MAX_PAGE_SIZE: u32 = 100;
 pub const DEFAULT_PAGE_SIZE: u32 = 20;
 
+/// The server's cost caps, in USD (0: none).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CostCaps {
+    /// For runs that ask for none.
+    pub default_usd: f64,
+    /// The most a run may ask for.
+    pub max_usd: f64,
+}
+
+impl CostCaps {
+    /// The cap a run gets (0: none), or why it may not have the one it asked for.
+    pub fn for_request(&self, asked: f64) -> Result<f64, ApiError> {
+        if !asked.is_finite() || asked < 0.0 {
+            return Err(invalid(
+                "max_cost_usd must be a non-negative number of USD (0 for the server's default)",
+            ));
+        }
+        if self.max_usd > 0.0 && asked > self.max_usd {
+            return Err(invalid(format!(
+                "max_cost_usd {asked} is above this server's maximum of {} USD",
+                self.max_usd
+            )));
+        }
+        let ceiling = if self.max_usd > 0.0 { self.max_usd } else { f64::MAX };
+        Ok(if asked > 0.0 {
+            asked
+        } else if self.default_usd > 0.0 {
+            self.default_usd.min(ceiling)
+        } else {
+            self.max_usd
+        })
+    }
+}
+
 /// A start request that passed validation.
 pub struct ValidStart<'a> {
     pub plan: &'a ProjectPlan,
     pub idempotency_key: Option<&'a str>,
+    /// The pipeline as the run's choices resolve it.
+    pub pipeline: ChosenPipeline,
+    /// What an idempotent retry must repeat: the plan and the run's choices.
+    pub fingerprint: String,
 }
 
-pub fn validate_start(request: &StartWorkflowRequest, max_plan_bytes: usize) -> Result<ValidStart<'_>, ApiError> {
+pub fn validate_start<'a>(
+    request: &'a StartWorkflowRequest,
+    max_plan_bytes: usize,
+    catalog: &PipelineCatalog,
+    caps: CostCaps,
+) -> Result<ValidStart<'a>, ApiError> {
     let plan = request.plan.as_ref().ok_or_else(|| invalid("plan is required"))?;
     validate_plan(plan, max_plan_bytes)?;
+    let mut pipeline = catalog.choose(request)?;
+    pipeline.choices.max_cost_usd = caps.for_request(request.max_cost_usd)?;
     let key = request.idempotency_key.as_str();
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(invalid(format!(
@@ -28,6 +74,8 @@ pub fn validate_start(request: &StartWorkflowRequest, max_plan_bytes: usize) -> 
     Ok(ValidStart {
         plan,
         idempotency_key: (!key.is_empty()).then_some(key),
+        fingerprint: start_fingerprint(request, plan),
+        pipeline,
     })
 }
 
@@ -124,20 +172,60 @@ fn invalid(message: impl Into<String>) -> ApiError {
 /// fields sorted by key, each length-prefixed so no two plans collide by
 /// concatenation.
 pub fn plan_fingerprint(plan: &ProjectPlan) -> String {
-    let mut canonical = Vec::with_capacity(plan_bytes(plan) + plan.name.len() + 16 * (plan.fields.len() + 2));
-    let mut push = |text: &str| {
-        canonical.extend_from_slice(&(text.len() as u64).to_le_bytes());
-        canonical.extend_from_slice(text.as_bytes());
-    };
-    push(&plan.name);
-    push(&plan.description);
-    let mut fields: Vec<_> = plan.fields.iter().collect();
-    fields.sort();
-    for (key, value) in fields {
-        push(key);
-        push(value);
+    let mut canonical = Canonical::default();
+    canonical.push_plan(plan);
+    canonical.fingerprint()
+}
+
+/// [`plan_fingerprint`] extended by the run's choices as the client sent
+/// them (pipeline name, model overrides in key order, instructions): a
+/// retry with the same key must ask for the same run.
+pub fn start_fingerprint(request: &StartWorkflowRequest, plan: &ProjectPlan) -> String {
+    let mut canonical = Canonical::default();
+    canonical.push_plan(plan);
+    let choices = !request.pipeline.trim().is_empty()
+        || !request.models.is_empty()
+        || !request.instructions.trim().is_empty()
+        || request.no_cache
+        || request.max_cost_usd != 0.0;
+    if choices {
+        canonical.push(request.pipeline.trim());
+        canonical.push_sorted(&request.models);
+        canonical.push(request.instructions.trim());
+        canonical.push(if request.no_cache { "no_cache" } else { "" });
+        canonical.push(&request.max_cost_usd.to_string());
     }
-    format!("{:016x}", nexus_pipeline::ids::fnv1a(&canonical))
+    canonical.fingerprint()
+}
+
+/// Length-prefixed texts, hashed: no two inputs collide by concatenation.
+#[derive(Default)]
+struct Canonical(Vec<u8>);
+
+impl Canonical {
+    fn push(&mut self, text: &str) {
+        self.0.extend_from_slice(&(text.len() as u64).to_le_bytes());
+        self.0.extend_from_slice(text.as_bytes());
+    }
+
+    fn push_sorted(&mut self, pairs: &std::collections::HashMap<String, String>) {
+        let mut pairs: Vec<_> = pairs.iter().collect();
+        pairs.sort();
+        for (key, value) in pairs {
+            self.push(key);
+            self.push(value);
+        }
+    }
+
+    fn push_plan(&mut self, plan: &ProjectPlan) {
+        self.push(&plan.name);
+        self.push(&plan.description);
+        self.push_sorted(&plan.fields);
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("{:016x}", nexus_pipeline::ids::fnv1a(&self.0))
+    }
 }
 
 /// The plan as the models see it: name, description, then "key: value" lines.
@@ -162,21 +250,31 @@ mod tests {
                 description: description.into(),
                 ..Default::default()
             }),
-            idempotency_key: String::new(),
+            ..Default::default()
         }
     }
 
     #[test]
     fn empty_description_is_invalid() {
         assert!(matches!(
-            validate_start(&request("  "), 100),
+            validate_start(
+                &request("  "),
+                100,
+                &crate::catalog::tests::catalog(),
+                CostCaps::default()
+            ),
             Err(ApiError::InvalidArgument(_))
         ));
     }
 
     #[test]
     fn oversized_plan_names_its_size_and_the_limit() {
-        let Err(ApiError::TooLarge(message)) = validate_start(&request(&"x".repeat(101)), 100) else {
+        let Err(ApiError::TooLarge(message)) = validate_start(
+            &request(&"x".repeat(101)),
+            100,
+            &crate::catalog::tests::catalog(),
+            CostCaps::default(),
+        ) else {
             panic!("expected TooLarge");
         };
         assert!(message.contains("101") && message.contains("100"), "{message}");
@@ -200,6 +298,24 @@ mod tests {
             plan_fingerprint(&plan(&[("ab", "")])),
             plan_fingerprint(&plan(&[("a", "b")]))
         );
+    }
+
+    #[test]
+    fn cost_caps_default_cap_and_refuse() {
+        let caps = CostCaps {
+            default_usd: 1.0,
+            max_usd: 5.0,
+        };
+        assert_eq!(caps.for_request(0.0).unwrap(), 1.0);
+        assert_eq!(caps.for_request(2.5).unwrap(), 2.5);
+        assert!(caps.for_request(6.0).is_err());
+        assert!(caps.for_request(-1.0).is_err());
+        assert_eq!(CostCaps::default().for_request(0.0).unwrap(), 0.0);
+        let only_max = CostCaps {
+            default_usd: 0.0,
+            max_usd: 5.0,
+        };
+        assert_eq!(only_max.for_request(0.0).unwrap(), 5.0);
     }
 
     #[test]

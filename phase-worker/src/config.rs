@@ -1,6 +1,6 @@
 //! The phase worker's configuration: flags with environment fallbacks.
 
-use crate::model_client::ModelClientConfig;
+use crate::model::ModelClientConfig;
 use clap::Parser;
 use nexus_pipeline::connection::RedisArgs;
 use secrecy::SecretString;
@@ -114,6 +114,18 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MODEL_RATE_LIMITS", default_value = "", value_parser = crate::pacing::RateLimits::parse)]
     pub model_rate_limits: crate::pacing::RateLimits,
 
+    /// How long a model's finished answer is kept to answer an identical
+    /// request (same model, messages and parameters) without a call, in
+    /// seconds. 0 turns the response cache off for this worker.
+    #[arg(long, env = "NEXUS_CACHE_TTL_SECS", default_value_t = 24 * 3600)]
+    pub cache_ttl_secs: u64,
+
+    /// Model prices in USD per million tokens, as "model=input/output,...",
+    /// to estimate a call's cost against its run's cost cap. A model without
+    /// a price is only stopped once its run has spent the cap.
+    #[arg(long, env = "NEXUS_MODEL_PRICES", default_value = crate::model::budget::DEFAULT_MODEL_PRICES)]
+    pub model_prices: crate::model::budget::ModelPrices,
+
     /// This worker's consumer name. Default: host, pid and a random suffix.
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
@@ -135,7 +147,7 @@ impl std::fmt::Debug for Config {
             .field("redis", &self.redis)
             .field(
                 "openrouter_base_url",
-                &crate::model_client::redact_url_text(&self.openrouter_base_url),
+                &crate::model::redact_url_text(&self.openrouter_base_url),
             )
             .field("openrouter_api_key", &self.openrouter_api_key.as_ref().map(|_| "<set>"))
             .field("model_ca_file", &self.model_ca_file)
@@ -146,6 +158,8 @@ impl std::fmt::Debug for Config {
             .field("total_timeout_ms", &self.total_timeout_ms)
             .field("max_tries", &self.max_tries)
             .field("model_rate_limits", &self.model_rate_limits)
+            .field("cache_ttl_secs", &self.cache_ttl_secs)
+            .field("model_prices", &self.model_prices)
             .field("consumer_name", &self.consumer_name)
             .finish()
     }

@@ -10,7 +10,7 @@
 //!   step.
 //! - [`metrics`]: Prometheus metrics: calls, latency, tokens and cost per
 //!   model; tasks in flight, reclaimed, dead-lettered.
-//! - [`model_client`]: the only code that talks HTTP to OpenRouter.
+//! - [`model`]: the only code that talks HTTP to OpenRouter.
 //! - [`pacing`]: per-model rate limits and provider back-off shared by all
 //!   workers through Redis.
 //! - [`rating`]: the rating phase's JSON schema and validation.
@@ -24,7 +24,7 @@ pub mod cancellation;
 pub mod config;
 pub mod consumer;
 pub mod metrics;
-pub mod model_client;
+pub mod model;
 pub mod pacing;
 pub mod rating;
 pub mod runner;
@@ -50,7 +50,7 @@ pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Res
 }
 
 async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
-    model_client::install_crypto_provider();
+    model::install_crypto_provider();
     if let Some(address) = config.process.metrics_listen {
         nexus_runtime::metrics::serve(address, metrics::registry())
             .await
@@ -63,7 +63,7 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         .context("connecting to redis")?;
     let pacer = Arc::new(pacing::RedisPacer::new(conn.clone(), config.model_rate_limits.clone()));
     tokio::spawn(pacer.clone().listen(config.redis.clone()));
-    let client = model_client::ModelClient::new(config.model_client())
+    let client = model::ModelClient::new(config.model_client())
         .context("building the model client")?
         .with_pacer(pacer);
     let abort_calls = CancellationToken::new();
@@ -77,6 +77,8 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         heartbeat_every: config.visibility_timeout() / 3,
         publish_patience: Duration::from_millis(config.result_publish_patience_ms),
         pipelines: Default::default(),
+        cache: model::cache::ResponseCache::new(conn.clone(), Duration::from_secs(config.cache_ttl_secs)),
+        prices: config.model_prices.clone(),
     });
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let consumer = Arc::new(consumer::TaskConsumer {

@@ -44,6 +44,15 @@ pub struct Metrics {
     pub tasks_dead_lettered: Counter,
     pub phase_results: Family<StatusLabel, Counter>,
     pub workflows_finished: Family<StatusLabel, Counter>,
+    pub cache_hits: Family<ModelLabel, Counter>,
+    pub cache_saved_usd: Family<ModelLabel, Counter<f64, AtomicU64>>,
+    pub budget_stops: Family<ModelLabel, Counter>,
+    pub pipeline_cost_usd: Family<PipelineLabel, Counter<f64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabel {
+    pub pipeline: String,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -57,6 +66,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     tasks_dead_lettered: Counter::default(),
     phase_results: Family::default(),
     workflows_finished: Family::default(),
+    cache_hits: Family::default(),
+    cache_saved_usd: Family::default(),
+    budget_stops: Family::default(),
+    pipeline_cost_usd: Family::default(),
 });
 
 /// A registry holding every worker metric, prefixed `nexus_`.
@@ -109,6 +122,26 @@ pub fn registry() -> Registry {
         m.phase_results.clone(),
     );
     registry.register(
+        "cache_hits",
+        "Phases answered from the response cache, by model",
+        m.cache_hits.clone(),
+    );
+    registry.register(
+        "cache_saved_usd",
+        "What the cached answers cost when they were made: spend avoided, in USD",
+        m.cache_saved_usd.clone(),
+    );
+    registry.register(
+        "budget_stops",
+        "Runs stopped before a call that would pass their cost cap",
+        m.budget_stops.clone(),
+    );
+    registry.register(
+        "pipeline_cost_usd",
+        "Cost of completed phases by pipeline, in USD",
+        m.pipeline_cost_usd.clone(),
+    );
+    registry.register(
         "workflows_finished",
         "Runs this worker ended, by status (completed, failed); cancels are counted by the orchestrator",
         m.workflows_finished.clone(),
@@ -129,6 +162,35 @@ pub fn record_applied(step: nexus_pipeline::transition::Step) {
     m.workflows_finished
         .get_or_create(&StatusLabel { status: finished })
         .inc();
+}
+
+/// Counts a phase answered from the cache and what it saved.
+pub fn record_cache_hit(model: &str, saved_usd: f64) {
+    let label = ModelLabel {
+        model: model.to_string(),
+    };
+    METRICS.cache_hits.get_or_create(&label).inc();
+    METRICS.cache_saved_usd.get_or_create(&label).inc_by(saved_usd);
+}
+
+/// Counts a run stopped at its cost cap.
+pub fn record_budget_stop(model: &str) {
+    METRICS
+        .budget_stops
+        .get_or_create(&ModelLabel {
+            model: model.to_string(),
+        })
+        .inc();
+}
+
+/// Adds a completed phase's cost to its pipeline's.
+pub fn record_pipeline_cost(pipeline: &str, cost_usd: f64) {
+    METRICS
+        .pipeline_cost_usd
+        .get_or_create(&PipelineLabel {
+            pipeline: pipeline.to_string(),
+        })
+        .inc_by(cost_usd);
 }
 
 /// Counts a result the run no longer waited for.

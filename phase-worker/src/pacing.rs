@@ -3,7 +3,7 @@
 //! meant for one account, and one 429 with `Retry-After` holds off every
 //! worker calling that model, not just the one that received it.
 
-use crate::model_client::{Pacer, PacerFuture};
+use crate::model::{Pacer, PacerFuture};
 use futures::StreamExt;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;

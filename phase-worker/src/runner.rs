@@ -6,14 +6,16 @@
 
 use crate::cancellation::CancelRegistry;
 use crate::metrics::{self, METRICS, ModelLabel};
-use crate::model_client::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
+use crate::model::budget::ModelPrices;
+use crate::model::cache::ResponseCache;
+use crate::model::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
 use crate::rating;
 use crate::task_lifecycle::{Settled, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
 use nexus_pipeline::stream::Entry;
 use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, completes_run, load_earlier_phases};
 use nexus_proto::internal::{
-    OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
+    CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
 use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage, workflow_event::Kind};
 use std::collections::HashMap;
@@ -41,6 +43,10 @@ pub struct RunnerContext {
     pub publish_patience: Duration,
     /// The pipelines of the runs this worker advances, by fingerprint.
     pub pipelines: PipelineCache,
+    /// Answers to identical requests; `None` when caching is off.
+    pub cache: Option<ResponseCache>,
+    /// Model prices, to estimate a call's cost against its run's cap.
+    pub prices: ModelPrices,
 }
 
 /// Runs a task to its end. The claim is heartbeated from the first moment,
@@ -111,8 +117,8 @@ async fn run_task_in_span(
         worker: handle.consumer.clone(),
         attempt: handle.attempt,
     });
-    let inputs = match handle.start(started, &spec.inputs).await {
-        Ok(Some(inputs)) => inputs,
+    let (inputs, budget) = match handle.start(started, &spec.inputs).await {
+        Ok(Some(started)) => started,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
             return settle(ctx, handle, None, None, stop).await;
@@ -123,7 +129,22 @@ async fn run_task_in_span(
         }
     };
     let request = chat_request(&task, &spec, &inputs);
-    let outcome = call_model(ctx, handle, &task, &spec, request, delivery, stop).await;
+    let cache_key = ctx
+        .cache
+        .as_ref()
+        .filter(|_| !spec.no_cache)
+        .map(|_| ResponseCache::key(&request));
+    if let Some(answer) = cached_answer(ctx, cache_key.as_deref()).await {
+        let (result, delta) = from_cache(handle, &task, &spec, answer, delivery);
+        return settle(ctx, handle, Some(&result), Some(&delta), stop).await;
+    }
+    if let Some(refusal) = budget.refusal(ctx.prices.prompt_cost_usd(&request)) {
+        tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, %refusal, "stopping the run before a call past its cost cap");
+        metrics::record_budget_stop(&spec.model);
+        let refused = result(handle, &task, &spec, Outcome::Failure(PhaseFailure { reason: refusal }));
+        return settle(ctx, handle, Some(&refused), None, stop).await;
+    }
+    let outcome = call_model(ctx, handle, &task, &spec, request, cache_key, delivery, stop).await;
     match outcome {
         CallOutcome::Result(result, final_delta) => {
             settle(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
@@ -162,12 +183,64 @@ enum CallOutcome {
     Stopped,
 }
 
+/// The cached answer for `key`, if caching is on and there is one. A cache
+/// that cannot be read is a miss: the model is called.
+async fn cached_answer(ctx: &RunnerContext, key: Option<&str>) -> Option<CachedAnswer> {
+    let (cache, key) = (ctx.cache.as_ref()?, key?);
+    match cache.lookup(key).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::warn!(%error, "could not read the response cache; calling the model");
+            None
+        }
+    }
+}
+
+/// The phase's result from a cached answer: no call, no cost; what the
+/// original call cost is reported as saved. The text goes to watchers as one
+/// delta, as if streamed.
+fn from_cache(
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    answer: CachedAnswer,
+    delivery: u64,
+) -> (PhaseResult, Kind) {
+    let saved_usd = answer.usage.map_or(0.0, |usage| usage.cost_usd);
+    metrics::record_cache_hit(&spec.model, saved_usd);
+    let rating = match spec.output() {
+        OutputKind::Rating => rating::parse_rating(&answer.text).ok(),
+        _ => None,
+    };
+    let delta = Kind::PhaseOutputDelta(PhaseOutputDelta {
+        index: handle.phase_index,
+        phase: spec.name.clone(),
+        text: answer.text.clone(),
+        delivery: delivery as u32,
+        r#try: 1,
+    });
+    let success = PhaseSuccess {
+        output: answer.text,
+        usage: Some(Usage::default()),
+        duration_ms: 0,
+        tries: 0,
+        rating,
+        generation_id: answer.generation_id,
+        finish_reason: answer.finish_reason,
+        cache_hit: true,
+        saved_usd,
+    };
+    (result(handle, task, spec, Outcome::Success(success)), delta)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn call_model(
     ctx: &RunnerContext,
     handle: &TaskHandle,
     task: &PhaseTask,
     spec: &PhaseSpec,
     request: ChatRequest,
+    cache_key: Option<String>,
     delivery: u64,
     stop: &CancellationToken,
 ) -> CallOutcome {
@@ -193,6 +266,11 @@ async fn call_model(
         Err(ModelError::Cancelled) => metrics::record_call(&spec.model, "cancelled", seconds, None),
         Err(_) => metrics::record_call(&spec.model, "failed", seconds, None),
     }
+    if let (Ok(completion), Some(cache), Some(key)) = (&answer, &ctx.cache, cache_key)
+        && finished_normally(completion)
+    {
+        cache.store(key, completion);
+    }
     match answer {
         Err(ModelError::Cancelled) => CallOutcome::Stopped,
         _ if stop.is_cancelled() => CallOutcome::Stopped,
@@ -214,17 +292,15 @@ async fn call_model(
     }
 }
 
+/// Whether an answer is worth keeping: the model finished it (not cut
+/// short, even where the pipeline accepts that).
+fn finished_normally(completion: &Completion) -> bool {
+    matches!(completion.finish_reason.as_deref(), None | Some("stop") | Some(""))
+}
+
 /// The usage of a completion in the contract's terms.
 fn usage_of(completion: &Completion) -> Usage {
-    let usage = &completion.usage;
-    Usage {
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        total_tokens: usage.total_tokens,
-        cost_usd: usage.cost_usd,
-        cached_prompt_tokens: usage.cached_prompt_tokens,
-        reasoning_tokens: usage.reasoning_tokens,
-    }
+    Usage::from(&completion.usage)
 }
 
 fn validate_rating(text: &str) -> Result<(), String> {
@@ -412,6 +488,8 @@ fn success(
         generation_id: completion.generation_id.unwrap_or_default(),
         finish_reason: completion.finish_reason.unwrap_or_default(),
         output: completion.text,
+        cache_hit: false,
+        saved_usd: 0.0,
     };
     result(handle, task, spec, Outcome::Success(success))
 }
@@ -491,7 +569,9 @@ async fn transition_for(
             false => None,
         };
         let traceparent = nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent());
-        Transition::after(id, result, &pipeline, earlier.as_ref(), traceparent)
+        let transition = Transition::after(id, result, &pipeline, earlier.as_ref(), traceparent)?;
+        metrics::record_pipeline_cost(&pipeline.name, transition.cost_usd);
+        Ok(transition)
     };
     match loaded.await {
         Err(LoadError::Corrupt(why)) => {

@@ -3,6 +3,7 @@
 //! with applying the result (or the move to the dead-letter stream). Each
 //! step that must be atomic is one Lua script under `lua/`.
 
+use crate::model::budget::RunBudget;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field, status};
@@ -104,15 +105,25 @@ impl TaskHandle {
         invocation
     }
 
-    /// Announces the task as started and loads the phase's inputs, if the
-    /// task is still current; `None` means it is stale (skip it).
-    pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<HashMap<String, String>>> {
+    /// Announces the task as started and loads the phase's inputs and the
+    /// run's budget, if the task is still current; `None` means it is stale
+    /// (skip it).
+    pub async fn start(
+        &self,
+        started: Kind,
+        inputs: &[String],
+    ) -> redis::RedisResult<Option<(HashMap<String, String>, RunBudget)>> {
         let mut invocation = self.event_invocation(&START_TASK, started);
         invocation.key(self.keys.outputs()).arg(inputs);
         let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
-        match reply.split_first() {
-            Some((started, values)) if started == "1" => {
-                Ok(Some(inputs.iter().cloned().zip(values.iter().cloned()).collect()))
+        match reply.as_slice() {
+            [started, cap, spent, values @ ..] if started == "1" => {
+                let budget = RunBudget {
+                    cap_usd: cap.parse().unwrap_or_default(),
+                    spent_usd: spent.parse().unwrap_or_default(),
+                };
+                let inputs = inputs.iter().cloned().zip(values.iter().cloned()).collect();
+                Ok(Some((inputs, budget)))
             }
             _ => Ok(None),
         }
@@ -223,6 +234,7 @@ impl TaskHandle {
         let reply: Vec<Vec<u8>> = invocation
             .arg(FALLBACK_RETENTION_SECS)
             .arg(if claim_next { "1" } else { "0" })
+            .arg(transition.map_or(0.0, |t| t.cost_usd))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let settled = match reply.first().map(Vec::as_slice) {

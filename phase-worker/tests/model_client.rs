@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use phase_worker::model_client::{
+use phase_worker::model::{
     ChatMessage, ChatRequest, Completion, ModelClient, ModelClientConfig, ModelError, ModelEvent, OutputValidator,
     TimeoutKind, install_crypto_provider,
 };

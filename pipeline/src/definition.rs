@@ -10,10 +10,20 @@
 use nexus_proto::internal::{OutputKind, PhaseSpec, PipelineSnapshot};
 use prost::Message;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// The seed's six phases, alternating two models.
 pub const DEFAULT_PIPELINE_TOML: &str = include_str!("../pipelines/default.toml");
+
+/// Three phases: review, revise, rate.
+pub const QUICK_REVIEW_TOML: &str = include_str!("../pipelines/quick-review.toml");
+
+/// The pipelines every orchestrator offers without configuration; the first
+/// is the default.
+pub const BUILT_IN_PIPELINES: &[&str] = &[DEFAULT_PIPELINE_TOML, QUICK_REVIEW_TOML];
+
+/// Most characters of a run's extra instructions.
+pub const MAX_INSTRUCTIONS_CHARS: usize = 4000;
 
 /// The name under which the user's plan is available to prompts.
 pub const PLAN_INPUT: &str = "plan";
@@ -47,6 +57,23 @@ pub struct PhaseDefinition {
     /// such an answer is a failed try.
     #[serde(default)]
     pub accept_truncated: bool,
+    /// Answer from the response cache when an identical request was
+    /// answered before (on by default; a run can turn it off).
+    #[serde(default = "yes")]
+    pub cache: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a run adds to its pipeline beyond the models.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions<'a> {
+    /// Added to every phase's system prompt.
+    pub instructions: &'a str,
+    /// No phase is answered from the response cache.
+    pub no_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -103,12 +130,27 @@ impl PipelineDefinition {
         Ok(())
     }
 
+    /// The roles its phases name, each once.
+    pub fn roles(&self) -> BTreeSet<&str> {
+        self.phases.iter().map(|phase| phase.role.as_str()).collect()
+    }
+
     /// Maps each phase's role to a model id.
     pub fn resolve(&self, models: &BTreeMap<String, String>) -> Result<PipelineSnapshot, PipelineError> {
+        self.resolve_with(models, RunOptions::default())
+    }
+
+    /// Maps each phase's role to a model id and applies a run's options:
+    /// its extra instructions go into every phase's system prompt.
+    pub fn resolve_with(
+        &self,
+        models: &BTreeMap<String, String>,
+        options: RunOptions<'_>,
+    ) -> Result<PipelineSnapshot, PipelineError> {
         let phases = self
             .phases
             .iter()
-            .map(|phase| phase_spec(phase, models))
+            .map(|phase| phase_spec(phase, models, options))
             .collect::<Result<_, _>>()?;
         Ok(PipelineSnapshot {
             name: self.name.clone(),
@@ -147,7 +189,11 @@ fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), 
     Ok(())
 }
 
-fn phase_spec(phase: &PhaseDefinition, models: &BTreeMap<String, String>) -> Result<PhaseSpec, PipelineError> {
+fn phase_spec(
+    phase: &PhaseDefinition,
+    models: &BTreeMap<String, String>,
+    options: RunOptions<'_>,
+) -> Result<PhaseSpec, PipelineError> {
     let model = models.get(&phase.role).ok_or_else(|| PipelineError::UnknownRole {
         role: phase.role.clone(),
         phase: phase.name.clone(),
@@ -159,14 +205,24 @@ fn phase_spec(phase: &PhaseDefinition, models: &BTreeMap<String, String>) -> Res
     Ok(PhaseSpec {
         name: phase.name.clone(),
         model: model.clone(),
-        system_prompt: phase.system.trim().to_string(),
+        system_prompt: with_instructions(phase.system.trim(), options.instructions.trim()),
         prompt_template: phase.prompt.trim().to_string(),
         inputs: phase.inputs.clone(),
         output: output as i32,
         temperature: phase.temperature,
         max_tokens: phase.max_tokens,
         accept_truncated: phase.accept_truncated,
+        no_cache: !phase.cache || options.no_cache,
     })
+}
+
+/// A phase's system prompt followed by the run's extra instructions.
+fn with_instructions(system: &str, instructions: &str) -> String {
+    match (system.is_empty(), instructions.is_empty()) {
+        (_, true) => system.to_string(),
+        (true, false) => format!("Additional instructions from the user:\n{instructions}"),
+        (false, false) => format!("{system}\n\nAdditional instructions from the user:\n{instructions}"),
+    }
 }
 
 /// A stable fingerprint of a snapshot, naming it in Redis.
@@ -282,6 +338,34 @@ mod tests {
             ("a".to_string(), "A".to_string()),
         ]);
         assert_eq!(render_prompt("x {{plan}} y {{ a }} z", &inputs), "x P y A z");
+    }
+
+    #[test]
+    fn the_quick_review_is_three_phases_ending_in_a_rating() {
+        let snapshot = PipelineDefinition::from_toml(QUICK_REVIEW_TOML)
+            .unwrap()
+            .resolve(&default_models())
+            .unwrap();
+        let names: Vec<_> = snapshot.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["review", "revise", "rate"]);
+        assert_eq!(snapshot.phases[2].output, OutputKind::Rating as i32);
+    }
+
+    #[test]
+    fn instructions_go_into_every_system_prompt_and_the_fingerprint() {
+        let definition = PipelineDefinition::default_pipeline();
+        let plain = definition.resolve(&default_models()).unwrap();
+        let options = RunOptions {
+            instructions: "Focus on security.",
+            no_cache: false,
+        };
+        let steered = definition.resolve_with(&default_models(), options).unwrap();
+        assert!(steered.phases.iter().all(|phase| {
+            phase
+                .system_prompt
+                .ends_with("Additional instructions from the user:\nFocus on security.")
+        }));
+        assert_ne!(fingerprint(&plain), fingerprint(&steered));
     }
 
     #[test]

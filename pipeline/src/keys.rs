@@ -16,6 +16,7 @@
 //! nexus:{nx0}:wf:<id>:events     stream  WorkflowEvent, the watch log
 //! nexus:{nx0}:wf:<id>:outputs    hash    "plan" and each phase's output
 //! nexus:model:{<model>}:pace     hash    shared rate limit and back-off of one model
+//! nexus:cache:<sha256>           string  CachedAnswer: a model's answer to an identical request
 //! nexus:events                   pubsub  "<id>" when a workflow has a new event
 //! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
 //! nexus:pace                     pubsub  "<model>\n<ms>" when a provider asked to back off
@@ -37,6 +38,12 @@ pub const CANCEL_CHANNEL: &str = "nexus:cancel";
 /// (`<model>\n<ms>`), so workers without a rate limit for M can keep the
 /// back-off locally instead of asking Redis before every call.
 pub const PACE_CHANNEL: &str = "nexus:pace";
+
+/// The response cache's entry for a request, by the SHA-256 (hex) of what
+/// the model sees. Outside every shard: any run may reuse any answer.
+pub fn response_cache(request_sha256: &str) -> String {
+    format!("nexus:cache:{request_sha256}")
+}
 
 /// Keys shared by all workflows of one shard.
 #[derive(Debug, Clone)]
@@ -121,6 +128,11 @@ pub mod field {
     pub const PLAN_FINGERPRINT: &str = "plan_fp";
     pub const REASON: &str = "reason";
     pub const RATING: &str = "rating";
+    /// The encoded `RunChoices`: models per role and extra instructions.
+    pub const CHOICES: &str = "choices";
+    /// The run's cost cap in USD ("0": none) and what its phases cost so far.
+    pub const BUDGET_USD: &str = "budget_usd";
+    pub const SPENT_USD: &str = "spent_usd";
     /// `phase:<index>` holds the encoded `nexus.v1.Phase` once it completed.
     pub fn phase_record(index: u32) -> String {
         format!("phase:{index}")

@@ -128,6 +128,8 @@ pub struct Transition {
     pub rating: Vec<u8>,
     /// Why the run failed (fail only).
     pub reason: String,
+    /// What the phase cost (USD), added to the run's spend.
+    pub cost_usd: f64,
 }
 
 /// What completing a run needs of the phases before its last: their
@@ -189,6 +191,7 @@ impl Transition {
             follow_up: failed.encode_to_vec(),
             rating: Vec::new(),
             reason,
+            cost_usd: 0.0,
         }
     }
 }
@@ -228,6 +231,8 @@ fn success_transition(
         tries: success.tries,
         finish_reason: success.finish_reason.clone(),
         generation_id: success.generation_id.clone(),
+        cache_hit: success.cache_hit,
+        saved_usd: success.saved_usd,
     };
     let completed = event(Kind::PhaseCompleted(PhaseCompleted {
         index: result.phase_index,
@@ -241,6 +246,8 @@ fn success_transition(
         result_published_at: Some(nexus_proto::timestamp_from_micros(result.published_at_us)),
         finish_reason: success.finish_reason.clone(),
         generation_id: success.generation_id.clone(),
+        cache_hit: success.cache_hit,
+        saved_usd: success.saved_usd,
     }));
     let (step, follow_up) = match pipeline.phases.get(index + 1) {
         Some(next) => (
@@ -262,6 +269,7 @@ fn success_transition(
         follow_up,
         rating: success.rating.as_ref().map(Message::encode_to_vec).unwrap_or_default(),
         reason: String::new(),
+        cost_usd: success.usage.map_or(0.0, |usage| usage.cost_usd),
     })
 }
 

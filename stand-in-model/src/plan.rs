@@ -59,6 +59,19 @@ impl ChatBody {
         matches!(kind.and_then(Value::as_str), Some("json_schema" | "json_object"))
     }
 
+    /// The last [`EXCERPT_CHARS`] characters of the system messages.
+    fn system_tail(&self) -> String {
+        let system: String = self
+            .messages
+            .iter()
+            .filter(|m| m.role == "system")
+            .map(Message::text)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let skip = system.chars().count().saturating_sub(EXCERPT_CHARS);
+        system.chars().skip(skip).collect()
+    }
+
     fn last_user_text(&self) -> String {
         let last = self.messages.iter().rev().find(|m| m.role == "user");
         last.map(Message::text).unwrap_or_default()
@@ -77,6 +90,7 @@ impl ChatBody {
             stream: self.stream,
             structured: self.structured(),
             prompt_excerpt: self.last_user_text().chars().take(EXCERPT_CHARS).collect(),
+            system_tail: self.system_tail(),
             outcome: String::new(),
             received_ms: 0,
             received_us: 0,

@@ -21,6 +21,8 @@ pub(crate) struct RequestRecord {
     pub stream: bool,
     pub structured: bool,
     pub prompt_excerpt: String,
+    /// The end of the system prompt (where per-run instructions go).
+    pub system_tail: String,
     pub outcome: String,
     /// When the request arrived, in milliseconds since the Unix epoch, so
     /// tests can check pacing and back-off across workers.

@@ -52,6 +52,7 @@ pub async fn start(client: &mut Client, name: &str) -> String {
     let request = StartWorkflowRequest {
         plan: Some(sample_plan(name)),
         idempotency_key: String::new(),
+        ..Default::default()
     };
     client
         .start_workflow(request)

@@ -410,6 +410,10 @@ impl Worker {
             .env("OPENROUTER_API_KEY", "sk-or-test-not-a-real-key")
             .env("NEXUS_MODEL_BACKOFF_BASE_MS", "50")
             .env("NEXUS_VISIBILITY_TIMEOUT_MS", "3000")
+            // Off unless a test turns it on: the stand-in's short answers make
+            // later phases of different runs identical requests, and most
+            // tests count the calls their runs make.
+            .env("NEXUS_CACHE_TTL_SECS", "0")
             .envs(env.iter().copied());
         let (process, lines) = Process::spawn_collecting("phase-worker", command, "phase-worker ready");
         Self {

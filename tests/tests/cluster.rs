@@ -36,6 +36,7 @@ async fn workflows_run_on_a_three_master_redis_cluster_spread_over_all_masters()
         let request = nexus_proto::v1::StartWorkflowRequest {
             plan: Some(sample_plan(&format!("Clustered {n}"))),
             idempotency_key: format!("clustered-{n}"),
+            ..Default::default()
         };
         ids.push(client.start_workflow(request).await.unwrap().into_inner().workflow_id);
     }

@@ -277,6 +277,7 @@ async fn concurrent_starts_with_one_idempotency_key_create_one_workflow() {
             let request = StartWorkflowRequest {
                 plan: Some(sample_plan("Racy")),
                 idempotency_key: "same-key".into(),
+                ..Default::default()
             };
             client.start_workflow(request).await.unwrap().into_inner()
         })

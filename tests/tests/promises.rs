@@ -57,6 +57,7 @@ async fn idempotent_retries_with_structured_fields_return_one_workflow() {
         let request = StartWorkflowRequest {
             plan: Some(plan_with_fields(&fields)),
             idempotency_key: "retry-after-timeout".into(),
+            ..Default::default()
         };
         let response = client.start_workflow(request).await.expect("every retry is accepted");
         ids.push(response.into_inner());
@@ -72,6 +73,7 @@ async fn idempotent_retries_with_structured_fields_return_one_workflow() {
     let other = StartWorkflowRequest {
         plan: Some(plan_with_fields(&[("budget", "999k")])),
         idempotency_key: "retry-after-timeout".into(),
+        ..Default::default()
     };
     let status = client.start_workflow(other).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -214,6 +216,7 @@ async fn busy_workers_never_hold_tasks_they_cannot_run() {
         let request = StartWorkflowRequest {
             plan: Some(sample_plan(&format!("Busy {n}"))),
             idempotency_key: format!("busy-{n}"),
+            ..Default::default()
         };
         ids.push(client.start_workflow(request).await.unwrap().into_inner().workflow_id);
     }
@@ -530,6 +533,7 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
         .start_workflow(StartWorkflowRequest {
             plan: Some(sample_plan("Secrets")),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -607,6 +611,7 @@ async fn an_idempotency_key_lives_exactly_as_long_as_its_workflow() {
     let request = StartWorkflowRequest {
         plan: Some(sample_plan("Long run")),
         idempotency_key: "long-run".into(),
+        ..Default::default()
     };
     let first = client.start_workflow(request.clone()).await.unwrap().into_inner();
     tokio::time::sleep(Duration::from_secs(3)).await;

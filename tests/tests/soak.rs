@@ -166,6 +166,7 @@ async fn start_all(stack: &Arc<Mutex<Stack>>, ids: &Mutex<Vec<String>>, count: u
         let request = StartWorkflowRequest {
             plan: Some(sample_plan(&format!("Soak {n}"))),
             idempotency_key: format!("soak-{n}"),
+            ..Default::default()
         };
         for attempt in 0.. {
             let mut client = any_client(stack).await;

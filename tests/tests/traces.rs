@@ -194,6 +194,7 @@ impl TracedStack {
         let mut request = Request::new(StartWorkflowRequest {
             plan: Some(sample_plan("Traced")),
             idempotency_key: String::new(),
+            ..Default::default()
         });
         if let Some(traceparent) = traceparent {
             request

@@ -316,6 +316,7 @@ async fn same_idempotency_key_returns_the_same_workflow_and_starts_one_run() {
     let request = StartWorkflowRequest {
         plan: Some(sample_plan("Once")),
         idempotency_key: "order-7".into(),
+        ..Default::default()
     };
     let first = client.start_workflow(request.clone()).await.unwrap().into_inner();
     let second = client.start_workflow(request.clone()).await.unwrap().into_inner();

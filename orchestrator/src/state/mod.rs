@@ -13,23 +13,17 @@ mod view;
 
 pub use events::{event, is_terminal};
 
+use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
-use crate::validation::{ValidStart, plan_as_text, plan_fingerprint};
+use crate::validation::{ValidStart, plan_as_text};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, shard_for};
 use nexus_pipeline::keys::{CANCEL_CHANNEL, EVENTS_CHANNEL, WorkflowKeys};
 use nexus_pipeline::transition::{PipelineCache, phase_task};
-use nexus_proto::internal::PipelineSnapshot;
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
 use prost::Message;
 use std::sync::Arc;
 use tracing::Instrument;
-
-/// The orchestrator's configured pipeline, resolved once at start-up.
-pub struct CurrentPipeline {
-    pub fingerprint: String,
-    pub snapshot: Arc<PipelineSnapshot>,
-}
 
 #[derive(Clone)]
 pub struct WorkflowStore {
@@ -37,7 +31,6 @@ pub struct WorkflowStore {
     shards: u16,
     retention_secs: u64,
     pipelines: Arc<PipelineCache>,
-    current: Arc<CurrentPipeline>,
 }
 
 /// What `start` did.
@@ -47,15 +40,18 @@ pub struct Started {
 }
 
 impl WorkflowStore {
-    pub fn new(conn: Connection, shards: u16, retention_secs: u64, current: CurrentPipeline) -> Self {
+    /// A store that knows the catalog's pipelines without asking Redis.
+    pub fn new(conn: Connection, shards: u16, retention_secs: u64, catalog: &PipelineCatalog) -> Self {
         let pipelines = PipelineCache::default();
-        pipelines.insert(&current.fingerprint, current.snapshot.clone());
+        for name in catalog.describe().into_iter().map(|info| info.name) {
+            let chosen = catalog.plain(&name);
+            pipelines.insert(&chosen.fingerprint, chosen.snapshot.clone());
+        }
         Self {
             conn,
             shards,
             retention_secs,
             pipelines: Arc::new(pipelines),
-            current: Arc::new(current),
         }
     }
 
@@ -84,15 +80,15 @@ impl WorkflowStore {
     async fn create(&self, id: WorkflowId, request: ValidStart<'_>) -> Result<Started, ApiError> {
         let keys = WorkflowKeys::new(&id);
         let plan_bytes = request.plan.encode_to_vec();
-        let plan_fingerprint = plan_fingerprint(request.plan);
-        let snapshot = &self.current.snapshot;
+        let pipeline = &request.pipeline;
+        let snapshot = &pipeline.snapshot;
         let accepted = event(Kind::Accepted(WorkflowAccepted {
             plan_name: request.plan.name.trim().to_string(),
             pipeline: snapshot.name.clone(),
             phases: view::planned_phases(snapshot),
         }));
         let traceparent = nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent());
-        let first_task = phase_task(&id, 0, &snapshot.phases[0], &self.current.fingerprint, traceparent);
+        let first_task = phase_task(&id, 0, &snapshot.phases[0], &pipeline.fingerprint, traceparent);
         let reply: Vec<String> = scripts::CREATE_WORKFLOW
             .key(keys.state())
             .key(keys.events())
@@ -100,22 +96,27 @@ impl WorkflowStore {
             .key(keys.shard.index())
             .key(keys.shard.tasks())
             .key(keys.shard.idempotency(request.idempotency_key.unwrap_or("-")))
-            .key(keys.shard.pipeline(&self.current.fingerprint))
+            .key(keys.shard.pipeline(&pipeline.fingerprint))
             .arg(id.to_string())
             .arg(if request.idempotency_key.is_some() { "1" } else { "0" })
-            .arg(&plan_fingerprint)
+            .arg(&request.fingerprint)
             .arg(nexus_pipeline::now_ms())
             .arg(plan_bytes)
             .arg(plan_as_text(request.plan))
-            .arg(&self.current.fingerprint)
+            .arg(&pipeline.fingerprint)
             .arg(snapshot.encode_to_vec())
             .arg(accepted.encode_to_vec())
             .arg(first_task.encode_to_vec())
             .arg(request.idempotency_key.unwrap_or_default())
             .arg(self.retention_secs)
             .arg(EVENTS_CHANNEL)
+            .arg(pipeline.choices.encode_to_vec())
+            .arg(pipeline.choices.max_cost_usd)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        if reply.first().is_some_and(|created| created == "1") {
+            self.pipelines.insert(&pipeline.fingerprint, snapshot.clone());
+        }
         match reply.as_slice() {
             [created, workflow_id] if created == "1" => Ok(Started {
                 workflow_id: workflow_id.clone(),

@@ -8,8 +8,8 @@ use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{WorkflowKeys, field, status};
 use nexus_pipeline::transition::total_usage;
-use nexus_proto::internal::PipelineSnapshot;
-use nexus_proto::v1::{Phase, PhaseStatus, ProjectPlan, Rating, Workflow, WorkflowStatus};
+use nexus_proto::internal::{PipelineSnapshot, RunChoices};
+use nexus_proto::v1::{Budget, Phase, PhaseStatus, ProjectPlan, Rating, Workflow, WorkflowStatus};
 use prost::Message;
 use std::collections::HashMap;
 
@@ -76,6 +76,24 @@ impl StoredWorkflow {
             .transpose()
     }
 
+    /// The run's models per role and instructions; empty for runs stored
+    /// before runs recorded them.
+    fn choices(&self) -> Result<RunChoices, ApiError> {
+        let bytes = self.state.get(field::CHOICES).map(Vec::as_slice).unwrap_or_default();
+        RunChoices::decode(bytes).map_err(|e| ApiError::Corrupt(format!("choices: {e}")))
+    }
+
+    /// The run's cap and spend; `None` for runs without a cap.
+    fn budget(&self) -> Option<Budget> {
+        let cap: f64 = self.text(field::BUDGET_USD).parse().unwrap_or_default();
+        let spent: f64 = self.text(field::SPENT_USD).parse().unwrap_or_default();
+        (cap > 0.0).then(|| Budget {
+            max_cost_usd: cap,
+            spent_usd: spent,
+            remaining_usd: (cap - spent).max(0.0),
+        })
+    }
+
     fn plan(&self) -> Result<ProjectPlan, ApiError> {
         let bytes = self.state.get(field::PLAN).map(Vec::as_slice).unwrap_or_default();
         ProjectPlan::decode(bytes).map_err(|e| ApiError::Corrupt(format!("plan: {e}")))
@@ -113,6 +131,8 @@ impl StoredWorkflow {
             })
             .collect();
         let completed = workflow_status == WorkflowStatus::Completed;
+        let choices = self.choices()?;
+        let budget = self.budget();
         Ok(Workflow {
             workflow_id: id.to_string(),
             status: workflow_status as i32,
@@ -133,6 +153,9 @@ impl StoredWorkflow {
             reason: self.text(field::REASON),
             idempotency_key: self.text(field::IDEMPOTENCY_KEY),
             pipeline: pipeline.name.clone(),
+            models: choices.models,
+            instructions: choices.instructions,
+            budget,
         })
     }
 }

@@ -19,7 +19,8 @@
 --       15 encoded next PhaseTask ("next") or terminal event, 16 encoded
 --       Rating or "", 17 failure reason ("fail"), 18 retention (s) for runs
 --       that do not carry their own, 19 "1" to claim the shard's next new
---       task for this consumer (its slot is free now) or "0"
+--       task for this consumer (its slot is free now) or "0", 20 what the
+--       phase cost (USD), added to the run's spend
 -- Returns {outcome} or, having claimed a task, {outcome, entry id, payload}.
 -- The outcome is "applied", "settled" (acknowledged, nothing to apply or
 -- the workflow moved on) or "not_ours" (taken over: nothing touched).
@@ -69,6 +70,9 @@ if status then
     redis.call('XADD', KEYS[3], '*', 'm', ARGV[14])
     if ARGV[16] ~= '' then
       redis.call('HSET', KEYS[2], 'rating', ARGV[16])
+    end
+    if tonumber(ARGV[20]) > 0 then
+      redis.call('HINCRBYFLOAT', KEYS[2], 'spent_usd', ARGV[20])
     end
   end
   if step == 'next' then

@@ -8,7 +8,9 @@
 --       3 plan fingerprint, 4 now (ms), 5 encoded ProjectPlan,
 --       6 plan text for prompts, 7 pipeline fingerprint, 8 encoded PipelineSnapshot,
 --       9 encoded accepted event, 10 encoded first PhaseTask,
---       11 idempotency key as given, 12 retention (s), 13 events channel
+--       11 idempotency key as given, 12 retention (s), 13 events channel,
+--       14 encoded RunChoices (models per role, instructions), 15 the run's
+--       cost cap in USD (0: none), which workers check each call against
 -- Returns {1, id} when created, {0, id, "match"|"mismatch"} when the key existed.
 
 if ARGV[2] == '1' then
@@ -35,7 +37,8 @@ redis.call('HSET', KEYS[1],
   'status', 'pending', 'phase', '0', 'attempt', '1',
   'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
   'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11],
-  'idem_key', idempotency_record, 'retention_s', ARGV[12])
+  'idem_key', idempotency_record, 'retention_s', ARGV[12], 'choices', ARGV[14],
+  'budget_usd', ARGV[15], 'spent_usd', '0')
 redis.call('HSET', KEYS[3], 'plan', ARGV[6])
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])

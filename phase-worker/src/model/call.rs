@@ -1,0 +1,105 @@
+//! What one model call takes and gives back: the request, the finished answer with its usage,
+//! the progress events sent while it runs, and the hook that checks the answer's text.
+//!
+//! These are the types callers handle; they say nothing about HTTP or the wire format, so the
+//! worker can use them without knowing how the answer travels.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What to ask. `response_format` is passed through as is (e.g. a `json_schema` object).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub response_format: Option<Value>,
+    /// W3C trace context of the span the call belongs to. Each try is a
+    /// `model_request` span, its child, and its `traceparent` header names
+    /// that span; when spans are not exported, the header is this value.
+    /// Either way the provider (and the stand-in) can tell calls apart.
+    pub traceparent: Option<String>,
+    /// Accept an answer cut short (`finish_reason` "length" or
+    /// "content_filter"); otherwise it is a failed try.
+    pub accept_truncated: bool,
+}
+
+/// Token counts and cost as the provider reported them in the stream's last chunk.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: f64,
+    pub cached_prompt_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+/// A finished answer from the try that succeeded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub usage: Usage,
+    pub generation_id: Option<String>,
+    pub finish_reason: Option<String>,
+    /// Tries it took, counting the successful one.
+    pub tries: u32,
+}
+
+/// Progress reported while a call runs. Deltas of a failed try have already been sent when
+/// its `Retrying` arrives; `try_number` tells the tries apart.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelEvent {
+    Delta {
+        try_number: u32,
+        text: String,
+    },
+    Retrying {
+        failed_try: u32,
+        reason: String,
+        delay: Duration,
+    },
+    /// The call waits before its next request (the provider's `Retry-After`
+    /// or the shared rate limit); not a failed try.
+    Waiting {
+        reason: String,
+        wait: Duration,
+        waited_total: Duration,
+    },
+}
+
+/// Checks the final text of a try (e.g. that structured output parses); an `Err` makes the
+/// try fail and be retried.
+pub type OutputValidator = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// A completion's usage in the contract's terms.
+impl From<&Usage> for nexus_proto::v1::Usage {
+    fn from(usage: &Usage) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+            cost_usd: usage.cost_usd,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The HTTP side of a try: building the reqwest client (TLS roots, HTTP/2 pings), the
+//! endpoint and fixed headers, the request encoded once per call, sending it, and turning a
+//! non-2xx response or a transport failure into a [`ModelError`].
+//!
+//! Reading a successful response's body is `stream`'s job; this file ends where the status
+//! says the stream has begun.
+
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+
+use super::call::ChatRequest;
+use super::client::ModelClient;
+use super::config::ModelClientConfig;
+use super::error::{ModelError, TimeoutKind, describe_reqwest_error, http_error};
+use super::retry::parse_retry_after;
+use super::wire::encode_request;
+
+const CHAT_PATH: &str = "/api/v1/chat/completions";
+const GENERATION_ID_HEADER: &str = "x-generation-id";
+const TRACEPARENT_HEADER: &str = "traceparent";
+/// Most of an error response's body that is read; the rest is dropped unread.
+const MAX_ERROR_BODY_BYTES: usize = 16 * 1024;
+// Over TLS, ALPN picks HTTP/2 when the server offers it (OpenRouter does), and then every
+// call of this client is a stream on one shared connection. One connection that died
+// silently (a dropped NAT entry, a vanished peer) would take every call with it until the TCP
+// retransmission timeout, minutes later; pings find it within interval + timeout, close it,
+// and the failed tries retry on a new one.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// reqwest is built without a default TLS crypto provider; this installs ring's. Safe to call
+/// any number of times: "already installed" is not an error.
+pub fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The reqwest client for `config`: its connect timeout, HTTP/2 pings and extra CA roots.
+pub(super) fn build_http_client(config: &ModelClientConfig) -> Result<reqwest::Client, ModelError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(H2_PING_INTERVAL)
+        .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+        .http2_keep_alive_while_idle(true);
+    if let Some(path) = &config.ca_file {
+        let unusable = |why: String| ModelError::Config(format!("model CA file {}: {why}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(describe_reqwest_error(e)))?;
+        if roots.is_empty() {
+            return Err(unusable("no PEM certificate in it".into()));
+        }
+        builder = builder.tls_certs_merge(roots);
+    }
+    builder
+        .build()
+        .map_err(|e| ModelError::Config(describe_reqwest_error(e)))
+}
+
+/// The chat completions URL under `base_url`.
+pub(super) fn endpoint(base_url: &str) -> Result<String, ModelError> {
+    let endpoint = format!("{}{CHAT_PATH}", base_url.trim_end_matches('/'));
+    reqwest::Url::parse(&endpoint)
+        .map_err(|e| ModelError::Config(format!("model base URL is not a valid URL: {e}")))?;
+    Ok(endpoint)
+}
+
+/// The headers every request carries: content types, the key (marked sensitive) and
+/// OpenRouter's attribution.
+pub(super) fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, ModelError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+    if let Some(key) = &config.api_key {
+        let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose_secret()))
+            .map_err(|_| ModelError::Config("the API key has characters not allowed in a header".into()))?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    let optional = [("http-referer", &config.http_referer), ("x-title", &config.app_title)];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            let value = HeaderValue::try_from(value.as_str())
+                .map_err(|_| ModelError::Config(format!("{name} is not a valid header value")))?;
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(headers)
+}
+
+/// A request ready to send: encoded once, sent on every try.
+#[derive(Clone)]
+pub(super) struct Prepared {
+    body: bytes::Bytes,
+    headers: HeaderMap,
+}
+
+impl Prepared {
+    /// The request as the try of `span` sends it: its `traceparent` header
+    /// names that span (kept as prepared when spans are not exported).
+    pub(super) fn for_try(&self, span: &tracing::Span) -> Prepared {
+        let mut this = self.clone();
+        if let Some(value) = nexus_runtime::telemetry::traceparent_of(span).and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            this.headers.insert(HeaderName::from_static(TRACEPARENT_HEADER), value);
+        }
+        this
+    }
+}
+
+/// The provider's id for this generation, when it sent one.
+pub(super) fn generation_id(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(GENERATION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+impl ModelClient {
+    /// Encodes `request` and adds its caller's `traceparent` to the fixed headers.
+    pub(super) fn prepare(&self, request: &ChatRequest) -> Result<Prepared, ModelError> {
+        let mut headers = self.headers.clone();
+        if let Some(value) = request
+            .traceparent
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            headers.insert(HeaderName::from_static(TRACEPARENT_HEADER), value);
+        }
+        Ok(Prepared {
+            body: encode_request(request)?.into(),
+            headers,
+        })
+    }
+
+    /// Sends the request; a non-2xx answer becomes the matching error.
+    pub(super) async fn send(
+        &self,
+        prepared: &Prepared,
+        first_token_due: Instant,
+    ) -> Result<reqwest::Response, ModelError> {
+        let request = self
+            .http
+            .post(&self.endpoint)
+            .headers(prepared.headers.clone())
+            .body(prepared.body.clone())
+            .send();
+        let response = tokio::time::timeout_at(first_token_due, request)
+            .await
+            .map_err(|_| self.first_token_timeout())?
+            .map_err(|e| self.transport_error(e))?;
+        tracing::Span::current().record("http.response.status_code", response.status().as_u16());
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(self.error_from_response(response).await)
+    }
+
+    async fn error_from_response(&self, response: reqwest::Response) -> ModelError {
+        let status = response.status().as_u16();
+        let retry_after = parse_retry_after(response.headers(), SystemTime::now());
+        let body = tokio::time::timeout(self.config.idle_timeout, read_bounded(response, MAX_ERROR_BODY_BYTES))
+            .await
+            .unwrap_or_default();
+        // Scrubbed before any excerpt is cut, so no part of a key survives.
+        http_error(status, &self.redact_text(body), retry_after)
+    }
+
+    pub(super) fn first_token_timeout(&self) -> ModelError {
+        ModelError::Timeout {
+            which: TimeoutKind::FirstToken,
+            after: self.config.first_token_timeout,
+        }
+    }
+
+    pub(super) fn transport_error(&self, error: reqwest::Error) -> ModelError {
+        if error.is_connect() && error.is_timeout() {
+            let after = self.config.connect_timeout;
+            return ModelError::Timeout {
+                which: TimeoutKind::Connect,
+                after,
+            };
+        }
+        ModelError::Transport(describe_reqwest_error(error))
+    }
+}
+
+/// Up to `limit` bytes of a response body, as text; the rest is not read.
+async fn read_bounded(response: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_carry_the_key_only_when_set() {
+        let anonymous = ModelClientConfig::default();
+        assert!(request_headers(&anonymous).unwrap().get(AUTHORIZATION).is_none());
+        let config = ModelClientConfig {
+            api_key: Some("sk-or-TESTSECRET".into()),
+            app_title: Some("Nexus".into()),
+            ..ModelClientConfig::default()
+        };
+        let headers = request_headers(&config).unwrap();
+        assert!(headers[AUTHORIZATION].is_sensitive());
+        assert_eq!(headers["x-title"], "Nexus");
+    }
+
+    #[test]
+    fn endpoint_appends_the_chat_path_once() {
+        let expected = "http://127.0.0.1:1/api/v1/chat/completions";
+        assert_eq!(endpoint("http://127.0.0.1:1/").unwrap(), expected);
+        assert!(matches!(endpoint("not a url"), Err(ModelError::Config(_))));
+    }
+}

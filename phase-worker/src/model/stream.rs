@@ -1,0 +1,325 @@
+//! Reading a streamed reply: the body as server-sent events under the idle and first-token
+//! clocks, each `data:` payload as a chunk (content delta, reasoning, finish reason, usage) or
+//! a mid-stream error, and the answer accumulated until the stream says it is complete.
+//!
+//! The body is parsed as server-sent events, never as lines: events may arrive split across
+//! reads (even inside a UTF-8 character), with CRLF line ends, as several `data:` lines, and
+//! with `:` comments between them. Reasoning deltas (`delta.reasoning`) are not part of the
+//! answer, but they are the model's first tokens: they stop the first-token clock. Their count
+//! comes with the usage chunk.
+
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::call::{Completion, ModelEvent, Usage};
+use super::client::ModelClient;
+use super::error::{ModelError, UNKNOWN_ERROR_CODE, bounded_message, excerpt};
+use super::wire::{WireChunk, WireDelta};
+
+const DONE_MARKER: &str = "[DONE]";
+
+/// What can interrupt the byte stream before SSE parsing.
+#[derive(Debug)]
+enum BodyError {
+    Idle,
+    Transport(reqwest::Error),
+}
+
+/// The body's bytes, failing with [`BodyError::Idle`] when none arrive for `idle`. It sits
+/// below the SSE parser so keep-alive comments count as activity.
+fn idle_guarded<B>(
+    bytes: impl Stream<Item = reqwest::Result<B>> + Send + 'static,
+    idle: Duration,
+) -> impl Stream<Item = Result<B, BodyError>> {
+    futures::stream::unfold(Some(Box::pin(bytes)), move |state| async move {
+        let mut bytes = state?;
+        match tokio::time::timeout(idle, bytes.next()).await {
+            Err(_) => Some((Err(BodyError::Idle), None)),
+            Ok(None) => None,
+            Ok(Some(item)) => Some((item.map_err(BodyError::Transport), Some(bytes))),
+        }
+    })
+}
+
+/// What one SSE `data:` payload says.
+#[derive(Debug, PartialEq)]
+enum Data {
+    Done,
+    Chunk(Chunk),
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Chunk {
+    content: Option<String>,
+    /// The chunk carried reasoning: the model is thinking, not silent.
+    reasoning: bool,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+/// Parses one `data:` payload. An `error` object is a failed try even though the HTTP status
+/// was 200: OpenRouter reports failures after the stream started this way.
+fn parse_data(data: &str) -> Result<Data, ModelError> {
+    if data.trim() == DONE_MARKER {
+        return Ok(Data::Done);
+    }
+    let wire: WireChunk = serde_json::from_str(data)
+        .map_err(|e| ModelError::Malformed(format!("chunk is not valid JSON ({e}): {}", excerpt(data))))?;
+    if let Some(error) = wire.error {
+        let code = error.code().unwrap_or(UNKNOWN_ERROR_CODE);
+        return Err(ModelError::MidStream {
+            code,
+            message: bounded_message(&error.message),
+        });
+    }
+    let choice = wire.choices.into_iter().next();
+    let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
+    Ok(Data::Chunk(Chunk {
+        reasoning: delta.as_ref().is_some_and(WireDelta::has_reasoning),
+        content: delta.and_then(|d| d.content).filter(|text| !text.is_empty()),
+        finish_reason,
+        usage: wire.usage.map(Usage::from),
+    }))
+}
+
+/// The answer as it accumulates during one try.
+#[derive(Debug, Default)]
+pub(super) struct Reply {
+    text: String,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+    /// A first token, content or reasoning, has arrived: the first-token clock has stopped.
+    started: bool,
+    done: bool,
+}
+
+impl Reply {
+    /// Folds a chunk in and returns its new answer text, if any; reasoning is not answer text.
+    fn apply(&mut self, chunk: Chunk) -> Option<String> {
+        self.started |= chunk.reasoning;
+        if chunk.finish_reason.is_some() {
+            self.finish_reason = chunk.finish_reason;
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        let text = chunk.content?;
+        self.started = true;
+        self.text.push_str(&text);
+        Some(text)
+    }
+
+    /// A try counts as complete only if the stream said so: `[DONE]` or the usage chunk.
+    pub(super) fn finish(self, generation_id: Option<String>) -> Result<Completion, ModelError> {
+        if !self.done && self.usage.is_none() {
+            return Err(ModelError::Malformed("stream ended before [DONE]".into()));
+        }
+        if self.finish_reason.as_deref() == Some("error") {
+            let message = "finish_reason \"error\" without error details".into();
+            return Err(ModelError::MidStream {
+                code: UNKNOWN_ERROR_CODE,
+                message,
+            });
+        }
+        Ok(Completion {
+            text: self.text,
+            usage: self.usage.unwrap_or_default(),
+            generation_id,
+            finish_reason: self.finish_reason,
+            tries: 0,
+        })
+    }
+}
+
+/// Whether a `finish_reason` says the answer was cut short.
+pub(super) fn is_truncation(finish_reason: &str) -> bool {
+    matches!(finish_reason, "length" | "content_filter")
+}
+
+impl ModelClient {
+    /// Reads the SSE body, forwarding each delta as it arrives.
+    pub(super) async fn read_reply(
+        &self,
+        response: reqwest::Response,
+        try_number: u32,
+        first_token_due: Instant,
+        events: &mpsc::Sender<ModelEvent>,
+    ) -> Result<Reply, ModelError> {
+        let bytes = idle_guarded(response.bytes_stream(), self.config.idle_timeout);
+        let mut sse = Box::pin(bytes.eventsource());
+        let mut reply = Reply::default();
+        while let Some(event) = self.next_event(&mut sse, reply.started, first_token_due).await? {
+            // A failed parse quotes the provider's text: quote it scrubbed.
+            let data = parse_data(&event.data).or_else(|_| parse_data(&self.redact_text(event.data.clone())))?;
+            let Data::Chunk(chunk) = data else {
+                reply.done = true;
+                break;
+            };
+            if let Some(text) = reply.apply(chunk) {
+                let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+            }
+        }
+        Ok(reply)
+    }
+
+    /// The next SSE event; until the first token (content or reasoning) arrives, also bounded
+    /// by its deadline.
+    async fn next_event<S>(
+        &self,
+        sse: &mut S,
+        started: bool,
+        first_token_due: Instant,
+    ) -> Result<Option<Event>, ModelError>
+    where
+        S: Stream<Item = Result<Event, EventStreamError<BodyError>>> + Unpin,
+    {
+        let next = if started {
+            sse.next().await
+        } else {
+            tokio::time::timeout_at(first_token_due, sse.next())
+                .await
+                .map_err(|_| self.first_token_timeout())?
+        };
+        next.transpose().map_err(|e| self.stream_error(e))
+    }
+
+    fn stream_error(&self, error: EventStreamError<BodyError>) -> ModelError {
+        match error {
+            EventStreamError::Transport(BodyError::Idle) => ModelError::Stalled(self.config.idle_timeout),
+            EventStreamError::Transport(BodyError::Transport(e)) => self.transport_error(e),
+            EventStreamError::Utf8(e) => ModelError::Malformed(format!("stream is not UTF-8: {e}")),
+            EventStreamError::Parser(_) => ModelError::Malformed("stream is not valid server-sent events".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &str) -> Chunk {
+        match parse_data(data).expect("chunk parses") {
+            Data::Chunk(chunk) => chunk,
+            Data::Done => panic!("expected a chunk, got [DONE]"),
+        }
+    }
+
+    #[test]
+    fn content_chunk_yields_text_and_finish_reason() {
+        let parsed = chunk(
+            r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}"#,
+        );
+        assert_eq!(parsed.content.as_deref(), Some("Hi"));
+        assert_eq!(parsed.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(parsed.usage, None);
+    }
+
+    #[test]
+    fn reasoning_is_progress_but_not_answer_text() {
+        let thinking = chunk(
+            r#"{"choices":[{"delta":{"role":"assistant","content":null,"reasoning":"Let me think",
+                "reasoning_details":[{"type":"reasoning.text","text":"Let me think"}]}}]}"#,
+        );
+        assert!(thinking.reasoning);
+        assert_eq!(thinking.content, None);
+        let details_only =
+            chunk(r#"{"choices":[{"delta":{"content":"","reasoning_details":[{"type":"reasoning.encrypted"}]}}]}"#);
+        assert!(details_only.reasoning);
+        let empty = chunk(r#"{"choices":[{"delta":{"content":"Hi","reasoning":"","reasoning_details":null}}]}"#);
+        assert!(!empty.reasoning);
+
+        let mut reply = Reply::default();
+        assert_eq!(reply.apply(thinking), None);
+        assert!(reply.started, "reasoning stops the first-token clock");
+        assert_eq!(reply.text, "");
+    }
+
+    #[test]
+    fn empty_or_null_delta_yields_no_text() {
+        assert_eq!(chunk(r#"{"choices":[{"delta":{"content":""}}]}"#).content, None);
+        assert_eq!(chunk(r#"{"choices":[{"delta":null}]}"#).content, None);
+        assert_eq!(chunk(r#"{"choices":[]}"#), Chunk::default());
+    }
+
+    #[test]
+    fn usage_chunk_reads_cost_and_token_details() {
+        let parsed = chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+                "cost":0.00042,"cost_details":{"upstream_inference_cost":0.00042},
+                "prompt_tokens_details":{"cached_tokens":4},
+                "completion_tokens_details":{"reasoning_tokens":2}}}"#,
+        );
+        let usage = parsed.usage.expect("usage present");
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+            (10, 5, 15)
+        );
+        assert_eq!(usage.cost_usd, 0.00042);
+        assert_eq!((usage.cached_prompt_tokens, usage.reasoning_tokens), (4, 2));
+    }
+
+    #[test]
+    fn done_marker_ends_the_stream() {
+        assert_eq!(parse_data("[DONE]").unwrap(), Data::Done);
+    }
+
+    #[test]
+    fn error_chunk_is_a_failed_try_retryable_by_code() {
+        let provider_down = parse_data(
+            r#"{"error":{"code":502,"message":"Provider disconnected"},"choices":[{"delta":{"content":""},"finish_reason":"error"}]}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(provider_down, ModelError::MidStream { code: 502, .. }));
+        assert!(provider_down.is_retryable());
+        let moderated = parse_data(r#"{"error":{"code":"403","message":"flagged"}}"#).unwrap_err();
+        assert!(!moderated.is_retryable());
+        assert!(moderated.to_string().contains("flagged"));
+    }
+
+    #[test]
+    fn non_json_chunk_is_a_retryable_malformed_error() {
+        let error = parse_data("{this is not json").unwrap_err();
+        assert!(matches!(error, ModelError::Malformed(_)));
+        assert!(error.is_retryable());
+    }
+
+    #[test]
+    fn stream_without_done_or_usage_is_not_a_completion() {
+        let mut reply = Reply::default();
+        reply.apply(Chunk {
+            content: Some("partial".into()),
+            ..Chunk::default()
+        });
+        assert!(matches!(reply.finish(None), Err(ModelError::Malformed(_))));
+    }
+
+    #[test]
+    fn finished_stream_keeps_text_usage_and_finish_reason() {
+        let mut reply = Reply::default();
+        reply.apply(Chunk {
+            content: Some("a".into()),
+            ..Chunk::default()
+        });
+        reply.apply(Chunk {
+            content: Some("b".into()),
+            finish_reason: Some("stop".into()),
+            ..Chunk::default()
+        });
+        reply.apply(Chunk {
+            usage: Some(Usage {
+                total_tokens: 3,
+                ..Usage::default()
+            }),
+            ..Chunk::default()
+        });
+        let completion = reply.finish(Some("gen-1".into())).unwrap();
+        assert_eq!(completion.text, "ab");
+        assert_eq!(completion.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(completion.usage.total_tokens, 3);
+        assert_eq!(completion.generation_id.as_deref(), Some("gen-1"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The OpenAI-style chat completions wire format as OpenRouter speaks it: the request body,
+//! the error body, and the streamed chunks with their deltas and usage.
+//!
+//! Kept apart from the public types in `call` so that a provider's quirks (fields omitted,
+//! `null`, codes sent as strings) are absorbed here, by lenient serde types, and never reach
+//! callers.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::call::{ChatMessage, ChatRequest, Usage};
+use super::error::ModelError;
+
+/// The OpenAI-style body; always streaming.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a Value>,
+}
+
+/// The JSON body sent for `request`.
+pub(super) fn encode_request(request: &ChatRequest) -> Result<Vec<u8>, ModelError> {
+    let wire = WireRequest {
+        model: &request.model,
+        messages: &request.messages,
+        stream: true,
+        temperature: request.temperature,
+        max_tokens: request.max_tokens,
+        response_format: request.response_format.as_ref(),
+    };
+    serde_json::to_vec(&wire).map_err(|e| ModelError::Request(e.to_string()))
+}
+
+/// The body of a non-2xx response, when the provider sent one in its usual shape.
+#[derive(Deserialize)]
+pub(super) struct ErrorBody {
+    pub(super) error: WireError,
+}
+
+/// A provider's error, in an error body or in a chunk of a stream that already started.
+#[derive(Deserialize)]
+pub(super) struct WireError {
+    #[serde(default)]
+    code: Value,
+    #[serde(default)]
+    pub(super) message: String,
+}
+
+impl WireError {
+    /// The code as a number, whether sent as one or as a string.
+    pub(super) fn code(&self) -> Option<u16> {
+        let code = match &self.code {
+            Value::String(text) => text.parse().ok(),
+            other => other.as_u64(),
+        };
+        code.and_then(|c| u16::try_from(c).ok())
+    }
+}
+
+/// One streamed `data:` payload other than `[DONE]`.
+#[derive(Deserialize)]
+pub(super) struct WireChunk {
+    #[serde(default)]
+    pub(super) choices: Vec<WireChoice>,
+    #[serde(default)]
+    pub(super) usage: Option<WireUsage>,
+    #[serde(default)]
+    pub(super) error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct WireChoice {
+    #[serde(default)]
+    pub(super) delta: Option<WireDelta>,
+    #[serde(default)]
+    pub(super) finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct WireDelta {
+    #[serde(default)]
+    pub(super) content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    /// Structured reasoning; only whether there is any matters here.
+    #[serde(default)]
+    reasoning_details: Option<Value>,
+}
+
+impl WireDelta {
+    /// Whether the delta carries any reasoning, as text or as structured details.
+    pub(super) fn has_reasoning(&self) -> bool {
+        let text = self.reasoning.as_deref().is_some_and(|text| !text.is_empty());
+        let details = match &self.reasoning_details {
+            Some(Value::Array(items)) => !items.is_empty(),
+            Some(Value::Null) | None => false,
+            Some(_) => true,
+        };
+        text || details
+    }
+}
+
+/// Lenient on purpose: providers omit or null fields they do not track.
+#[derive(Deserialize)]
+pub(super) struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    cost: Option<f64>,
+    prompt_tokens_details: Option<WirePromptDetails>,
+    completion_tokens_details: Option<WireCompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct WirePromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WireCompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(wire: WireUsage) -> Self {
+        let prompt_tokens = wire.prompt_tokens.unwrap_or(0);
+        let completion_tokens = wire.completion_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: wire.total_tokens.unwrap_or(prompt_tokens + completion_tokens),
+            cost_usd: wire.cost.unwrap_or(0.0),
+            cached_prompt_tokens: wire.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning_tokens: wire
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_body_always_streams_and_omits_unset_options() {
+        let request = ChatRequest {
+            model: "m".into(),
+            messages: vec![ChatMessage::new("user", "hi")],
+            ..ChatRequest::default()
+        };
+        let body: Value = serde_json::from_slice(&encode_request(&request).unwrap()).unwrap();
+        assert_eq!(body["stream"], true);
+        assert!(body.get("temperature").is_none());
+        assert_eq!(body["messages"][0]["content"], "hi");
+    }
+}
