@@ -401,6 +401,7 @@ async fn watch_one(mut client: nexus_tests::Client, id: String, latencies: Arc<M
     let request = nexus_proto::v1::WatchWorkflowRequest {
         workflow_id: id,
         after_cursor: String::new(),
+        ..Default::default()
     };
     let mut stream = client.watch_workflow(request).await.expect("watch").into_inner();
     let attached = unix_now();

@@ -224,6 +224,7 @@ async fn watch_to_end(
     let request = WatchWorkflowRequest {
         workflow_id: workflow_id.to_string(),
         after_cursor,
+        ..Default::default()
     };
     let mut events = client.watch_workflow(request).await?.into_inner();
     let mut printer = render::EventPrinter::new(cursors);

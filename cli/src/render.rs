@@ -9,6 +9,8 @@ pub struct EventPrinter {
     cursors: bool,
     phases: usize,
     streaming: Option<(u32, u32, u32)>,
+    /// The phase whose reasoning is being printed.
+    thinking: Option<u32>,
 }
 
 impl EventPrinter {
@@ -17,6 +19,7 @@ impl EventPrinter {
             cursors,
             phases: 0,
             streaming: None,
+            thinking: None,
         }
     }
 
@@ -52,8 +55,19 @@ impl EventPrinter {
                 if self.streaming.is_some_and(|current| current != key) {
                     println!("\n[try {} of {}]", delta.r#try, delta.phase);
                 }
+                if self.thinking.take().is_some() {
+                    println!();
+                }
                 self.streaming = Some(key);
                 print!("{}", delta.text);
+                let _ = std::io::stdout().flush();
+            }
+            Some(Kind::PhaseReasoningDelta(thinking)) => {
+                if self.thinking != Some(thinking.index) {
+                    print!("\n(thinking) ");
+                    self.thinking = Some(thinking.index);
+                }
+                print!("{}", thinking.text);
                 let _ = std::io::stdout().flush();
             }
             Some(Kind::PhaseRetrying(retry)) => {

@@ -76,7 +76,14 @@ impl WorkflowService for WorkflowApi {
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
         validate_cursor(&request.after_cursor)?;
-        let events = watch(self.hub.clone(), self.store.connection(), id, request.after_cursor).await?;
+        let events = watch(
+            self.hub.clone(),
+            self.store.connection(),
+            id,
+            request.after_cursor,
+            request.skip_reasoning,
+        )
+        .await?;
         Ok(Response::new(ReceiverStream::new(events)))
     }
 

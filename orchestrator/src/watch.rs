@@ -18,7 +18,7 @@ use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys, field, status};
 use nexus_pipeline::stream::entry_of;
-use nexus_proto::v1::WorkflowEvent;
+use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
 use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
@@ -148,6 +148,7 @@ pub async fn watch(
     conn: Connection,
     id: WorkflowId,
     after_cursor: String,
+    skip_reasoning: bool,
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
     let keys = WorkflowKeys::new(&id);
     let (status, last): (Option<String>, StreamRangeReply) = redis::pipe()
@@ -178,6 +179,7 @@ pub async fn watch(
         id,
         events_key: keys.events(),
         cursor: after_cursor,
+        skip_reasoning,
         sender,
     };
     tokio::spawn(watcher.run());
@@ -190,6 +192,8 @@ struct Watcher {
     id: WorkflowId,
     events_key: String,
     cursor: String,
+    /// Leave reasoning deltas out (the cursor still moves past them).
+    skip_reasoning: bool,
     sender: mpsc::Sender<Result<WorkflowEvent, Status>>,
 }
 
@@ -350,6 +354,9 @@ impl Watcher {
     async fn forward(&mut self, events: &[WorkflowEvent]) -> Flow {
         for event in events.iter().cloned() {
             self.cursor = event.cursor.clone();
+            if self.skip_reasoning && matches!(event.kind, Some(Kind::PhaseReasoningDelta(_))) {
+                continue;
+            }
             let terminal = is_terminal(&event);
             if self.sender.send(Ok(event)).await.is_err() || terminal {
                 return Flow::Stop;

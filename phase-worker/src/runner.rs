@@ -17,7 +17,9 @@ use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, com
 use nexus_proto::internal::{
     CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
-use nexus_proto::v1::{PhaseOutputDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage, workflow_event::Kind};
+use nexus_proto::v1::{
+    PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage, workflow_event::Kind,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -329,6 +331,7 @@ fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, Str
         response_format: (spec.output() == OutputKind::Rating).then(rating::response_format),
         traceparent: Some(task.traceparent.clone()),
         accept_truncated: spec.accept_truncated,
+        reasoning_effort: (!spec.reasoning_effort.is_empty()).then(|| spec.reasoning_effort.clone()),
     }
 }
 
@@ -367,6 +370,16 @@ async fn forward_events(
                     flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                 }
             }
+            Some(ModelEvent::Reasoning { try_number, text }) => {
+                if buffer.try_number != try_number {
+                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                    buffer.try_number = try_number;
+                }
+                buffer.reasoning.push_str(&text);
+                if buffer.reasoning.len() >= DELTA_MAX_BYTES {
+                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                }
+            }
             Some(ModelEvent::Retrying {
                 failed_try,
                 reason,
@@ -398,15 +411,20 @@ async fn forward_events(
                 });
                 append_or_stop(&handle, waiting, &stop).await;
             }
-            None => return buffer.into_delta(&handle, &phase, delivery),
+            None => {
+                flush_reasoning(&handle, &phase, delivery, &mut buffer, &stop).await;
+                return buffer.into_delta(&handle, &phase, delivery);
+            }
         }
     }
 }
 
+/// Streamed text of one try not yet in the event log: answer and reasoning.
 #[derive(Default)]
 struct DeltaBuffer {
     try_number: u32,
     text: String,
+    reasoning: String,
 }
 
 impl DeltaBuffer {
@@ -424,7 +442,9 @@ impl DeltaBuffer {
     }
 }
 
+/// Appends what is buffered: reasoning first (it came first), then answer text.
 async fn flush(handle: &TaskHandle, phase: &str, delivery: u64, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
+    flush_reasoning(handle, phase, delivery, buffer, stop).await;
     if buffer.text.is_empty() {
         return;
     }
@@ -436,6 +456,26 @@ async fn flush(handle: &TaskHandle, phase: &str, delivery: u64, buffer: &mut Del
         r#try: buffer.try_number,
     });
     append_or_stop(handle, delta, stop).await;
+}
+
+async fn flush_reasoning(
+    handle: &TaskHandle,
+    phase: &str,
+    delivery: u64,
+    buffer: &mut DeltaBuffer,
+    stop: &CancellationToken,
+) {
+    if buffer.reasoning.is_empty() {
+        return;
+    }
+    let reasoning = Kind::PhaseReasoningDelta(PhaseReasoningDelta {
+        index: handle.phase_index,
+        phase: phase.to_string(),
+        text: std::mem::take(&mut buffer.reasoning),
+        delivery: delivery as u32,
+        r#try: buffer.try_number,
+    });
+    append_or_stop(handle, reasoning, stop).await;
 }
 
 async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {

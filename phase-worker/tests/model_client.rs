@@ -174,7 +174,7 @@ impl Call {
     fn retries(&self) -> Vec<(String, Duration)> {
         let retry = |event: &ModelEvent| match event {
             ModelEvent::Retrying { reason, delay, .. } => Some((reason.clone(), *delay)),
-            ModelEvent::Delta { .. } | ModelEvent::Waiting { .. } => None,
+            ModelEvent::Delta { .. } | ModelEvent::Reasoning { .. } | ModelEvent::Waiting { .. } => None,
         };
         self.events.iter().filter_map(retry).collect()
     }
@@ -430,6 +430,7 @@ async fn truncated_answers_are_failed_tries_unless_accepted() {
         .await;
     let accepting = ChatRequest {
         accept_truncated: true,
+        reasoning_effort: None,
         ..ask("m/a", "hello")
     };
     let accepted = call(&stand_in.client(), &accepting, None).await;

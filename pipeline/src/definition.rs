@@ -61,7 +61,14 @@ pub struct PhaseDefinition {
     /// answered before (on by default; a run can turn it off).
     #[serde(default = "yes")]
     pub cache: bool,
+    /// Ask the model to reason before it answers, with this effort:
+    /// "minimal", "low", "medium" or "high" (OpenRouter's `reasoning.effort`).
+    #[serde(default)]
+    pub reasoning: Option<String>,
 }
+
+/// The reasoning efforts a phase may ask for.
+pub const REASONING_EFFORTS: &[&str] = &["minimal", "low", "medium", "high"];
 
 fn yes() -> bool {
     true
@@ -172,6 +179,12 @@ fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), 
             phase.name
         ));
     }
+    if let Some(effort) = phase.reasoning.as_deref().filter(|e| !REASONING_EFFORTS.contains(e)) {
+        return Err(format!(
+            "phase {:?} asks for reasoning {effort:?}; choose one of {REASONING_EFFORTS:?}",
+            phase.name
+        ));
+    }
     if let Some(input) = phase.inputs.iter().find(|input| !known.contains(input.as_str())) {
         return Err(format!(
             "phase {:?} reads {input:?}, which is neither \"plan\" nor an earlier phase",
@@ -213,6 +226,7 @@ fn phase_spec(
         max_tokens: phase.max_tokens,
         accept_truncated: phase.accept_truncated,
         no_cache: !phase.cache || options.no_cache,
+        reasoning_effort: phase.reasoning.clone().unwrap_or_default(),
     })
 }
 

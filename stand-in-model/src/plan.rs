@@ -28,7 +28,14 @@ pub(crate) struct ChatBody {
     max_tokens: Option<usize>,
     #[serde(default)]
     response_format: Option<Value>,
+    /// OpenRouter's `reasoning` parameter (`{"effort": "medium"}`).
+    #[serde(default)]
+    reasoning: Option<Value>,
 }
+
+/// Reasoning deltas a request that asks for reasoning gets when the stand-in
+/// was not told to reason for a while (`--reasoning-ms`): a few, unpaced.
+const ASKED_REASONING_DELTAS: usize = 2;
 
 #[derive(Debug, Deserialize)]
 struct Message {
@@ -72,6 +79,16 @@ impl ChatBody {
         system.chars().skip(skip).collect()
     }
 
+    /// Whether the request asks the model to reason first (an effort, a
+    /// token budget, or `enabled`), as OpenRouter's `reasoning` allows.
+    fn asks_for_reasoning(&self) -> bool {
+        let Some(Value::Object(reasoning)) = &self.reasoning else {
+            return false;
+        };
+        let enabled = reasoning.get("enabled").and_then(Value::as_bool);
+        enabled.unwrap_or(reasoning.contains_key("effort") || reasoning.contains_key("max_tokens"))
+    }
+
     fn last_user_text(&self) -> String {
         let last = self.messages.iter().rev().find(|m| m.role == "user");
         last.map(Message::text).unwrap_or_default()
@@ -106,8 +123,11 @@ impl ChatBody {
 #[derive(Debug)]
 pub(crate) struct Plan {
     pub meta: Meta,
-    /// Reasoning deltas, sent [`REASONING_INTERVAL`] apart before the first content chunk.
+    /// Reasoning deltas, sent `reasoning_interval` apart before the first content chunk.
     pub reasoning: Vec<String>,
+    /// [`REASONING_INTERVAL`] when the stand-in reasons for a configured time; zero for
+    /// the few deltas a request that asks for reasoning gets.
+    pub reasoning_interval: Duration,
     pub chunks: Vec<String>,
     pub finish_reason: String,
     pub usage: Value,
@@ -138,7 +158,11 @@ impl Plan {
             Some(Fault::Latency { first_token_ms }) => Duration::from_millis(first_token_ms),
             _ => config.first_token_latency,
         };
-        let reasoning = reply::reasoning_deltas(&body.model, reasoning_deltas(config.reasoning));
+        let (count, reasoning_interval) = match reasoning_deltas(config.reasoning) {
+            0 if body.asks_for_reasoning() => (ASKED_REASONING_DELTAS, Duration::ZERO),
+            count => (count, REASONING_INTERVAL),
+        };
+        let reasoning = reply::reasoning_deltas(&body.model, count);
         let completion_tokens = (chunks.len() + reasoning.len()) as u64;
         Self {
             meta: Meta {
@@ -153,6 +177,7 @@ impl Plan {
                 reasoning.len() as u64,
             ),
             reasoning,
+            reasoning_interval,
             chunks,
             finish_reason,
             first_token_latency,
@@ -173,7 +198,7 @@ impl Plan {
 
     /// How long the reasoning takes before the answer starts.
     pub(crate) fn reasoning_time(&self) -> Duration {
-        REASONING_INTERVAL * self.reasoning.len() as u32
+        self.reasoning_interval * self.reasoning.len() as u32
     }
 
     /// What the request log records when the plan plays out to the end.

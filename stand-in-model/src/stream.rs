@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::faults::Fault;
 use crate::framing::Framing;
-use crate::plan::{Plan, REASONING_INTERVAL};
+use crate::plan::Plan;
 use crate::state::Outcome;
 use crate::wire;
 
@@ -137,11 +137,13 @@ async fn play(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
     sink.flush().await
 }
 
-/// The model's thoughts, one delta every [`REASONING_INTERVAL`], before its answer.
+/// The model's thoughts, one delta every `reasoning_interval`, before its answer.
 async fn send_reasoning(plan: &Plan, sink: &mut Sink) -> Result<(), Gone> {
     for text in &plan.reasoning {
         sink.send_data(&wire::reasoning_chunk(&plan.meta, text)).await?;
-        sink.pause(REASONING_INTERVAL).await?;
+        if !plan.reasoning_interval.is_zero() {
+            sink.pause(plan.reasoning_interval).await?;
+        }
     }
     Ok(())
 }

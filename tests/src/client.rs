@@ -67,6 +67,7 @@ async fn open_watch(client: &mut Client, workflow_id: &str, after_cursor: &str) 
     let request = WatchWorkflowRequest {
         workflow_id: workflow_id.to_string(),
         after_cursor: after_cursor.to_string(),
+        ..Default::default()
     };
     client
         .watch_workflow(request)
@@ -150,6 +151,7 @@ pub fn kind_name(event: &WorkflowEvent) -> &'static str {
         Some(Kind::PhaseCompleted(_)) => "phase_completed",
         Some(Kind::PhaseRetrying(_)) => "phase_retrying",
         Some(Kind::PhaseWaiting(_)) => "phase_waiting",
+        Some(Kind::PhaseReasoningDelta(_)) => "phase_reasoning_delta",
         Some(Kind::Completed(_)) => "completed",
         Some(Kind::Failed(_)) => "failed",
         Some(Kind::Cancelled(_)) => "cancelled",

@@ -311,6 +311,7 @@ async fn watch_resumes_from_a_cursor_on_another_replica_without_gap_or_duplicate
         .watch_workflow(nexus_proto::v1::WatchWorkflowRequest {
             workflow_id: id.clone(),
             after_cursor: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

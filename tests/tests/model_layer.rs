@@ -216,3 +216,103 @@ async fn a_cost_cap_stops_the_run_before_the_call_that_would_pass_it() {
     assert!((budget.spent_usd - first_phase_cost).abs() < 1e-9, "{budget:?}");
     assert!(budget.remaining_usd < 1e-9, "{budget:?}");
 }
+
+/// The events of a watch, from the start, with or without reasoning.
+async fn watched(client: &mut Client, id: &str, skip_reasoning: bool) -> Vec<nexus_proto::v1::WorkflowEvent> {
+    let request = nexus_proto::v1::WatchWorkflowRequest {
+        workflow_id: id.to_string(),
+        skip_reasoning,
+        ..Default::default()
+    };
+    let mut stream = client.watch_workflow(request).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the watch ended in time")
+    {
+        events.push(event);
+    }
+    events
+}
+
+/// The phases (by index) that streamed reasoning, in order, once each.
+fn reasoning_phases(events: &[nexus_proto::v1::WorkflowEvent]) -> Vec<u32> {
+    let mut phases: Vec<u32> = events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(nexus_proto::v1::workflow_event::Kind::PhaseReasoningDelta(thinking)) => Some(thinking.index),
+            _ => None,
+        })
+        .collect();
+    phases.dedup();
+    phases
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_reviewer_reasons_and_watchers_may_leave_its_reasoning_out() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(FAST_MODEL);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Thoughtful").await;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed);
+
+    let all = watched(&mut client, &id, false).await;
+    assert_eq!(
+        reasoning_phases(&all),
+        [1, 3, 5],
+        "feedback, quality review and rating (the reviewer's phases) reasoned"
+    );
+    for phase in [1, 3, 5] {
+        let usage = workflow.phases[phase].usage.unwrap();
+        assert!(usage.reasoning_tokens > 0, "phase {phase} counts its reasoning tokens");
+    }
+    let without = watched(&mut client, &id, true).await;
+    assert!(reasoning_phases(&without).is_empty());
+    let others: Vec<&str> = all
+        .iter()
+        .filter(|e| kind_name(e) != "phase_reasoning_delta")
+        .map(|e| e.cursor.as_str())
+        .collect();
+    let kept: Vec<&str> = without.iter().map(|e| e.cursor.as_str()).collect();
+    assert_eq!(kept, others, "leaving reasoning out drops nothing else");
+}
+
+/// Reasoning-only streaming for three times the first-token and idle
+/// timeouts (the scaled-down form of "a minute of thinking against a 60 s
+/// idle timeout"): every phase completes on its first try.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_think_does_not_trip_the_first_token_or_idle_timeout() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&[
+        "--first-token-latency-ms",
+        "0",
+        "--tokens-per-second",
+        "0",
+        "--reply-words",
+        "5",
+        "--reasoning-ms",
+        "1500",
+    ]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let timeouts = [
+        ("NEXUS_MODEL_FIRST_TOKEN_TIMEOUT_MS", "500"),
+        ("NEXUS_MODEL_IDLE_TIMEOUT_MS", "500"),
+    ];
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &timeouts);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let request = choices("quick-review", &[], "");
+    let id = client.start_workflow(request).await.unwrap().into_inner().workflow_id;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    assert!(workflow.phases.iter().all(|p| p.tries == 1), "{:?}", workflow.phases);
+    assert!(
+        workflow.phases.iter().all(|p| p.duration_ms >= 1500),
+        "each phase thought for 1.5 s"
+    );
+    assert_eq!(calls_seen(&model).await, 3, "no try was cut off and repeated");
+    let events = watched(&mut client, &id, false).await;
+    assert_eq!(reasoning_phases(&events), [0, 1, 2]);
+}

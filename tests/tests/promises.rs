@@ -106,6 +106,7 @@ async fn watch_resumed_at_or_past_the_end_ends_at_once_and_gone_workflows_are_no
     let request = WatchWorkflowRequest {
         workflow_id: id.clone(),
         after_cursor: "99999999999999999999-0".into(),
+        ..Default::default()
     };
     let status = client.watch_workflow(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -120,6 +121,7 @@ async fn watch_resumed_at_or_past_the_end_ends_at_once_and_gone_workflows_are_no
     let request = WatchWorkflowRequest {
         workflow_id: id.clone(),
         after_cursor: terminal,
+        ..Default::default()
     };
     let status = client.watch_workflow(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -165,6 +167,7 @@ async fn sigterm_with_redis_down_exits_within_the_deadline_and_logs_sparingly() 
         .watch_workflow(WatchWorkflowRequest {
             workflow_id: id,
             after_cursor: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -556,6 +559,7 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
         .watch_workflow(WatchWorkflowRequest {
             workflow_id: id.clone(),
             after_cursor: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -290,6 +290,7 @@ async fn watch_resuming(stack: &Arc<Mutex<Stack>>, id: &str) -> Vec<nexus_proto:
         let request = nexus_proto::v1::WatchWorkflowRequest {
             workflow_id: id.to_string(),
             after_cursor: cursor,
+            ..Default::default()
         };
         let Ok(response) = client.watch_workflow(request).await else {
             continue;

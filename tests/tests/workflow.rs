@@ -255,6 +255,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let watch = nexus_proto::v1::WatchWorkflowRequest {
         workflow_id: unknown_id.clone(),
         after_cursor: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         client.watch_workflow(watch).await.unwrap_err().code(),
@@ -271,6 +272,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let bad_cursor = nexus_proto::v1::WatchWorkflowRequest {
         workflow_id: existing.clone(),
         after_cursor: "yesterday".into(),
+        ..Default::default()
     };
     assert_eq!(
         client.watch_workflow(bad_cursor).await.unwrap_err().code(),

@@ -100,6 +100,7 @@ mod tests {
             response_format: None,
             traceparent: None,
             accept_truncated: false,
+            reasoning_effort: None,
         }
     }
 

@@ -27,6 +27,7 @@ struct CacheIdentity<'a> {
     temperature: Option<f32>,
     max_tokens: Option<u32>,
     response_format: Option<&'a serde_json::Value>,
+    reasoning_effort: Option<&'a str>,
 }
 
 #[derive(Clone)]
@@ -53,6 +54,7 @@ impl ResponseCache {
             temperature: request.temperature,
             max_tokens: request.max_tokens,
             response_format: request.response_format.as_ref(),
+            reasoning_effort: request.reasoning_effort.as_deref(),
         };
         let canonical = serde_json::to_vec(&identity).expect("a request serializes");
         let digest = ring::digest::digest(&ring::digest::SHA256, &canonical);
@@ -105,6 +107,7 @@ mod tests {
             response_format: None,
             traceparent: Some("00-a-b-01".into()),
             accept_truncated: false,
+            reasoning_effort: None,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct ChatRequest {
     /// Accept an answer cut short (`finish_reason` "length" or
     /// "content_filter"); otherwise it is a failed try.
     pub accept_truncated: bool,
+    /// Ask the model to reason first with this effort ("low", "medium",
+    /// "high"); `None` leaves it to the model.
+    pub reasoning_effort: Option<String>,
 }
 
 /// Token counts and cost as the provider reported them in the stream's last chunk.
@@ -69,6 +72,11 @@ pub struct Completion {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelEvent {
     Delta {
+        try_number: u32,
+        text: String,
+    },
+    /// A thinking model's reasoning text (never part of the answer).
+    Reasoning {
         try_number: u32,
         text: String,
     },

@@ -57,6 +57,9 @@ struct Chunk {
     content: Option<String>,
     /// The chunk carried reasoning: the model is thinking, not silent.
     reasoning: bool,
+    /// Its reasoning as text, when it came as text (structured or
+    /// encrypted reasoning has none to show).
+    reasoning_text: Option<String>,
     finish_reason: Option<String>,
     usage: Option<Usage>,
 }
@@ -80,6 +83,10 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
     Ok(Data::Chunk(Chunk {
         reasoning: delta.as_ref().is_some_and(WireDelta::has_reasoning),
+        reasoning_text: delta
+            .as_ref()
+            .and_then(|d| d.reasoning.clone())
+            .filter(|text| !text.is_empty()),
         content: delta.and_then(|d| d.content).filter(|text| !text.is_empty()),
         finish_reason,
         usage: wire.usage.map(Usage::from),
@@ -155,10 +162,13 @@ impl ModelClient {
         while let Some(event) = self.next_event(&mut sse, reply.started, first_token_due).await? {
             // A failed parse quotes the provider's text: quote it scrubbed.
             let data = parse_data(&event.data).or_else(|_| parse_data(&self.redact_text(event.data.clone())))?;
-            let Data::Chunk(chunk) = data else {
+            let Data::Chunk(mut chunk) = data else {
                 reply.done = true;
                 break;
             };
+            if let Some(text) = chunk.reasoning_text.take() {
+                let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
+            }
             if let Some(text) = reply.apply(chunk) {
                 let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
             }

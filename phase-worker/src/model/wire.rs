@@ -23,6 +23,14 @@ struct WireRequest<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<&'a Value>,
+    /// OpenRouter's unified reasoning parameter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<WireReasoning<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireReasoning<'a> {
+    effort: &'a str,
 }
 
 /// The JSON body sent for `request`.
@@ -34,6 +42,10 @@ pub(super) fn encode_request(request: &ChatRequest) -> Result<Vec<u8>, ModelErro
         temperature: request.temperature,
         max_tokens: request.max_tokens,
         response_format: request.response_format.as_ref(),
+        reasoning: request
+            .reasoning_effort
+            .as_deref()
+            .map(|effort| WireReasoning { effort }),
     };
     serde_json::to_vec(&wire).map_err(|e| ModelError::Request(e.to_string()))
 }
@@ -88,7 +100,7 @@ pub(super) struct WireDelta {
     #[serde(default)]
     pub(super) content: Option<String>,
     #[serde(default)]
-    reasoning: Option<String>,
+    pub(super) reasoning: Option<String>,
     /// Structured reasoning; only whether there is any matters here.
     #[serde(default)]
     reasoning_details: Option<Value>,
