@@ -70,6 +70,12 @@ impl EventPrinter {
                 print!("{}", thinking.text);
                 let _ = std::io::stdout().flush();
             }
+            Some(Kind::PhaseFallback(fallback)) => {
+                println!(
+                    "\n⇢ {}: {} failed ({}); falling back to {}",
+                    fallback.phase, fallback.from_model, fallback.reason, fallback.to_model
+                );
+            }
             Some(Kind::PhaseRetrying(retry)) => {
                 println!(
                     "\n↻ {} try {} failed: {} — retrying in {:.1} s",

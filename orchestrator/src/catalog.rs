@@ -151,7 +151,9 @@ impl PipelineCatalog {
                     roles.join(", ")
                 )));
             }
-            validate_model_id(role, model)?;
+            for part in model.split('|') {
+                validate_model_id(role, part)?;
+            }
             models.insert(role.clone(), model.trim().to_string());
         }
         Ok(models)

@@ -18,7 +18,8 @@ use nexus_proto::internal::{
     CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
 use nexus_proto::v1::{
-    PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage, workflow_event::Kind,
+    PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage,
+    workflow_event::Kind,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -259,12 +260,18 @@ async fn call_model(
         OutputKind::Rating => Some(&validate_rating),
         _ => None,
     };
-    let answer = ctx.client.complete(&request, validator, &events, stop).await;
+    let answer = ctx
+        .client
+        .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
+        .await;
     drop(events);
     let final_delta = forwarder.await.ok().flatten().map(Box::new);
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
-        Ok(completion) => metrics::record_call(&spec.model, "ok", seconds, Some(&usage_of(completion))),
+        Ok(completion) => {
+            let answered = completion.model.as_deref().unwrap_or(&spec.model);
+            metrics::record_call(answered, "ok", seconds, Some(&usage_of(completion)))
+        }
         Err(ModelError::Cancelled) => metrics::record_call(&spec.model, "cancelled", seconds, None),
         Err(_) => metrics::record_call(&spec.model, "failed", seconds, None),
     }
@@ -350,6 +357,8 @@ async fn forward_events(
         .get_or_create(&ModelLabel { model: spec.model })
         .clone();
     let mut buffer = DeltaBuffer::default();
+    // Tries of models fallen back from: the next model's tries come after them.
+    let mut earlier_tries = 0;
     let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
     loop {
         let next = tokio::select! {
@@ -361,6 +370,7 @@ async fn forward_events(
         };
         match next {
             Some(ModelEvent::Delta { try_number, text }) => {
+                let try_number = earlier_tries + try_number;
                 if buffer.try_number != try_number {
                     flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                     buffer.try_number = try_number;
@@ -371,6 +381,7 @@ async fn forward_events(
                 }
             }
             Some(ModelEvent::Reasoning { try_number, text }) => {
+                let try_number = earlier_tries + try_number;
                 if buffer.try_number != try_number {
                     flush(&handle, &phase, delivery, &mut buffer, &stop).await;
                     buffer.try_number = try_number;
@@ -390,11 +401,28 @@ async fn forward_events(
                 let retrying = Kind::PhaseRetrying(PhaseRetrying {
                     index: handle.phase_index,
                     phase: phase.clone(),
-                    r#try: failed_try,
+                    r#try: earlier_tries + failed_try,
                     reason,
                     retry_in_ms: delay.as_millis() as u64,
                 });
                 append_or_stop(&handle, retrying, &stop).await;
+            }
+            Some(ModelEvent::FellBack {
+                from,
+                to,
+                reason,
+                tries,
+            }) => {
+                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
+                earlier_tries += tries;
+                let fallback = Kind::PhaseFallback(PhaseFallback {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    from_model: from,
+                    to_model: to,
+                    reason,
+                });
+                append_or_stop(&handle, fallback, &stop).await;
             }
             Some(ModelEvent::Waiting {
                 reason,
@@ -531,7 +559,11 @@ fn success(
         cache_hit: false,
         saved_usd: 0.0,
     };
-    result(handle, task, spec, Outcome::Success(success))
+    let answered = completion.model.unwrap_or_else(|| spec.model.clone());
+    PhaseResult {
+        model: answered,
+        ..result(handle, task, spec, Outcome::Success(success))
+    }
 }
 
 fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outcome) -> PhaseResult {

@@ -174,7 +174,10 @@ impl Call {
     fn retries(&self) -> Vec<(String, Duration)> {
         let retry = |event: &ModelEvent| match event {
             ModelEvent::Retrying { reason, delay, .. } => Some((reason.clone(), *delay)),
-            ModelEvent::Delta { .. } | ModelEvent::Reasoning { .. } | ModelEvent::Waiting { .. } => None,
+            ModelEvent::Delta { .. }
+            | ModelEvent::Reasoning { .. }
+            | ModelEvent::FellBack { .. }
+            | ModelEvent::Waiting { .. } => None,
         };
         self.events.iter().filter_map(retry).collect()
     }

@@ -207,10 +207,12 @@ fn phase_spec(
     models: &BTreeMap<String, String>,
     options: RunOptions<'_>,
 ) -> Result<PhaseSpec, PipelineError> {
-    let model = models.get(&phase.role).ok_or_else(|| PipelineError::UnknownRole {
+    let chain = models.get(&phase.role).ok_or_else(|| PipelineError::UnknownRole {
         role: phase.role.clone(),
         phase: phase.name.clone(),
     })?;
+    let mut chain = model_chain(chain);
+    let model = chain.remove(0);
     let output = match phase.output {
         OutputFormat::Text => OutputKind::Text,
         OutputFormat::Rating => OutputKind::Rating,
@@ -227,7 +229,20 @@ fn phase_spec(
         accept_truncated: phase.accept_truncated,
         no_cache: !phase.cache || options.no_cache,
         reasoning_effort: phase.reasoning.clone().unwrap_or_default(),
+        fallback_models: chain,
     })
+}
+
+/// A role's models, first choice first: `a|b|c` is model `a` with
+/// fallbacks `b` and `c`. Never empty.
+pub fn model_chain(models: &str) -> Vec<String> {
+    let chain: Vec<String> = models
+        .split('|')
+        .map(str::trim)
+        .filter(|model| !model.is_empty())
+        .map(str::to_string)
+        .collect();
+    if chain.is_empty() { vec![String::new()] } else { chain }
 }
 
 /// A phase's system prompt followed by the run's extra instructions.
@@ -352,6 +367,16 @@ mod tests {
             ("a".to_string(), "A".to_string()),
         ]);
         assert_eq!(render_prompt("x {{plan}} y {{ a }} z", &inputs), "x P y A z");
+    }
+
+    #[test]
+    fn a_role_may_name_fallback_models() {
+        let mut models = default_models();
+        models.insert("reviewer".into(), "google/gemini-3-pro-preview | openai/gpt-5".into());
+        let snapshot = PipelineDefinition::default_pipeline().resolve(&models).unwrap();
+        assert_eq!(snapshot.phases[1].model, "google/gemini-3-pro-preview");
+        assert_eq!(snapshot.phases[1].fallback_models, ["openai/gpt-5"]);
+        assert!(snapshot.phases[0].fallback_models.is_empty());
     }
 
     #[test]

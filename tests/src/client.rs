@@ -152,6 +152,7 @@ pub fn kind_name(event: &WorkflowEvent) -> &'static str {
         Some(Kind::PhaseRetrying(_)) => "phase_retrying",
         Some(Kind::PhaseWaiting(_)) => "phase_waiting",
         Some(Kind::PhaseReasoningDelta(_)) => "phase_reasoning_delta",
+        Some(Kind::PhaseFallback(_)) => "phase_fallback",
         Some(Kind::Completed(_)) => "completed",
         Some(Kind::Failed(_)) => "failed",
         Some(Kind::Cancelled(_)) => "cancelled",

@@ -316,3 +316,56 @@ async fn a_long_think_does_not_trip_the_first_token_or_idle_timeout() {
     let events = watched(&mut client, &id, false).await;
     assert_eq!(reasoning_phases(&events), [0, 1, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reviewer_that_always_answers_503_falls_back_and_the_run_names_who_answered() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(FAST_MODEL);
+    let gemini = "google/gemini-3-pro-preview";
+    ModelControl::new(&model.base_url())
+        .inject(serde_json::json!([{"kind": "status", "status": 503, "model": gemini, "times": 1000}]))
+        .await;
+    let models = format!("primary=anthropic/claude-sonnet-4.5,reviewer={gemini}|openai/gpt-5");
+    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_MODELS", models.as_str())]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[("NEXUS_MODEL_MAX_TRIES", "2")]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Resilient").await;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+
+    for phase in &workflow.phases {
+        let reviewer = phase.index % 2 == 1;
+        let (answered, asked, tries) = match reviewer {
+            true => ("openai/gpt-5", gemini, 3),
+            false => ("anthropic/claude-sonnet-4.5", "anthropic/claude-sonnet-4.5", 1),
+        };
+        assert_eq!(
+            (phase.model.as_str(), phase.requested_model.as_str(), phase.tries),
+            (answered, asked, tries),
+            "phase {}",
+            phase.name
+        );
+    }
+    let calls = ModelControl::new(&model.base_url()).requests().await;
+    let count = |name: &str| calls.iter().filter(|call| call["model"] == name).count();
+    assert_eq!(count(gemini), 6, "two tries for each of the three reviewer phases");
+    assert_eq!(count("openai/gpt-5"), 3, "then one call each to the fallback");
+    let events = watched(&mut client, &id, true).await;
+    let fallbacks: Vec<(u32, &str, &str)> = events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(nexus_proto::v1::workflow_event::Kind::PhaseFallback(f)) => {
+                Some((f.index, f.from_model.as_str(), f.to_model.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fallbacks,
+        [
+            (1, gemini, "openai/gpt-5"),
+            (3, gemini, "openai/gpt-5"),
+            (5, gemini, "openai/gpt-5")
+        ]
+    );
+}

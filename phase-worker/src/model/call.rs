@@ -63,8 +63,12 @@ pub struct Completion {
     pub usage: Usage,
     pub generation_id: Option<String>,
     pub finish_reason: Option<String>,
-    /// Tries it took, counting the successful one.
+    /// Tries it took, counting the successful one (and those of models it
+    /// fell back from).
     pub tries: u32,
+    /// The model that answered, as the provider named it (`None`: it did
+    /// not say).
+    pub model: Option<String>,
 }
 
 /// Progress reported while a call runs. Deltas of a failed try have already been sent when
@@ -84,6 +88,14 @@ pub enum ModelEvent {
         failed_try: u32,
         reason: String,
         delay: Duration,
+    },
+    /// The model failed for good and the call moves on to the next model;
+    /// the next model's tries are numbered after this one's `tries`.
+    FellBack {
+        from: String,
+        to: String,
+        reason: String,
+        tries: u32,
     },
     /// The call waits before its next request (the provider's `Retry-After`
     /// or the shared rate limit); not a failed try.

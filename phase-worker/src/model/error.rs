@@ -82,6 +82,25 @@ pub enum ModelError {
 
 impl ModelError {
     /// Whether another try can plausibly succeed.
+    /// Whether another model might succeed where this one failed: its
+    /// tries ran out, it does not exist (404), or the provider kept it
+    /// waiting past the budget. A bad request, key or balance would fail on
+    /// any model.
+    pub fn warrants_fallback(&self) -> bool {
+        matches!(
+            self,
+            ModelError::Exhausted { .. } | ModelError::WaitedTooLong { .. } | ModelError::Rejected { status: 404, .. }
+        )
+    }
+
+    /// How many tries the failed call made.
+    pub fn tries_made(&self) -> u32 {
+        match self {
+            ModelError::Exhausted { tries, .. } => *tries,
+            _ => 1,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             ModelError::Status { .. }

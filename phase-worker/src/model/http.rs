@@ -60,9 +60,16 @@ pub(super) fn build_http_client(config: &ModelClientConfig) -> Result<reqwest::C
         .map_err(|e| ModelError::Config(describe_reqwest_error(e)))
 }
 
-/// The chat completions URL under `base_url`.
+/// The chat completions URL under `base_url`: OpenRouter's path under a
+/// bare host, or `/chat/completions` under a base that already names its API
+/// version (`http://localhost:8000/v1`, as vLLM, llama.cpp's server, Ollama
+/// and OpenAI itself document theirs).
 pub(super) fn endpoint(base_url: &str) -> Result<String, ModelError> {
-    let endpoint = format!("{}{CHAT_PATH}", base_url.trim_end_matches('/'));
+    let base = base_url.trim_end_matches('/');
+    let endpoint = match base.ends_with("/v1") {
+        true => format!("{base}/chat/completions"),
+        false => format!("{base}{CHAT_PATH}"),
+    };
     reqwest::Url::parse(&endpoint)
         .map_err(|e| ModelError::Config(format!("model base URL is not a valid URL: {e}")))?;
     Ok(endpoint)
@@ -225,6 +232,12 @@ mod tests {
     fn endpoint_appends_the_chat_path_once() {
         let expected = "http://127.0.0.1:1/api/v1/chat/completions";
         assert_eq!(endpoint("http://127.0.0.1:1/").unwrap(), expected);
+        assert_eq!(endpoint("http://127.0.0.1:1/api/v1").unwrap(), expected);
+        assert_eq!(
+            endpoint("http://localhost:8000/v1/").unwrap(),
+            "http://localhost:8000/v1/chat/completions",
+            "an OpenAI-style base keeps its own version path"
+        );
         assert!(matches!(endpoint("not a url"), Err(ModelError::Config(_))));
     }
 }

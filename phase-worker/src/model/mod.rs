@@ -28,6 +28,7 @@
 //!   URLs and overlong provider messages out of error text.
 //! - `cache`: the response cache: identical requests answered from Redis.
 //! - `budget`: model prices and a run's cost cap, checked before each call.
+//! - `fallback`: the next model when one keeps failing.
 //! - `pacer`: the [`Pacer`] hook through which tries are paced; its Redis implementation is
 //!   [`crate::pacing`], outside this layer, so the client itself never touches Redis.
 //!
@@ -40,6 +41,7 @@ mod call;
 mod client;
 mod config;
 mod error;
+mod fallback;
 mod http;
 mod pacer;
 mod retry;

@@ -55,6 +55,8 @@ enum Data {
 #[derive(Debug, Default, PartialEq)]
 struct Chunk {
     content: Option<String>,
+    /// The model that answered, as the chunk names it.
+    model: Option<String>,
     /// The chunk carried reasoning: the model is thinking, not silent.
     reasoning: bool,
     /// Its reasoning as text, when it came as text (structured or
@@ -82,6 +84,7 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     let choice = wire.choices.into_iter().next();
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
     Ok(Data::Chunk(Chunk {
+        model: wire.model.filter(|model| !model.is_empty()),
         reasoning: delta.as_ref().is_some_and(WireDelta::has_reasoning),
         reasoning_text: delta
             .as_ref()
@@ -97,6 +100,8 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
 #[derive(Debug, Default)]
 pub(super) struct Reply {
     text: String,
+    /// The model that answered, from the first chunk that names one.
+    model: Option<String>,
     finish_reason: Option<String>,
     usage: Option<Usage>,
     /// A first token, content or reasoning, has arrived: the first-token clock has stopped.
@@ -108,6 +113,9 @@ impl Reply {
     /// Folds a chunk in and returns its new answer text, if any; reasoning is not answer text.
     fn apply(&mut self, chunk: Chunk) -> Option<String> {
         self.started |= chunk.reasoning;
+        if self.model.is_none() {
+            self.model = chunk.model;
+        }
         if chunk.finish_reason.is_some() {
             self.finish_reason = chunk.finish_reason;
         }
@@ -138,6 +146,7 @@ impl Reply {
             generation_id,
             finish_reason: self.finish_reason,
             tries: 0,
+            model: self.model,
         })
     }
 }

@@ -79,6 +79,9 @@ impl WireError {
 /// One streamed `data:` payload other than `[DONE]`.
 #[derive(Deserialize)]
 pub(super) struct WireChunk {
+    /// The model that answered (OpenRouter may route to another than asked).
+    #[serde(default)]
+    pub(super) model: Option<String>,
     #[serde(default)]
     pub(super) choices: Vec<WireChoice>,
     #[serde(default)]

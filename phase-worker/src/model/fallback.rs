@@ -1,0 +1,62 @@
+//! Fallbacks: a phase may name more than one model (its role's model, then
+//! the role's fallbacks, from `NEXUS_MODELS` as `role=a|b|c` or a run's
+//! overrides). When one keeps failing (its tries used up, the model not
+//! found, or the provider holding it off past the wait budget) the call moves
+//! on to the next, and says so with [`ModelEvent::FellBack`]. Failures that
+//! another model cannot mend (a bad request, a bad key, no credit, a
+//! cancel) end the call at once.
+//!
+//! This is done here, on every endpoint alike, rather than with OpenRouter's
+//! `models` routing: the worker then sees and reports each switch, each
+//! model keeps its own tries and back-off, and a local OpenAI-compatible
+//! server gets fallbacks too. The model that answered is recorded from the
+//! response's `model` field either way.
+
+use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator};
+use super::client::ModelClient;
+use super::error::ModelError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+impl ModelClient {
+    /// [`ModelClient::complete`] with `request.model`, then each of
+    /// `fallbacks` in turn while the failure is one another model may not
+    /// have. The completion's `tries` counts every model's tries.
+    pub async fn complete_with_fallbacks(
+        &self,
+        request: &ChatRequest,
+        fallbacks: &[String],
+        validator: Option<&OutputValidator>,
+        events: &mpsc::Sender<ModelEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, ModelError> {
+        let mut request = request.clone();
+        let mut next_models = fallbacks.iter();
+        let mut earlier_tries = 0;
+        loop {
+            let error = match self.complete(&request, validator, events, cancel).await {
+                Ok(completion) => {
+                    return Ok(Completion {
+                        tries: earlier_tries + completion.tries,
+                        model: completion.model.or(Some(request.model)),
+                        ..completion
+                    });
+                }
+                Err(error) => error,
+            };
+            let next = next_models.next().filter(|_| error.warrants_fallback());
+            let Some(next) = next else { return Err(error) };
+            let tries = error.tries_made();
+            tracing::warn!(from = %request.model, to = %next, %error, "falling back to the next model");
+            let fell_back = ModelEvent::FellBack {
+                from: request.model.clone(),
+                to: next.clone(),
+                reason: error.to_string(),
+                tries,
+            };
+            let _receiver_gone = events.send(fell_back).await;
+            earlier_tries += tries;
+            request.model = next.clone();
+        }
+    }
+}
