@@ -108,9 +108,11 @@ pub struct Config {
     pub result_publish_patience_ms: u64,
 
     /// Shared per-model rate limits, as "model=N/s,model=N/min,*=N/s" ("*":
-    /// every other model). Calls are spaced evenly (at most one per 1/N s)
-    /// across all workers, through Redis. Empty: no limit. A provider's
-    /// Retry-After always holds off all workers for that model.
+    /// every other model) for requests and "model=N tok/min" for tokens; a
+    /// model may have both. Calls are spaced evenly (at most one per 1/N s)
+    /// across all workers, and no minute's calls reserve more than N tokens
+    /// (prompt plus answer, estimated), through Redis. Empty: no limit. A
+    /// provider's Retry-After always holds off all workers for that model.
     #[arg(long, env = "NEXUS_MODEL_RATE_LIMITS", default_value = "", value_parser = crate::pacing::RateLimits::parse)]
     pub model_rate_limits: crate::pacing::RateLimits,
 
@@ -125,6 +127,12 @@ pub struct Config {
     /// a price is only stopped once its run has spent the cap.
     #[arg(long, env = "NEXUS_MODEL_PRICES", default_value = crate::model::budget::DEFAULT_MODEL_PRICES)]
     pub model_prices: crate::model::budget::ModelPrices,
+
+    /// Tokens a call's answer is assumed to use under a tokens-per-minute
+    /// limit (`NEXUS_MODEL_RATE_LIMITS` with `tok/min`) when its phase sets
+    /// no `max_tokens`.
+    #[arg(long, env = "NEXUS_MODEL_ANSWER_TOKENS", default_value_t = 1000)]
+    pub answer_token_allowance: u64,
 
     /// This worker's consumer name. Default: host, pid and a random suffix.
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
@@ -191,6 +199,7 @@ impl Config {
             max_retry_after: Duration::from_millis(self.max_retry_after_ms),
             max_total_wait: Duration::from_millis(self.max_total_wait_ms),
             ca_file: self.model_ca_file.clone().filter(|path| !path.as_os_str().is_empty()),
+            answer_token_allowance: self.answer_token_allowance,
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::model::{Pacer, PacerFuture};
 use futures::StreamExt;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
-use nexus_pipeline::keys::{PACE_CHANNEL, model_pace};
+use nexus_pipeline::keys::{PACE_CHANNEL, model_pace, model_tokens};
 use redis::Script;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -15,23 +15,38 @@ use std::time::{Duration, Instant};
 
 static PACE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/pace.lua")));
 
-/// Minimum spacing of calls per model, from `NEXUS_MODEL_RATE_LIMITS`.
+/// Per-model limits from `NEXUS_MODEL_RATE_LIMITS`: the minimum spacing of
+/// calls, and the tokens a minute's calls may reserve.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RateLimits {
     per_model: HashMap<String, Duration>,
     default: Option<Duration>,
+    tokens_per_model: HashMap<String, u64>,
+    default_tokens: Option<u64>,
 }
 
 impl RateLimits {
-    /// Parses "model=N/s,other=N/min,*=N/s" (`*` applies to unlisted models).
+    /// Parses "model=N/s,other=N/min,*=N/s,model=N tok/min" (`*` applies to
+    /// unlisted models).
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut limits = Self::default();
         for entry in text.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
             let (model, rate) = entry
                 .rsplit_once('=')
-                .ok_or_else(|| format!("{entry:?} is not model=N/s or model=N/min"))?;
-            let interval = parse_rate(rate.trim()).ok_or_else(|| format!("{rate:?} is not N/s or N/min with N > 0"))?;
-            match model.trim() {
+                .ok_or_else(|| format!("{entry:?} is not model=N/s, model=N/min or model=N tok/min"))?;
+            let model = model.trim();
+            if let Some(tokens) = parse_tokens_per_minute(rate.trim()) {
+                match model {
+                    "*" => limits.default_tokens = Some(tokens),
+                    model => {
+                        limits.tokens_per_model.insert(model.to_string(), tokens);
+                    }
+                }
+                continue;
+            }
+            let interval =
+                parse_rate(rate.trim()).ok_or_else(|| format!("{rate:?} is not N/s, N/min or N tok/min with N > 0"))?;
+            match model {
                 "*" => limits.default = Some(interval),
                 model => {
                     limits.per_model.insert(model.to_string(), interval);
@@ -45,6 +60,27 @@ impl RateLimits {
     pub fn interval(&self, model: &str) -> Duration {
         self.per_model.get(model).copied().or(self.default).unwrap_or_default()
     }
+
+    /// The tokens a minute's calls to `model` may reserve (0: unlimited).
+    pub fn tokens_per_minute(&self, model: &str) -> u64 {
+        self.tokens_per_model
+            .get(model)
+            .copied()
+            .or(self.default_tokens)
+            .unwrap_or_default()
+    }
+}
+
+/// "N tok/min" (or "Ntok/min", "N tokens/min") as N.
+fn parse_tokens_per_minute(rate: &str) -> Option<u64> {
+    let (count, unit) = rate.split_once('/')?;
+    let count = count.trim();
+    let number = count
+        .strip_suffix("tokens")
+        .or_else(|| count.strip_suffix("tok"))?
+        .trim();
+    let minute = matches!(unit.trim(), "min" | "m" | "minute");
+    number.parse().ok().filter(|n: &u64| *n > 0 && minute)
 }
 
 fn parse_rate(rate: &str) -> Option<Duration> {
@@ -77,13 +113,17 @@ impl RedisPacer {
         }
     }
 
-    async fn pace(&self, model: &str, mode: &str, millis: u128) -> Duration {
+    async fn pace(&self, model: &str, mode: &str, millis: u128, tokens: Tokens) -> Duration {
         let reply: redis::RedisResult<u64> = PACE
             .key(model_pace(model))
+            .key(model_tokens(model))
             .arg(mode)
             .arg(millis as u64)
             .arg(PACE_CHANNEL)
             .arg(model)
+            .arg(tokens.limit)
+            .arg(tokens.wanted)
+            .arg(uuid::Uuid::now_v7().simple().to_string())
             .invoke_async(&mut self.conn.clone())
             .await;
         match reply {
@@ -131,14 +171,24 @@ impl RedisPacer {
     }
 }
 
+/// A call's tokens against its model's tokens-per-minute limit.
+#[derive(Clone, Copy, Default)]
+struct Tokens {
+    /// 0: no token limit.
+    limit: u64,
+    wanted: u64,
+}
+
 impl Pacer for RedisPacer {
-    fn reserve<'a>(&'a self, model: &'a str) -> PacerFuture<'a, Duration> {
+    fn reserve<'a>(&'a self, model: &'a str, tokens: u64) -> PacerFuture<'a, Duration> {
         let interval = self.limits.interval(model);
-        if interval.is_zero() {
+        let limit = self.limits.tokens_per_minute(model);
+        if interval.is_zero() && limit == 0 {
             let wait = self.local_back_off(model);
             return Box::pin(async move { wait });
         }
-        Box::pin(self.pace(model, "reserve", interval.as_millis()))
+        let tokens = Tokens { limit, wanted: tokens };
+        Box::pin(self.pace(model, "reserve", interval.as_millis(), tokens))
     }
 
     fn back_off<'a>(&'a self, model: &'a str, wait: Duration) -> PacerFuture<'a, ()> {
@@ -149,7 +199,7 @@ impl Pacer for RedisPacer {
         );
         self.remember_back_off(model, wait);
         Box::pin(async move {
-            self.pace(model, "back_off", wait.as_millis()).await;
+            self.pace(model, "back_off", wait.as_millis(), Tokens::default()).await;
         })
     }
 }
@@ -170,6 +220,16 @@ mod tests {
             Duration::from_millis(500)
         );
         assert_eq!(RateLimits::parse("").unwrap().interval("x"), Duration::ZERO);
+    }
+
+    #[test]
+    fn token_limits_parse_beside_request_limits() {
+        let limits = RateLimits::parse("m=2/s, m=40000 tok/min, *=1000tok/min").unwrap();
+        assert_eq!(limits.interval("m"), Duration::from_millis(500));
+        assert_eq!(limits.tokens_per_minute("m"), 40_000);
+        assert_eq!(limits.tokens_per_minute("other"), 1000);
+        assert_eq!(limits.interval("other"), Duration::ZERO);
+        assert!(RateLimits::parse("m=10 tok/s").is_err(), "tokens are per minute");
     }
 
     #[test]

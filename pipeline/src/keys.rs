@@ -16,6 +16,7 @@
 //! nexus:{nx0}:wf:<id>:events     stream  WorkflowEvent, the watch log
 //! nexus:{nx0}:wf:<id>:outputs    hash    "plan" and each phase's output
 //! nexus:model:{<model>}:pace     hash    shared rate limit and back-off of one model
+//! nexus:model:{<model>}:tokens   zset    tokens its calls reserved in the last minute
 //! nexus:cache:<sha256>           string  CachedAnswer: a model's answer to an identical request
 //! nexus:events                   pubsub  "<id>" when a workflow has a new event
 //! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
@@ -84,6 +85,12 @@ impl ShardKeys {
 /// in one slot of its own.
 pub fn model_pace(model: &str) -> String {
     format!("nexus:model:{{{model}}}:pace")
+}
+
+/// The tokens one model's calls reserved in the last minute: a sorted set of
+/// `<id>:<tokens>` by reservation time (ms), beside its pace hash (same slot).
+pub fn model_tokens(model: &str) -> String {
+    format!("nexus:model:{{{model}}}:tokens")
 }
 
 /// Keys of one workflow.

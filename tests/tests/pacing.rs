@@ -94,3 +94,75 @@ async fn retry_after_from_the_provider_holds_off_every_worker_for_that_model() {
         later[0] - limited_at
     );
 }
+
+/// Ten workers share a tokens-per-minute limit per model. The witness is the
+/// stand-in: for every call it saw, the tokens it reported for the calls it
+/// received in the 60 s from then on never add up to more than the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_workers_under_a_token_limit_never_pass_it_in_any_minute() {
+    const LIMIT: u64 = 1200;
+    let mut stack = Stack::start_with(1, 0, FAST_MODEL);
+    let limits = format!("*={LIMIT} tok/min");
+    for _ in 0..10 {
+        let env = [
+            ("NEXUS_MODEL_RATE_LIMITS", limits.as_str()),
+            ("NEXUS_MODEL_ANSWER_TOKENS", "60"),
+            ("NEXUS_MODEL_MAX_TOTAL_WAIT_MS", "180000"),
+        ];
+        stack
+            .workers
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &env));
+    }
+    let mut client = connect(&stack.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(start(&mut client, &format!("Token-paced {n}")).await);
+    }
+    let mut tokens_by_generation = std::collections::HashMap::new();
+    let mut waited = 0;
+    for id in &ids {
+        let workflow = wait_terminal(&mut client, id, Duration::from_secs(240)).await;
+        assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+        for phase in &workflow.phases {
+            let tokens = phase.usage.unwrap().total_tokens;
+            tokens_by_generation.insert(phase.generation_id.clone(), (phase.model.clone(), tokens));
+        }
+        let events = watch_until_end(&mut client, id, "", Duration::from_secs(10)).await;
+        waited += events.iter().filter(|e| kind_name(e) == "phase_waiting").count();
+    }
+    assert!(waited > 0, "waiting for the limit shows as phase_waiting events");
+
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    let calls: Vec<(String, u64, u64)> = requests
+        .iter()
+        .map(|request| {
+            let generation = format!("gen-standin-{}", request["seq"].as_u64().unwrap());
+            let (model, tokens) = tokens_by_generation[&generation].clone();
+            (model, request["received_ms"].as_u64().unwrap(), tokens)
+        })
+        .collect();
+    assert_eq!(calls.len(), 18, "no call was repeated");
+    for model in ["anthropic/claude-sonnet-4.5", "google/gemini-3-pro-preview"] {
+        let of_model: Vec<(u64, u64)> = calls
+            .iter()
+            .filter(|(m, ..)| m == model)
+            .map(|(_, at, tokens)| (*at, *tokens))
+            .collect();
+        let span = of_model.iter().map(|c| c.0).max().unwrap() - of_model.iter().map(|c| c.0).min().unwrap();
+        assert!(
+            span >= 60_000,
+            "{model}: the calls spread over more than a minute ({span} ms)"
+        );
+        for (start, _) in &of_model {
+            let in_window: u64 = of_model
+                .iter()
+                .filter(|(at, _)| *at >= *start && *at < start + 60_000)
+                .map(|(_, tokens)| tokens)
+                .sum();
+            assert!(
+                in_window <= LIMIT,
+                "{model}: {in_window} tokens in the minute from {start}"
+            );
+        }
+    }
+}

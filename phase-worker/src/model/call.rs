@@ -45,6 +45,17 @@ pub struct ChatRequest {
     pub reasoning_effort: Option<String>,
 }
 
+impl ChatRequest {
+    /// The tokens a try may use, for a tokens-per-minute limit: the prompt
+    /// at about four characters a token, plus the answer's `max_tokens` or,
+    /// without one, `answer_allowance`.
+    pub fn estimated_tokens(&self, answer_allowance: u64) -> u64 {
+        let chars: usize = self.messages.iter().map(|m| m.content.chars().count()).sum();
+        let prompt = (chars as u64).div_ceil(4);
+        prompt + self.max_tokens.map_or(answer_allowance, u64::from)
+    }
+}
+
 /// Token counts and cost as the provider reported them in the stream's last chunk.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Usage {

@@ -81,7 +81,8 @@ impl ModelClient {
         let mut waits = WaitBudget::new(self.config.max_total_wait);
         let mut try_number = 1;
         loop {
-            self.wait_turn(&request.model, &mut waits, events, cancel)
+            let tokens = request.estimated_tokens(self.config.answer_token_allowance);
+            self.wait_turn(&request.model, tokens, &mut waits, events, cancel)
                 .await
                 .map_err(|e| self.redact(e))?;
             let tried = self
@@ -189,13 +190,14 @@ impl ModelClient {
     async fn wait_turn(
         &self,
         model: &str,
+        tokens: u64,
         waits: &mut WaitBudget,
         events: &mpsc::Sender<ModelEvent>,
         cancel: &CancellationToken,
     ) -> Result<(), ModelError> {
         let Some(pacer) = &self.pacer else { return Ok(()) };
         loop {
-            let wait = pacer.reserve(model).await;
+            let wait = pacer.reserve(model, tokens).await;
             if wait.is_zero() {
                 return Ok(());
             }

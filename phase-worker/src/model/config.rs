@@ -39,6 +39,9 @@ pub struct ModelClientConfig {
     /// Total time one call may spend waiting out `Retry-After` and the
     /// shared rate limit. Waits are not tries: they have this budget instead.
     pub max_total_wait: Duration,
+    /// Tokens a try's answer is assumed to take under a tokens-per-minute
+    /// limit when the request sets no `max_tokens`.
+    pub answer_token_allowance: u64,
     /// A PEM file of root certificates to trust besides the system's: a
     /// private gateway's CA, or the stand-in model's certificate (`--tls`).
     pub ca_file: Option<PathBuf>,
@@ -60,6 +63,7 @@ impl fmt::Debug for ModelClientConfig {
             .field("backoff_max", &self.backoff_max)
             .field("max_retry_after", &self.max_retry_after)
             .field("max_total_wait", &self.max_total_wait)
+            .field("answer_token_allowance", &self.answer_token_allowance)
             .finish()
     }
 }
@@ -80,6 +84,7 @@ impl Default for ModelClientConfig {
             backoff_max: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
             max_total_wait: Duration::from_secs(300),
+            answer_token_allowance: 1000,
             ca_file: None,
         }
     }

@@ -15,9 +15,10 @@ pub type PacerFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// one rate limit and one provider back-off per model). Waiting for the pacer
 /// is not a try.
 pub trait Pacer: Send + Sync {
-    /// How long to wait before a try of `model` may start; zero means go now
-    /// (and the slot is taken).
-    fn reserve<'a>(&'a self, model: &'a str) -> PacerFuture<'a, Duration>;
+    /// How long to wait before a try of `model` that may use `tokens`
+    /// (prompt and answer, estimated) may start; zero means go now (and the
+    /// slot and the tokens are taken).
+    fn reserve<'a>(&'a self, model: &'a str, tokens: u64) -> PacerFuture<'a, Duration>;
     /// The provider asked callers of `model` to wait `wait` (a `Retry-After`).
     fn back_off<'a>(&'a self, model: &'a str, wait: Duration) -> PacerFuture<'a, ()>;
 }
