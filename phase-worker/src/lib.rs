@@ -5,6 +5,8 @@
 //! - [`runner`]: runs one task: prompt, streaming model call, deltas,
 //!   heartbeats, and applying the result (next phase queued, or the run
 //!   ended) as `nexus_pipeline::transition` says.
+//! - [`progress`]: a call's progress (text, reasoning, retries, waits,
+//!   fallbacks) written into the event log as it happens.
 //! - [`task_lifecycle`]: the task's Redis side (fenced appends, heartbeat,
 //!   acknowledgement with the result applied), one Lua script per atomic
 //!   step.
@@ -26,6 +28,7 @@ pub mod consumer;
 pub mod metrics;
 pub mod model;
 pub mod pacing;
+pub mod progress;
 pub mod rating;
 pub mod runner;
 pub mod task_lifecycle;

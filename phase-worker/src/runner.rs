@@ -5,10 +5,10 @@
 //! the task.
 
 use crate::cancellation::CancelRegistry;
-use crate::metrics::{self, METRICS, ModelLabel};
+use crate::metrics::{self, METRICS};
 use crate::model::budget::ModelPrices;
 use crate::model::cache::ResponseCache;
-use crate::model::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, ModelEvent, OutputValidator};
+use crate::model::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, OutputValidator};
 use crate::rating;
 use crate::task_lifecycle::{Settled, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
@@ -17,21 +17,13 @@ use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, com
 use nexus_proto::internal::{
     CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
-use nexus_proto::v1::{
-    PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseStarted, PhaseWaiting, Usage,
-    workflow_event::Kind,
-};
+use nexus_proto::v1::{PhaseOutputDelta, PhaseStarted, Usage, workflow_event::Kind};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-
-/// Deltas are coalesced for at most this long before one event is written.
-const DELTA_FLUSH: Duration = Duration::from_millis(100);
-/// ... or until this many bytes are buffered.
-const DELTA_MAX_BYTES: usize = 4096;
 
 /// What a worker shares among its tasks.
 pub struct RunnerContext {
@@ -248,7 +240,7 @@ async fn call_model(
     stop: &CancellationToken,
 ) -> CallOutcome {
     let (events, receiver) = mpsc::channel(256);
-    let forwarder = tokio::spawn(forward_events(
+    let forwarder = tokio::spawn(crate::progress::forward_events(
         handle.clone(),
         spec.clone(),
         delivery,
@@ -339,181 +331,6 @@ fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, Str
         traceparent: Some(task.traceparent.clone()),
         accept_truncated: spec.accept_truncated,
         reasoning_effort: (!spec.reasoning_effort.is_empty()).then(|| spec.reasoning_effort.clone()),
-    }
-}
-
-/// Writes the model's deltas and retries into the event log, coalesced. A
-/// refused append (the workflow was cancelled or moved on) stops the call.
-async fn forward_events(
-    handle: TaskHandle,
-    spec: PhaseSpec,
-    delivery: u64,
-    mut receiver: mpsc::Receiver<ModelEvent>,
-    stop: CancellationToken,
-) -> Option<Kind> {
-    let phase = spec.name;
-    let retries = METRICS
-        .model_retries
-        .get_or_create(&ModelLabel { model: spec.model })
-        .clone();
-    let mut buffer = DeltaBuffer::default();
-    // Tries of models fallen back from: the next model's tries come after them.
-    let mut earlier_tries = 0;
-    let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
-    loop {
-        let next = tokio::select! {
-            event = receiver.recv() => event,
-            _ = flush_timer.tick() => {
-                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                continue;
-            }
-        };
-        match next {
-            Some(ModelEvent::Delta { try_number, text }) => {
-                let try_number = earlier_tries + try_number;
-                if buffer.try_number != try_number {
-                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                    buffer.try_number = try_number;
-                }
-                buffer.text.push_str(&text);
-                if buffer.text.len() >= DELTA_MAX_BYTES {
-                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                }
-            }
-            Some(ModelEvent::Reasoning { try_number, text }) => {
-                let try_number = earlier_tries + try_number;
-                if buffer.try_number != try_number {
-                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                    buffer.try_number = try_number;
-                }
-                buffer.reasoning.push_str(&text);
-                if buffer.reasoning.len() >= DELTA_MAX_BYTES {
-                    flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                }
-            }
-            Some(ModelEvent::Retrying {
-                failed_try,
-                reason,
-                delay,
-            }) => {
-                retries.inc();
-                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                let retrying = Kind::PhaseRetrying(PhaseRetrying {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    r#try: earlier_tries + failed_try,
-                    reason,
-                    retry_in_ms: delay.as_millis() as u64,
-                });
-                append_or_stop(&handle, retrying, &stop).await;
-            }
-            Some(ModelEvent::FellBack {
-                from,
-                to,
-                reason,
-                tries,
-            }) => {
-                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                earlier_tries += tries;
-                let fallback = Kind::PhaseFallback(PhaseFallback {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    from_model: from,
-                    to_model: to,
-                    reason,
-                });
-                append_or_stop(&handle, fallback, &stop).await;
-            }
-            Some(ModelEvent::Waiting {
-                reason,
-                wait,
-                waited_total,
-            }) => {
-                flush(&handle, &phase, delivery, &mut buffer, &stop).await;
-                let waiting = Kind::PhaseWaiting(PhaseWaiting {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    reason,
-                    wait_ms: wait.as_millis() as u64,
-                    waited_total_ms: waited_total.as_millis() as u64,
-                });
-                append_or_stop(&handle, waiting, &stop).await;
-            }
-            None => {
-                flush_reasoning(&handle, &phase, delivery, &mut buffer, &stop).await;
-                return buffer.into_delta(&handle, &phase, delivery);
-            }
-        }
-    }
-}
-
-/// Streamed text of one try not yet in the event log: answer and reasoning.
-#[derive(Default)]
-struct DeltaBuffer {
-    try_number: u32,
-    text: String,
-    reasoning: String,
-}
-
-impl DeltaBuffer {
-    /// The buffered text as a delta event; `None` when empty.
-    fn into_delta(self, handle: &TaskHandle, phase: &str, delivery: u64) -> Option<Kind> {
-        (!self.text.is_empty()).then(|| {
-            Kind::PhaseOutputDelta(PhaseOutputDelta {
-                index: handle.phase_index,
-                phase: phase.to_string(),
-                text: self.text,
-                delivery: delivery as u32,
-                r#try: self.try_number,
-            })
-        })
-    }
-}
-
-/// Appends what is buffered: reasoning first (it came first), then answer text.
-async fn flush(handle: &TaskHandle, phase: &str, delivery: u64, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
-    flush_reasoning(handle, phase, delivery, buffer, stop).await;
-    if buffer.text.is_empty() {
-        return;
-    }
-    let delta = Kind::PhaseOutputDelta(PhaseOutputDelta {
-        index: handle.phase_index,
-        phase: phase.to_string(),
-        text: std::mem::take(&mut buffer.text),
-        delivery: delivery as u32,
-        r#try: buffer.try_number,
-    });
-    append_or_stop(handle, delta, stop).await;
-}
-
-async fn flush_reasoning(
-    handle: &TaskHandle,
-    phase: &str,
-    delivery: u64,
-    buffer: &mut DeltaBuffer,
-    stop: &CancellationToken,
-) {
-    if buffer.reasoning.is_empty() {
-        return;
-    }
-    let reasoning = Kind::PhaseReasoningDelta(PhaseReasoningDelta {
-        index: handle.phase_index,
-        phase: phase.to_string(),
-        text: std::mem::take(&mut buffer.reasoning),
-        delivery: delivery as u32,
-        r#try: buffer.try_number,
-    });
-    append_or_stop(handle, reasoning, stop).await;
-}
-
-async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {
-    match handle.append(kind).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::info!(workflow_id = %handle.workflow, "workflow cancelled or moved on; aborting the model call");
-            stop.cancel();
-        }
-        Err(error) => tracing::warn!(%error, "could not append an event; continuing"),
     }
 }
 

@@ -6,9 +6,12 @@
 --
 -- The token limit keeps a log of the last minute's reservations (a sorted
 -- set by time, members "<id>:<tokens>"): a call may start when the tokens
--- reserved in the last 60 s plus its own fit the limit, else it learns when
--- enough of the log will have aged out. A call larger than the limit on its
--- own waits for an empty window.
+-- reserved in the last 61 s plus its own fit the limit, else it learns when
+-- enough of the log will have aged out. The extra second is a margin for
+-- the time between a reservation here and the request's arrival at the
+-- provider, which counts by arrival: without it, two calls reserved just
+-- over 60 s apart could arrive just under. A call larger than the limit on
+-- its own waits for an empty window.
 --
 -- KEYS: 1 the model's pace hash, 2 the model's token log
 -- ARGV: 1 "reserve" or "back_off",
@@ -19,7 +22,7 @@
 -- Returns for "reserve": 0 when the call may start now (its slot and tokens
 -- are taken), else the ms to wait before asking again. "back_off" returns 0.
 
-local WINDOW_MS = 60000
+local WINDOW_MS = 61000
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local cooldown_until = tonumber(redis.call('HGET', KEYS[1], 'cooldown_until') or '0')

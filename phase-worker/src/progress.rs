@@ -1,0 +1,199 @@
+//! A model call's progress, written into the workflow's event log as it
+//! happens: answer and reasoning text coalesced (at most every 100 ms or
+//! 4 KiB, whichever comes first), failed tries, waits and fallbacks. Every
+//! append is fenced like the task's other writes; a refused one (the run was
+//! cancelled or moved on) stops the call.
+
+use crate::metrics::{METRICS, ModelLabel};
+use crate::model::ModelEvent;
+use crate::task_lifecycle::TaskHandle;
+use nexus_proto::internal::PhaseSpec;
+use nexus_proto::v1::{
+    PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseWaiting, workflow_event::Kind,
+};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Deltas are coalesced for at most this long before one event is written.
+const DELTA_FLUSH: Duration = Duration::from_millis(100);
+/// ... or until this many bytes are buffered.
+const DELTA_MAX_BYTES: usize = 4096;
+
+/// Writes the model's deltas and retries into the event log, coalesced. A
+/// refused append (the workflow was cancelled or moved on) stops the call.
+pub async fn forward_events(
+    handle: TaskHandle,
+    spec: PhaseSpec,
+    delivery: u64,
+    mut receiver: mpsc::Receiver<ModelEvent>,
+    stop: CancellationToken,
+) -> Option<Kind> {
+    let phase = spec.name;
+    let retries = METRICS
+        .model_retries
+        .get_or_create(&ModelLabel { model: spec.model })
+        .clone();
+    let origin = Origin {
+        handle: &handle,
+        phase: &phase,
+        delivery,
+    };
+    let mut buffer = DeltaBuffer::default();
+    // Tries of models fallen back from: the next model's tries come after them.
+    let mut earlier_tries = 0;
+    let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
+    loop {
+        let next = tokio::select! {
+            event = receiver.recv() => event,
+            _ = flush_timer.tick() => {
+                flush(&origin, &mut buffer, &stop).await;
+                continue;
+            }
+        };
+        match next {
+            Some(ModelEvent::Delta { try_number, text }) => {
+                let try_number = earlier_tries + try_number;
+                if buffer.try_number != try_number {
+                    flush(&origin, &mut buffer, &stop).await;
+                    buffer.try_number = try_number;
+                }
+                buffer.text.push_str(&text);
+                if buffer.text.len() >= DELTA_MAX_BYTES {
+                    flush(&origin, &mut buffer, &stop).await;
+                }
+            }
+            Some(ModelEvent::Reasoning { try_number, text }) => {
+                let try_number = earlier_tries + try_number;
+                if buffer.try_number != try_number {
+                    flush(&origin, &mut buffer, &stop).await;
+                    buffer.try_number = try_number;
+                }
+                buffer.reasoning.push_str(&text);
+                if buffer.reasoning.len() >= DELTA_MAX_BYTES {
+                    flush(&origin, &mut buffer, &stop).await;
+                }
+            }
+            Some(ModelEvent::Retrying {
+                failed_try,
+                reason,
+                delay,
+            }) => {
+                retries.inc();
+                flush(&origin, &mut buffer, &stop).await;
+                let retrying = Kind::PhaseRetrying(PhaseRetrying {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    r#try: earlier_tries + failed_try,
+                    reason,
+                    retry_in_ms: delay.as_millis() as u64,
+                });
+                append_or_stop(&handle, retrying, &stop).await;
+            }
+            Some(ModelEvent::FellBack {
+                from,
+                to,
+                reason,
+                tries,
+            }) => {
+                flush(&origin, &mut buffer, &stop).await;
+                earlier_tries += tries;
+                let fallback = Kind::PhaseFallback(PhaseFallback {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    from_model: from,
+                    to_model: to,
+                    reason,
+                });
+                append_or_stop(&handle, fallback, &stop).await;
+            }
+            Some(ModelEvent::Waiting {
+                reason,
+                wait,
+                waited_total,
+            }) => {
+                flush(&origin, &mut buffer, &stop).await;
+                let waiting = Kind::PhaseWaiting(PhaseWaiting {
+                    index: handle.phase_index,
+                    phase: phase.clone(),
+                    reason,
+                    wait_ms: wait.as_millis() as u64,
+                    waited_total_ms: waited_total.as_millis() as u64,
+                });
+                append_or_stop(&handle, waiting, &stop).await;
+            }
+            None => {
+                if let Some(reasoning) = buffer.take_reasoning(&origin) {
+                    append_or_stop(&handle, reasoning, &stop).await;
+                }
+                return buffer.take_output(&origin);
+            }
+        }
+    }
+}
+
+/// Streamed text of one try not yet in the event log: answer and reasoning.
+#[derive(Default)]
+struct DeltaBuffer {
+    try_number: u32,
+    text: String,
+    reasoning: String,
+}
+
+/// Where a buffer's events belong.
+struct Origin<'a> {
+    handle: &'a TaskHandle,
+    phase: &'a str,
+    delivery: u64,
+}
+
+impl DeltaBuffer {
+    /// The buffered answer text as a delta event, emptying it; `None` when empty.
+    fn take_output(&mut self, origin: &Origin<'_>) -> Option<Kind> {
+        let text = std::mem::take(&mut self.text);
+        (!text.is_empty()).then(|| {
+            Kind::PhaseOutputDelta(PhaseOutputDelta {
+                index: origin.handle.phase_index,
+                phase: origin.phase.to_string(),
+                text,
+                delivery: origin.delivery as u32,
+                r#try: self.try_number,
+            })
+        })
+    }
+
+    /// The buffered reasoning as an event, emptying it; `None` when empty.
+    fn take_reasoning(&mut self, origin: &Origin<'_>) -> Option<Kind> {
+        let text = std::mem::take(&mut self.reasoning);
+        (!text.is_empty()).then(|| {
+            Kind::PhaseReasoningDelta(PhaseReasoningDelta {
+                index: origin.handle.phase_index,
+                phase: origin.phase.to_string(),
+                text,
+                delivery: origin.delivery as u32,
+                r#try: self.try_number,
+            })
+        })
+    }
+}
+
+/// Appends what is buffered: reasoning first (it came first), then answer text.
+async fn flush(origin: &Origin<'_>, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
+    for kind in [buffer.take_reasoning(origin), buffer.take_output(origin)]
+        .into_iter()
+        .flatten()
+    {
+        append_or_stop(origin.handle, kind, stop).await;
+    }
+}
+
+async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {
+    match handle.append(kind).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(workflow_id = %handle.workflow, "workflow cancelled or moved on; aborting the model call");
+            stop.cancel();
+        }
+        Err(error) => tracing::warn!(%error, "could not append an event; continuing"),
+    }
+}
