@@ -369,3 +369,45 @@ async fn a_reviewer_that_always_answers_503_falls_back_and_the_run_names_who_ans
         ]
     );
 }
+
+/// The issue's own case, unscaled: a thinking model that reasons for 61 s
+/// before its first word, against the default timeouts (60 s idle, 120 s
+/// first token). Runs a one-phase pipeline from `NEXUS_PIPELINES_DIR`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_minute_of_reasoning_does_not_trip_the_default_60_s_idle_timeout() {
+    let dir = std::env::temp_dir().join(format!("nexus-test-pipelines-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("think.toml"),
+        "name = \"think\"\nfinal_output = \"think\"\n[[phases]]\nname = \"think\"\nrole = \"reviewer\"\n\
+         reasoning = \"high\"\ninputs = [\"plan\"]\nprompt = \"Think hard about {{plan}}\"\n",
+    )
+    .unwrap();
+    let redis = RedisServer::start();
+    let model = StandIn::start(&[
+        "--first-token-latency-ms",
+        "0",
+        "--reply-words",
+        "5",
+        "--reasoning-ms",
+        "61000",
+    ]);
+    let pipelines = dir.to_string_lossy().into_owned();
+    let orchestrator = Orchestrator::start(&redis.url(), &[("NEXUS_PIPELINES_DIR", pipelines.as_str())]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = client
+        .start_workflow(choices("think", &[], ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .workflow_id;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(120)).await;
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let phase = &workflow.phases[0];
+    assert_eq!(phase.tries, 1, "the long think was not cut off");
+    assert!(phase.duration_ms >= 61_000, "it thought for {} ms", phase.duration_ms);
+    assert!(phase.usage.unwrap().reasoning_tokens > 1000, "{:?}", phase.usage);
+    assert_eq!(calls_seen(&model).await, 1);
+}
