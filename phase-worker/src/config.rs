@@ -6,6 +6,10 @@ use nexus_pipeline::connection::RedisArgs;
 use secrecy::SecretString;
 use std::time::Duration;
 
+/// Concurrent calls per connection to the model server by default: below
+/// what HTTP/2 servers commonly allow per connection.
+const STREAMS_PER_CONNECTION: usize = 100;
+
 #[derive(Parser, Clone)]
 #[command(
     name = "phase-worker",
@@ -134,6 +138,13 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MODEL_ANSWER_TOKENS", default_value_t = 1000)]
     pub answer_token_allowance: u64,
 
+    /// Connections to the model server the calls are spread over. Default:
+    /// one per 100 calls in flight (`NEXUS_WORKER_MAX_IN_FLIGHT`), because an
+    /// HTTP/2 server allows only so many concurrent streams per connection
+    /// (commonly 100 to 256) and makes the rest wait.
+    #[arg(long, env = "NEXUS_MODEL_CONNECTIONS")]
+    pub model_connections: Option<usize>,
+
     /// This worker's consumer name. Default: host, pid and a random suffix.
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
@@ -167,6 +178,8 @@ impl std::fmt::Debug for Config {
             .field("max_tries", &self.max_tries)
             .field("model_rate_limits", &self.model_rate_limits)
             .field("cache_ttl_secs", &self.cache_ttl_secs)
+            .field("answer_token_allowance", &self.answer_token_allowance)
+            .field("model_connections", &self.model_connections)
             .field("model_prices", &self.model_prices)
             .field("consumer_name", &self.consumer_name)
             .finish()
@@ -200,6 +213,10 @@ impl Config {
             max_total_wait: Duration::from_millis(self.max_total_wait_ms),
             ca_file: self.model_ca_file.clone().filter(|path| !path.as_os_str().is_empty()),
             answer_token_allowance: self.answer_token_allowance,
+            connections: self
+                .model_connections
+                .unwrap_or_else(|| self.max_in_flight.div_ceil(STREAMS_PER_CONNECTION))
+                .max(1),
         }
     }
 }

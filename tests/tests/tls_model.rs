@@ -62,7 +62,12 @@ async fn workers_multiplex_their_model_calls_over_a_few_http2_connections() {
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
     let ca_file = model.cert.to_str().unwrap();
     let _workers: Vec<_> = (0..WORKERS)
-        .map(|_| Worker::start(&redis.url(), &model.base_url(), &[("NEXUS_MODEL_CA_FILE", ca_file)]))
+        .map(|_| {
+            // One connection per worker (the default is one per 100 calls in
+            // flight): this test is about multiplexing over it.
+            let env = [("NEXUS_MODEL_CA_FILE", ca_file), ("NEXUS_MODEL_CONNECTIONS", "1")];
+            Worker::start(&redis.url(), &model.base_url(), &env)
+        })
         .collect();
 
     let mut client = connect(&orchestrator.endpoint()).await;
@@ -162,4 +167,54 @@ async fn a_worker_without_the_certificate_refuses_the_connection() {
         .await
         .unwrap();
     assert!(ledger.is_empty(), "no call got through the handshake: {ledger:?}");
+}
+
+/// A server allows only so many streams per HTTP/2 connection and makes the
+/// rest wait, so a worker spreads its calls over `NEXUS_MODEL_CONNECTIONS`
+/// connections (by default one per 100 calls in flight). The stand-in's
+/// ledger shows the calls of one busy worker on that many connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_spreads_its_calls_over_its_connections() {
+    const CONNECTIONS: usize = 4;
+    let redis = RedisServer::start();
+    let model = StandIn::start_tls(&["--first-token-latency-ms", "300", "--reply-words", "5"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let ca_file = model.cert.to_str().unwrap();
+    let connections = CONNECTIONS.to_string();
+    let env = [
+        ("NEXUS_MODEL_CA_FILE", ca_file),
+        ("NEXUS_MODEL_CONNECTIONS", connections.as_str()),
+    ];
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &env);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..16 {
+        ids.push(start(&mut client, &format!("Spread {n}")).await);
+    }
+    assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
+
+    let ledger: Vec<Value> = https_client(&model)
+        .get(format!("{}/_stand-in/requests", model.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut calls_per_connection: BTreeMap<u64, usize> = BTreeMap::new();
+    for request in &ledger {
+        *calls_per_connection
+            .entry(request["connection"].as_u64().unwrap())
+            .or_default() += 1;
+    }
+    let busy: Vec<usize> = calls_per_connection.values().copied().filter(|&n| n > 1).collect();
+    assert_eq!(
+        busy.len(),
+        CONNECTIONS,
+        "the worker's calls shared exactly its {CONNECTIONS} connections: {calls_per_connection:?}"
+    );
+    assert!(
+        busy.iter().all(|&n| n >= ledger.len() / CONNECTIONS / 2),
+        "spread evenly: {busy:?}"
+    );
 }

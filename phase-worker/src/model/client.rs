@@ -31,7 +31,12 @@ const ANNOUNCED_WAIT: Duration = Duration::from_millis(100);
 /// A configured connection to the model server. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct ModelClient {
-    pub(super) http: reqwest::Client,
+    /// Several HTTP clients, each with its own connections: a server allows
+    /// only so many concurrent streams on one HTTP/2 connection (often 100
+    /// to 256) and queues the rest, so calls are spread over enough of them.
+    pub(super) http: Arc<[reqwest::Client]>,
+    /// Which client the next call uses (round robin).
+    pub(super) next_http: Arc<std::sync::atomic::AtomicUsize>,
     pub(super) endpoint: String,
     /// Sent with every request: content types, the key, attribution.
     pub(super) headers: HeaderMap,
@@ -52,9 +57,12 @@ impl ModelClient {
     pub fn new(config: ModelClientConfig) -> Result<Self, ModelError> {
         install_crypto_provider();
         let endpoint = endpoint(&config.base_url)?;
-        let http = build_http_client(&config)?;
+        let http = (0..config.connections.max(1))
+            .map(|_| build_http_client(&config))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            http,
+            http: http.into(),
+            next_http: Default::default(),
             endpoint,
             headers: request_headers(&config)?,
             config,

@@ -42,6 +42,10 @@ pub struct ModelClientConfig {
     /// Tokens a try's answer is assumed to take under a tokens-per-minute
     /// limit when the request sets no `max_tokens`.
     pub answer_token_allowance: u64,
+    /// HTTP clients (each with its own connection to the server) the calls
+    /// are spread over, so no HTTP/2 connection carries more streams than
+    /// its server allows.
+    pub connections: usize,
     /// A PEM file of root certificates to trust besides the system's: a
     /// private gateway's CA, or the stand-in model's certificate (`--tls`).
     pub ca_file: Option<PathBuf>,
@@ -64,6 +68,7 @@ impl fmt::Debug for ModelClientConfig {
             .field("max_retry_after", &self.max_retry_after)
             .field("max_total_wait", &self.max_total_wait)
             .field("answer_token_allowance", &self.answer_token_allowance)
+            .field("connections", &self.connections)
             .finish()
     }
 }
@@ -85,6 +90,7 @@ impl Default for ModelClientConfig {
             max_retry_after: Duration::from_secs(60),
             max_total_wait: Duration::from_secs(300),
             answer_token_allowance: 1000,
+            connections: 1,
             ca_file: None,
         }
     }

@@ -150,8 +150,8 @@ impl ModelClient {
         prepared: &Prepared,
         first_token_due: Instant,
     ) -> Result<reqwest::Response, ModelError> {
-        let request = self
-            .http
+        let turn = self.next_http.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = self.http[turn % self.http.len()]
             .post(&self.endpoint)
             .headers(prepared.headers.clone())
             .body(prepared.body.clone())
