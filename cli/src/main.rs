@@ -124,6 +124,8 @@ impl tonic::service::Interceptor for Auth {
 const EXIT_FAILED: u8 = 1;
 /// ... and when it was cancelled.
 const EXIT_CANCELLED: u8 = 3;
+/// ... and when the watch was interrupted (Ctrl-C) before the run ended.
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -229,7 +231,14 @@ async fn watch_to_end(
     let mut events = client.watch_workflow(request).await?.into_inner();
     let mut printer = render::EventPrinter::new(cursors);
     let mut code = std::process::ExitCode::SUCCESS;
-    while let Some(event) = events.message().await? {
+    let mut last_cursor = String::new();
+    loop {
+        let event = tokio::select! {
+            event = events.message() => event?,
+            _ = tokio::signal::ctrl_c() => return Ok(detached(workflow_id, &last_cursor)),
+        };
+        let Some(event) = event else { break };
+        last_cursor = event.cursor.clone();
         printer.print(&event);
         code = match &event.kind {
             Some(Kind::Failed(_)) => std::process::ExitCode::from(EXIT_FAILED),
@@ -238,6 +247,18 @@ async fn watch_to_end(
         };
     }
     Ok(code)
+}
+
+/// Ctrl-C on a watch leaves the run going: it says so, and how to pick the
+/// stream up again where it was left. Exit status 130, as for SIGINT.
+fn detached(workflow_id: &str, last_cursor: &str) -> std::process::ExitCode {
+    let after = if last_cursor.is_empty() {
+        String::new()
+    } else {
+        format!(" --after {last_cursor}")
+    };
+    eprintln!("\nstopped watching; the workflow keeps running. Re-attach with:\n  nexus watch {workflow_id}{after}");
+    std::process::ExitCode::from(EXIT_INTERRUPTED)
 }
 
 fn parse_field(text: &str) -> Result<(String, String), String> {

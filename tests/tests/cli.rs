@@ -112,3 +112,52 @@ async fn the_generated_python_client_starts_watches_and_resumes_without_a_gap() 
     let stored: Vec<String> = stored.ids.into_iter().map(|entry| entry.id).collect();
     assert_eq!(received, stored, "every stored event once, in order, across the resume");
 }
+
+/// Ctrl-C on `nexus start --watch` stops the watching, not the run: the CLI
+/// says how to re-attach (exit 130), the run completes, and the printed
+/// command picks the stream up after the last event seen.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_on_watch_leaves_the_run_going_and_says_how_to_re_attach() {
+    let stack = Stack::start_with(1, 1, SLOW_MODEL);
+    let child = std::process::Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "start", "--name", "Interrupted"])
+        .args(["--description", "A plan watched for a moment", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nexus");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("the workflow keeps running"), "{stderr}");
+    let reattach = stderr
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("nexus watch "))
+        .expect("a re-attach command");
+    let id = reattach.split_whitespace().next().unwrap().to_string();
+    assert!(
+        reattach.contains("--after "),
+        "resumes after the last event seen: {reattach}"
+    );
+
+    let mut client = connect(&stack.endpoint()).await;
+    let workflow = wait_terminal(&mut client, &id, std::time::Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), nexus_proto::v1::WorkflowStatus::Completed);
+    let resumed = Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "watch"])
+        .args(reattach.split_whitespace())
+        .output()
+        .unwrap();
+    let rest = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{rest}");
+    assert!(
+        rest.contains("RATING: ") && !rest.contains("accepted:"),
+        "only what came after: {rest}"
+    );
+}
