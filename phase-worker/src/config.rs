@@ -59,8 +59,10 @@ pub struct Config {
     #[arg(long, env = "NEXUS_VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
     pub visibility_timeout_ms: u64,
 
-    /// After this many deliveries a task goes to the dead-letter stream and
-    /// its workflow fails.
+    /// A task started this many times without finishing (it crashes or
+    /// stalls whoever runs it) goes to the dead-letter stream and its
+    /// workflow fails. Takeovers by workers that died before starting it do
+    /// not count, up to four times this many deliveries.
     #[arg(long, env = "NEXUS_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
 

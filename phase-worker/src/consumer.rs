@@ -265,11 +265,16 @@ impl TaskConsumer {
                 continue;
             };
             match handle.take_over(idle_ms).await? {
-                Takeover::Claimed { attempt, deliveries } => {
-                    tracing::info!(entry = %entry.id, %previous_owner, attempt, deliveries, "took over a task from an unresponsive worker");
+                Takeover::Claimed {
+                    attempt,
+                    deliveries,
+                    starts,
+                } => {
+                    tracing::info!(entry = %entry.id, %previous_owner, attempt, deliveries, starts, "took over a task from an unresponsive worker");
                     crate::metrics::METRICS.tasks_reclaimed.inc();
-                    if deliveries > self.max_deliveries {
-                        self.dead_letter(&handle, &task, &entry, deliveries).await;
+                    if is_poison(starts, deliveries, self.max_deliveries) {
+                        self.dead_letter(&handle, &task, &entry, starts.max(deliveries.saturating_sub(1)))
+                            .await;
                     } else {
                         let this = self.clone();
                         tokio::spawn(async move { this.run(handle, task, deliveries, slot).await });
@@ -312,6 +317,16 @@ impl TaskConsumer {
     }
 }
 
+/// Whether a task taken over is poison: it was started `max` times and
+/// never finished (it crashes or stalls whoever runs it). Takeovers by
+/// workers that died before they started it do not count: under heavy churn
+/// a newly started worker takes over many abandoned tasks at once, and if it
+/// dies too, those tasks did nothing wrong. Past four times `max` deliveries
+/// a task is given up on all the same (it cannot even be started).
+fn is_poison(starts: u64, deliveries: u64, max: u64) -> bool {
+    starts >= max || deliveries > max.saturating_mul(4)
+}
+
 /// Keeps an entry in the running set while its task runs.
 struct RunningGuard<'a> {
     running: &'a Mutex<HashSet<String>>,
@@ -331,5 +346,17 @@ impl<'a> RunningGuard<'a> {
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.running.lock().expect("running set lock").remove(&self.entry_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_poison;
+
+    #[test]
+    fn only_tasks_started_and_never_finished_are_poison() {
+        assert!(is_poison(5, 6, 5), "started five times");
+        assert!(!is_poison(1, 6, 5), "taken over often, started once: churn, not poison");
+        assert!(is_poison(0, 21, 5), "never even started in 20 deliveries");
     }
 }

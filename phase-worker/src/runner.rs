@@ -489,9 +489,9 @@ fn count_settled(handle: &TaskHandle, settled: &Settled, step: Option<Step>) {
     }
 }
 
-/// Why a task delivered `deliveries` times is dead-lettered.
-pub fn dead_letter_reason(deliveries: u64) -> String {
+/// Why a task run `runs` times is dead-lettered.
+pub fn dead_letter_reason(runs: u64) -> String {
     format!(
-        "the task was delivered {deliveries} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream"
+        "the task was started {runs} times without finishing (workers crashed or timed out on it); moved to the dead-letter stream"
     )
 }

@@ -42,7 +42,7 @@ static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 #[derive(Debug, PartialEq, Eq)]
 pub enum Takeover {
     /// Ours now, as this new fencing attempt, delivered this many times.
-    Claimed { attempt: u32, deliveries: u64 },
+    Claimed { attempt: u32, deliveries: u64, starts: u64 },
     /// The workflow no longer needs it; it was acknowledged.
     Stale,
     /// Another worker took it first, or it was settled meanwhile.
@@ -152,11 +152,12 @@ impl TaskHandle {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match reply.as_slice() {
-            [claimed, attempt, deliveries] if claimed == "claimed" => {
+            [claimed, attempt, deliveries, starts] if claimed == "claimed" => {
                 self.attempt = attempt.parse().unwrap_or(u32::MAX);
                 Takeover::Claimed {
                     attempt: self.attempt,
                     deliveries: deliveries.parse().unwrap_or(u64::MAX),
+                    starts: starts.parse().unwrap_or(u64::MAX),
                 }
             }
             [stale] if stale == "stale" => Takeover::Stale,

@@ -77,7 +77,7 @@ if status then
   end
   if step == 'next' then
     redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
-      'attempt', '1', 'updated_ms', ARGV[10])
+      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10])
     redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
     redis.call('PUBLISH', ARGV[6], ARGV[7])
   elseif step == 'complete' then

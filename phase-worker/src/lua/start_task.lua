@@ -13,6 +13,8 @@ if not status then
   return {'0'}
 end
 append_event(KEYS[1], status, KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+-- Counted for poison detection (reset when the run moves to its next phase).
+redis.call('HINCRBY', KEYS[1], 'starts', 1)
 local budget = redis.call('HMGET', KEYS[1], 'budget_usd', 'spent_usd')
 local reply = {'1', budget[1] or '0', budget[2] or '0'}
 for i = 7, #ARGV do

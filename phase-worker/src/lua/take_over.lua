@@ -10,8 +10,11 @@
 -- KEYS: 1 task stream, 2 workflow state hash
 -- ARGV: 1 workers group, 2 this consumer, 3 min idle (ms), 4 task entry id,
 --       5 the task's phase index
--- Returns {"claimed", attempt, deliveries}, {"stale"} or {"gone"} (another
--- worker took it first, or it was acknowledged meanwhile).
+-- Returns {"claimed", attempt, deliveries, starts}, {"stale"} or {"gone"}
+-- (another worker took it first, or it was acknowledged meanwhile). `starts`
+-- is how often the phase was started (its start script ran) and did not
+-- finish: what tells a poison task from one whose takers died before they
+-- got to it.
 
 local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'JUSTID')
 if #claimed == 0 then
@@ -28,4 +31,5 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1)
 local deliveries = pending[1][4] + 1
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'RETRYCOUNT', deliveries, 'JUSTID')
 local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
-return {'claimed', tostring(attempt), tostring(deliveries)}
+local starts = redis.call('HGET', KEYS[2], 'starts') or '0'
+return {'claimed', tostring(attempt), tostring(deliveries), starts}
