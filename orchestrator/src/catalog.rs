@@ -89,14 +89,9 @@ impl PipelineCatalog {
         })
     }
 
-    /// The pipeline a run gets when it names none.
-    pub fn default_pipeline(&self) -> &ChosenPipeline {
-        &self.plain[&self.default_name]
-    }
-
-    /// A pipeline of the catalog with the configured models, by name.
-    pub fn plain(&self, name: &str) -> &ChosenPipeline {
-        &self.plain[name]
+    /// Every pipeline of the catalog with the configured models.
+    pub fn plain_pipelines(&self) -> impl Iterator<Item = &ChosenPipeline> {
+        self.plain.values()
     }
 
     /// What the request's choices make of the catalog, or why they cannot
@@ -271,7 +266,7 @@ pub(crate) mod tests {
         let catalog = catalog();
         let chosen = catalog.choose(&request("", &[], "")).unwrap();
         assert_eq!(chosen.snapshot.name, "enterprise-plan");
-        assert_eq!(chosen.fingerprint, catalog.default_pipeline().fingerprint);
+        assert_eq!(chosen.fingerprint, catalog.plain["enterprise-plan"].fingerprint);
     }
 
     #[test]

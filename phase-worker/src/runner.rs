@@ -402,8 +402,9 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
 /// Applies the result (or just acknowledges) once the answer is in. A
 /// Redis error here is retried for a while rather than leaving the task to
 /// be redelivered: that would run (and pay for) the model call again. The
-/// fence makes a repeated apply harmless. Gives up when the task stops
-/// being this worker's or the patience runs out.
+/// fence makes a repeated apply harmless. The transition is built once and
+/// only the apply is repeated. Gives up when the task stops being this
+/// worker's or the patience runs out.
 async fn settle(
     ctx: &RunnerContext,
     handle: &TaskHandle,
@@ -414,19 +415,18 @@ async fn settle(
     let span = tracing::info_span!("apply_result", workflow_id = %handle.workflow, phase = handle.phase_index);
     let deadline = Instant::now() + ctx.publish_patience;
     let mut delay = Duration::from_millis(50);
+    let mut transition: Option<Transition> = None;
     loop {
         let attempt = async {
-            let transition = match result {
-                Some(result) => Some(transition_for(ctx, handle, result).await?),
-                None => None,
-            };
+            if let (Some(result), None) = (result, &transition) {
+                transition = Some(transition_for(ctx, handle, result).await?);
+            }
             let claim_next = !ctx.stopping.is_cancelled();
-            let (settled, next) = handle.settle(transition.as_ref(), final_delta, claim_next).await?;
-            Ok::<_, LoadError>((settled, next, transition.map(|t| t.step)))
+            Ok::<_, LoadError>(handle.settle(transition.as_ref(), final_delta, claim_next).await?)
         };
         match attempt.instrument(span.clone()).await {
-            Ok((settled, next, step)) => {
-                count_settled(handle, &settled, step);
+            Ok((settled, next)) => {
+                count_settled(handle, &settled, transition.map(|t| t.step));
                 return next;
             }
             Err(error) if Instant::now() < deadline && !stop.is_cancelled() => {

@@ -197,7 +197,7 @@ impl Transition {
 }
 
 /// The name of phase `index`, or `#index` for one the pipeline lacks.
-pub fn phase_name(pipeline: &PipelineSnapshot, index: u32) -> String {
+fn phase_name(pipeline: &PipelineSnapshot, index: u32) -> String {
     pipeline
         .phases
         .get(index as usize)

@@ -27,6 +27,18 @@ fn https_client(stand_in: &TlsStandIn) -> reqwest::Client {
         .expect("HTTPS client")
 }
 
+/// Every call the stand-in has seen, from its control API over HTTPS.
+async fn ledger_of(stand_in: &TlsStandIn) -> Vec<Value> {
+    https_client(stand_in)
+        .get(format!("{}/_stand-in/requests", stand_in.base_url()))
+        .send()
+        .await
+        .expect("the control API answers over HTTPS")
+        .json()
+        .await
+        .expect("the ledger is JSON")
+}
+
 /// Most requests open at once on one connection, from the ledger's times.
 fn most_concurrent_streams(requests: &[&Value]) -> usize {
     let mut edges: Vec<(u64, i64)> = Vec::new();
@@ -90,15 +102,7 @@ async fn workers_multiplex_their_model_calls_over_a_few_http2_connections() {
         );
     }
 
-    let http = https_client(&model);
-    let ledger: Vec<Value> = http
-        .get(format!("{}/_stand-in/requests", model.base_url()))
-        .send()
-        .await
-        .expect("the control API answers over HTTPS")
-        .json()
-        .await
-        .unwrap();
+    let ledger = ledger_of(&model).await;
     assert!(
         ledger.len() >= WORKFLOWS * PHASES,
         "{} model calls for {WORKFLOWS} workflows of {PHASES} phases",
@@ -158,14 +162,7 @@ async fn a_worker_without_the_certificate_refuses_the_connection() {
     eprintln!("{:?}: {:?}", workflow.status(), workflow.reason);
     assert_eq!(workflow.status(), WorkflowStatus::Failed);
 
-    let ledger: Vec<Value> = https_client(&model)
-        .get(format!("{}/_stand-in/requests", model.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger = ledger_of(&model).await;
     assert!(ledger.is_empty(), "no call got through the handshake: {ledger:?}");
 }
 
@@ -193,14 +190,7 @@ async fn a_busy_worker_spreads_its_calls_over_its_connections() {
     }
     assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
 
-    let ledger: Vec<Value> = https_client(&model)
-        .get(format!("{}/_stand-in/requests", model.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger = ledger_of(&model).await;
     let mut calls_per_connection: BTreeMap<u64, usize> = BTreeMap::new();
     for request in &ledger {
         *calls_per_connection

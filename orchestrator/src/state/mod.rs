@@ -43,8 +43,7 @@ impl WorkflowStore {
     /// A store that knows the catalog's pipelines without asking Redis.
     pub fn new(conn: Connection, shards: u16, retention_secs: u64, catalog: &PipelineCatalog) -> Self {
         let pipelines = PipelineCache::default();
-        for name in catalog.describe().into_iter().map(|info| info.name) {
-            let chosen = catalog.plain(&name);
+        for chosen in catalog.plain_pipelines() {
             pipelines.insert(&chosen.fingerprint, chosen.snapshot.clone());
         }
         Self {
