@@ -411,3 +411,52 @@ async fn redis_killed_and_restarted_mid_run_loses_no_accepted_workflow() {
     }
     assert!(stack.orchestrators[0].process.is_running() && stack.workers.iter_mut().all(|w| w.process.is_running()));
 }
+
+/// A task that was handed to workers which died before starting it (a new
+/// worker takes over a batch of abandoned tasks and is killed at once, as
+/// the soak test does) is not poison: it is run, not dead-lettered. The
+/// test plays those workers itself: it claims the task six times by hand,
+/// never starting it, then lets a real worker take it over.
+#[tokio::test(flavor = "multi_thread")]
+async fn takeovers_by_workers_that_never_started_a_task_do_not_make_it_poison() {
+    let stack = Stack::start_with(1, 0, FAST_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Churned").await;
+    let mut redis = stack.redis.client().get_connection().unwrap();
+    let stream = "nexus:{nx0}:tasks";
+    let _: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg(&["CREATE", stream, "workers", "0", "MKSTREAM"])
+        .query(&mut redis);
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg(&["GROUP", "workers", "ghost-0", "COUNT", "1", "STREAMS", stream, ">"])
+        .query(&mut redis)
+        .unwrap();
+    let entry = read.keys[0].ids[0].id.clone();
+    for ghost in 1..=6 {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&[
+                stream,
+                "workers",
+                format!("ghost-{ghost}").as_str(),
+                "0",
+                entry.as_str(),
+            ])
+            .query(&mut redis)
+            .unwrap();
+    }
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&[stream, "workers", "-", "+", "10"])
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(pending[0].3, 7, "delivered seven times, started never");
+
+    let _worker = Worker::start(
+        &stack.redis.url(),
+        &stack.model.base_url(),
+        &[("NEXUS_VISIBILITY_TIMEOUT_MS", "1000")],
+    );
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let calls = ModelControl::new(&stack.model.base_url()).requests().await.len();
+    assert_eq!(calls, 6, "each phase called once");
+}
