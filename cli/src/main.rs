@@ -1,17 +1,30 @@
 //! `nexus`: a command-line client of the Nexus gRPC API, the way a person
 //! starts a workflow and watches it live. Thin: every command is one or two
-//! RPCs; the printing lives in `render`.
+//! RPCs. Around it:
+//!
+//! - `render`: workflows and live events as text for a person (a terminal,
+//!   or plain lines for pipes and logs);
+//! - `markdown`: a workflow as a Markdown document (`run`, `get --format md`);
+//! - `json`: a workflow as JSON (`get --format json`);
+//! - `plan_file`: a plan written in Markdown with front matter (`run`).
 
+mod json;
+mod markdown;
+mod plan_file;
 mod render;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use nexus_proto::v1::workflow_event::Kind;
 use nexus_proto::v1::workflow_service_client::WorkflowServiceClient;
 use nexus_proto::v1::{
     CancelWorkflowRequest, GetWorkflowRequest, ListPipelinesRequest, ListWorkflowsRequest, ProjectPlan,
-    StartWorkflowRequest, WatchWorkflowRequest,
+    StartWorkflowRequest, WatchWorkflowRequest, WorkflowStatus,
 };
+use render::{EventPrinter, Style};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -20,7 +33,7 @@ use tonic::transport::Channel;
 #[command(
     name = "nexus",
     version,
-    about = "Start, watch, inspect, list and cancel Nexus workflows."
+    about = "Run Markdown plans; start, watch, inspect, list and cancel Nexus workflows."
 )]
 struct Cli {
     /// The orchestrator's gRPC endpoint.
@@ -50,32 +63,37 @@ enum Command {
         description: Option<String>,
         /// Read the plan's text from this file.
         #[arg(long)]
-        description_file: Option<std::path::PathBuf>,
+        description_file: Option<PathBuf>,
         /// A structured field, as key=value; repeatable.
         #[arg(long = "field", value_parser = parse_field)]
         fields: Vec<(String, String)>,
-        /// Retrying with the same key returns the same workflow.
-        #[arg(long, default_value = "")]
-        idempotency_key: String,
-        /// The pipeline to run (see `nexus pipelines`); default: the server's.
-        #[arg(long, default_value = "")]
-        pipeline: String,
-        /// A model for one role of this run only, as role=model; repeatable.
-        #[arg(long = "model", value_parser = parse_field)]
-        models: Vec<(String, String)>,
-        /// Extra instructions for every phase of this run.
-        #[arg(long, default_value = "")]
-        instructions: String,
-        /// Call the model for every phase, never the response cache.
-        #[arg(long)]
-        no_cache: bool,
-        /// Stop the run before a model call that would take its cost past
-        /// this many USD (default: the server's).
-        #[arg(long, default_value_t = 0.0)]
-        max_cost_usd: f64,
+        #[command(flatten)]
+        choices: Choices,
         /// Watch the workflow live until it ends.
         #[arg(long)]
         watch: bool,
+    },
+    /// Run a plan written in Markdown: start it, watch it live, and write
+    /// the final plan with its rating as Markdown.
+    ///
+    /// The file's front matter (`---` lines at the top, `key: value` each)
+    /// gives the plan's fields, its first `# ` heading the workflow's name,
+    /// and the rest the plan's text. Exits like `watch`: 0 completed, 1
+    /// failed, 3 cancelled.
+    Run {
+        /// The plan, a Markdown file.
+        plan: PathBuf,
+        /// Where to write the final plan; `-` for stdout (the live progress
+        /// then goes to stderr). Default: `<plan>.nexus.md` beside the plan
+        /// (overwritten). Written only when the run completes.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// A field beside the front matter's (overriding one of the same
+        /// key), as key=value; repeatable.
+        #[arg(long = "field", value_parser = parse_field)]
+        fields: Vec<(String, String)>,
+        #[command(flatten)]
+        choices: Choices,
     },
     /// List the pipelines a run can choose, with their phases and models.
     Pipelines,
@@ -90,7 +108,13 @@ enum Command {
         cursors: bool,
     },
     /// Show a workflow: status, phases, usage, final plan and rating.
-    Get { workflow_id: String },
+    Get {
+        workflow_id: String,
+        /// text: for a person; md: Markdown (what `nexus run` writes); json:
+        /// the Workflow message in the proto3 JSON mapping, proto field names.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// List workflows, newest first.
     List {
         #[arg(long, default_value_t = 20)]
@@ -104,6 +128,51 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+/// What a run may choose besides its plan (`start` and `run` alike).
+#[derive(clap::Args)]
+struct Choices {
+    /// Retrying with the same key returns the same workflow.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    /// The pipeline to run (see `nexus pipelines`); default: the server's.
+    #[arg(long, default_value = "")]
+    pipeline: String,
+    /// A model for one role of this run only, as role=model; repeatable.
+    #[arg(long = "model", value_parser = parse_field)]
+    models: Vec<(String, String)>,
+    /// Extra instructions for every phase of this run.
+    #[arg(long, default_value = "")]
+    instructions: String,
+    /// Call the model for every phase, never the response cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Stop the run before a model call that would take its cost past
+    /// this many USD (default: the server's).
+    #[arg(long, default_value_t = 0.0)]
+    max_cost_usd: f64,
+}
+
+impl Choices {
+    fn request(self, plan: ProjectPlan) -> StartWorkflowRequest {
+        StartWorkflowRequest {
+            plan: Some(plan),
+            idempotency_key: self.idempotency_key,
+            pipeline: self.pipeline,
+            models: self.models.into_iter().collect(),
+            instructions: self.instructions,
+            no_cache: self.no_cache,
+            max_cost_usd: self.max_cost_usd,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Md,
+    Json,
 }
 
 type Client = WorkflowServiceClient<InterceptedService<Channel, Auth>>;
@@ -120,15 +189,32 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// Exit status of `watch` and `start --watch` when the run failed.
-const EXIT_FAILED: u8 = 1;
-/// ... and when it was cancelled.
-const EXIT_CANCELLED: u8 = 3;
-/// ... and when the watch was interrupted (Ctrl-C) before the run ended.
-const EXIT_INTERRUPTED: u8 = 130;
+/// How a watch ended, and so the exit status of `watch`, `start --watch`
+/// and `run`.
+#[derive(Clone, Copy, PartialEq)]
+enum Watched {
+    /// The stream ended without a failure: the run completed.
+    Ended,
+    Failed,
+    Cancelled,
+    /// Ctrl-C before the run ended; the run goes on.
+    Interrupted,
+}
+
+impl Watched {
+    fn exit_code(self) -> ExitCode {
+        match self {
+            Watched::Ended => ExitCode::SUCCESS,
+            Watched::Failed => ExitCode::from(1),
+            Watched::Cancelled => ExitCode::from(3),
+            // As for SIGINT.
+            Watched::Interrupted => ExitCode::from(130),
+        }
+    }
+}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let channel = Channel::from_shared(cli.endpoint.clone())?
         .connect()
@@ -142,19 +228,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             description,
             description_file,
             fields,
-            idempotency_key,
-            pipeline,
-            models,
-            instructions,
-            no_cache,
-            max_cost_usd,
+            choices,
             watch,
         } => {
             let description = match (description, description_file) {
                 (Some(text), _) => text,
-                (None, Some(path)) => {
-                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
-                }
+                (None, Some(path)) => read(&path)?,
                 (None, None) => anyhow::bail!("give the plan's text with --description or --description-file"),
             };
             let plan = ProjectPlan {
@@ -162,38 +241,39 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 description,
                 fields: fields.into_iter().collect(),
             };
-            let started = client
-                .start_workflow(StartWorkflowRequest {
-                    plan: Some(plan),
-                    idempotency_key,
-                    pipeline,
-                    models: models.into_iter().collect(),
-                    instructions,
-                    no_cache,
-                    max_cost_usd,
-                })
-                .await?
-                .into_inner();
-            println!(
-                "workflow {} {}",
-                started.workflow_id,
-                if started.created { "started" } else { "already existed" }
-            );
+            let mut printer = stdout_printer(false);
+            let workflow_id = start(&mut client, choices.request(plan), &mut printer).await?;
             if watch {
-                return watch_to_end(&mut client, &started.workflow_id, String::new(), false).await;
+                return Ok(watch_to_end(&mut client, &workflow_id, String::new(), &mut printer)
+                    .await?
+                    .exit_code());
             }
         }
+        Command::Run {
+            plan,
+            out,
+            fields,
+            choices,
+        } => return run(&mut client, &plan, out, fields, choices).await,
         Command::Watch {
             workflow_id,
             after,
             cursors,
-        } => return watch_to_end(&mut client, &workflow_id, after, cursors).await,
-        Command::Get { workflow_id } => {
+        } => {
+            let mut printer = stdout_printer(cursors);
+            let watched = watch_to_end(&mut client, &workflow_id, after, &mut printer).await?;
+            return Ok(watched.exit_code());
+        }
+        Command::Get { workflow_id, format } => {
             let workflow = client
                 .get_workflow(GetWorkflowRequest { workflow_id })
                 .await?
                 .into_inner();
-            render::workflow(&workflow);
+            match format {
+                Format::Text => render::workflow(&workflow),
+                Format::Md => print!("{}", markdown::workflow(&workflow)),
+                Format::Json => println!("{:#}", json::workflow(&workflow)),
+            }
         }
         Command::List { page_size, page_token } => {
             let page = client
@@ -214,51 +294,193 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             render::workflow(&workflow);
         }
     }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stdout_printer(cursors: bool) -> EventPrinter<std::io::Stdout> {
+    let stdout = std::io::stdout();
+    let style = Style::of(&stdout);
+    EventPrinter::new(stdout, style, cursors)
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Starts a run and says so; returns its id.
+async fn start(
+    client: &mut Client,
+    request: StartWorkflowRequest,
+    printer: &mut EventPrinter<impl Write>,
+) -> anyhow::Result<String> {
+    let started = client.start_workflow(request).await?.into_inner();
+    let how = if started.created { "started" } else { "already existed" };
+    printer.note(&format!("workflow {} {how}", started.workflow_id));
+    Ok(started.workflow_id)
+}
+
+/// `nexus run`: the plan file's run, watched live like `start --watch`;
+/// once it completed, its Markdown (the same as `get --format md`) is
+/// written where `out` says.
+async fn run(
+    client: &mut Client,
+    plan_path: &Path,
+    out: Option<PathBuf>,
+    fields: Vec<(String, String)>,
+    choices: Choices,
+) -> anyhow::Result<ExitCode> {
+    let mut plan = plan_file::parse(&read(plan_path)?).with_context(|| format!("reading {}", plan_path.display()))?;
+    plan.fields.extend(fields);
+    let out = Destination::new(out, plan_path)?;
+    let (workflow_id, watched) = match &out {
+        // The Markdown takes stdout, so the progress goes to stderr.
+        Destination::Stdout => {
+            let stderr = std::io::stderr();
+            let style = Style::of(&stderr);
+            watch_run(
+                client,
+                choices.request(plan),
+                &mut EventPrinter::new(stderr, style, false),
+            )
+            .await?
+        }
+        Destination::File(_) => watch_run(client, choices.request(plan), &mut stdout_printer(false)).await?,
+    };
+    if watched == Watched::Interrupted {
+        let redirect = match &out {
+            Destination::Stdout => String::new(),
+            Destination::File(path) => format!(" > {}", path.display()),
+        };
+        eprintln!("and once it has ended, write its plan with:\n  nexus get {workflow_id} --format md{redirect}");
+        return Ok(watched.exit_code());
+    }
+    let workflow = client
+        .get_workflow(GetWorkflowRequest {
+            workflow_id: workflow_id.clone(),
+        })
+        .await?
+        .into_inner();
+    if workflow.status() != WorkflowStatus::Completed {
+        eprintln!(
+            "no final plan: the run is {}; nothing written to {}",
+            markdown::short_name(workflow.status().as_str_name()),
+            out.shown()
+        );
+        return Ok(watched.exit_code());
+    }
+    let document = markdown::workflow(&workflow);
+    match &out {
+        Destination::Stdout => print!("{document}"),
+        Destination::File(path) => {
+            std::fs::write(path, document).with_context(|| format!("writing {}", path.display()))?;
+            println!("final plan and rating written to {}", path.display());
+        }
+    }
+    Ok(watched.exit_code())
+}
+
+async fn watch_run(
+    client: &mut Client,
+    request: StartWorkflowRequest,
+    printer: &mut EventPrinter<impl Write>,
+) -> anyhow::Result<(String, Watched)> {
+    let workflow_id = start(client, request, printer).await?;
+    let watched = watch_to_end(client, &workflow_id, String::new(), printer).await?;
+    Ok((workflow_id, watched))
+}
+
+/// Where `nexus run` writes the final plan.
+enum Destination {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Destination {
+    /// `-` is stdout; no `--out` is `<stem>.nexus.md` beside the plan. A
+    /// file whose folder does not exist is refused before the run starts,
+    /// not after it was paid for.
+    fn new(out: Option<PathBuf>, plan: &Path) -> anyhow::Result<Self> {
+        let path = match out {
+            Some(path) if path.as_os_str() == "-" => return Ok(Destination::Stdout),
+            Some(path) => path,
+            None => {
+                let stem = plan.file_stem().unwrap_or_default().to_string_lossy();
+                plan.with_file_name(format!("{stem}.nexus.md"))
+            }
+        };
+        anyhow::ensure!(path != plan, "--out {} would overwrite the plan", path.display());
+        let folder = path.parent().filter(|folder| !folder.as_os_str().is_empty());
+        if let Some(folder) = folder {
+            anyhow::ensure!(
+                folder.is_dir(),
+                "--out {}: no folder {}",
+                path.display(),
+                folder.display()
+            );
+        }
+        Ok(Destination::File(path))
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Destination::Stdout => "stdout".into(),
+            Destination::File(path) => path.display().to_string(),
+        }
+    }
 }
 
 async fn watch_to_end(
     client: &mut Client,
     workflow_id: &str,
     after_cursor: String,
-    cursors: bool,
-) -> anyhow::Result<std::process::ExitCode> {
+    printer: &mut EventPrinter<impl Write>,
+) -> anyhow::Result<Watched> {
     let request = WatchWorkflowRequest {
         workflow_id: workflow_id.to_string(),
         after_cursor,
         ..Default::default()
     };
     let mut events = client.watch_workflow(request).await?.into_inner();
-    let mut printer = render::EventPrinter::new(cursors);
-    let mut code = std::process::ExitCode::SUCCESS;
+    let mut watched = Watched::Ended;
     let mut last_cursor = String::new();
     loop {
         let event = tokio::select! {
-            event = events.message() => event?,
-            _ = tokio::signal::ctrl_c() => return Ok(detached(workflow_id, &last_cursor)),
+            event = events.message() => event,
+            _ = tokio::signal::ctrl_c() => {
+                printer.finish();
+                detached(workflow_id, &last_cursor);
+                return Ok(Watched::Interrupted);
+            }
         };
-        let Some(event) = event else { break };
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(status) => {
+                printer.finish();
+                return Err(status.into());
+            }
+        };
         last_cursor = event.cursor.clone();
         printer.print(&event);
-        code = match &event.kind {
-            Some(Kind::Failed(_)) => std::process::ExitCode::from(EXIT_FAILED),
-            Some(Kind::Cancelled(_)) => std::process::ExitCode::from(EXIT_CANCELLED),
-            _ => code,
+        watched = match &event.kind {
+            Some(Kind::Failed(_)) => Watched::Failed,
+            Some(Kind::Cancelled(_)) => Watched::Cancelled,
+            _ => watched,
         };
     }
-    Ok(code)
+    printer.finish();
+    Ok(watched)
 }
 
 /// Ctrl-C on a watch leaves the run going: it says so, and how to pick the
-/// stream up again where it was left. Exit status 130, as for SIGINT.
-fn detached(workflow_id: &str, last_cursor: &str) -> std::process::ExitCode {
+/// stream up again where it was left.
+fn detached(workflow_id: &str, last_cursor: &str) {
     let after = if last_cursor.is_empty() {
         String::new()
     } else {
         format!(" --after {last_cursor}")
     };
     eprintln!("\nstopped watching; the workflow keeps running. Re-attach with:\n  nexus watch {workflow_id}{after}");
-    std::process::ExitCode::from(EXIT_INTERRUPTED)
 }
 
 fn parse_field(text: &str) -> Result<(String, String), String> {

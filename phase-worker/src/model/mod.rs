@@ -21,6 +21,7 @@
 //! - `client`: [`ModelClient`] and the try loop: when to try, wait, retry or give up.
 //! - `http`: building the HTTP client, sending a try, a non-2xx status as an error.
 //! - `stream`: reading the SSE reply: deltas, reasoning, usage chunk, mid-stream errors.
+//! - `sse`: server-sent events decoded from the body's bytes.
 //! - `wire`: the serde types of the OpenAI-style wire format, lenient where providers differ.
 //! - `retry`: back-off, `Retry-After` (seconds or HTTP-date) and the wait budget, as pure
 //!   arithmetic.
@@ -45,6 +46,7 @@ mod fallback;
 mod http;
 mod pacer;
 mod retry;
+mod sse;
 mod stream;
 mod wire;
 

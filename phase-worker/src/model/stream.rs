@@ -2,15 +2,15 @@
 //! clocks, each `data:` payload as a chunk (content delta, reasoning, finish reason, usage) or
 //! a mid-stream error, and the answer accumulated until the stream says it is complete.
 //!
-//! The body is parsed as server-sent events, never as lines: events may arrive split across
-//! reads (even inside a UTF-8 character), with CRLF line ends, as several `data:` lines, and
-//! with `:` comments between them. Reasoning deltas (`delta.reasoning`) are not part of the
+//! The body is decoded as server-sent events ([`super::sse`]), never as lines: events may
+//! arrive split across reads (even inside a UTF-8 character), with CRLF line ends, as several
+//! `data:` lines, and with `:` comments between them. Reasoning deltas (`delta.reasoning`) are not part of the
 //! answer, but they are the model's first tokens: they stop the first-token clock. Their count
 //! comes with the usage chunk.
 
 use std::time::Duration;
 
-use eventsource_stream::{Event, EventStreamError, Eventsource};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::call::{Completion, ModelEvent, Usage};
 use super::client::ModelClient;
 use super::error::{ModelError, UNKNOWN_ERROR_CODE, bounded_message, excerpt};
+use super::sse::SseDecoder;
 use super::wire::{WireChunk, WireDelta};
 
 const DONE_MARKER: &str = "[DONE]";
@@ -43,6 +44,13 @@ fn idle_guarded<B>(
             Ok(Some(item)) => Some((item.map_err(BodyError::Transport), Some(bytes))),
         }
     })
+}
+
+/// Reads what follows `[DONE]` (normally just the body's end), for a moment at most, so the
+/// connection goes back to the pool instead of being closed mid-body.
+async fn drain<S: Stream + Unpin>(mut body: S) {
+    const PATIENCE: Duration = Duration::from_secs(1);
+    let _ = tokio::time::timeout(PATIENCE, async { while body.next().await.is_some() {} }).await;
 }
 
 /// What one SSE `data:` payload says.
@@ -165,54 +173,55 @@ impl ModelClient {
         first_token_due: Instant,
         events: &mpsc::Sender<ModelEvent>,
     ) -> Result<Reply, ModelError> {
-        let bytes = idle_guarded(response.bytes_stream(), self.config.idle_timeout);
-        let mut sse = Box::pin(bytes.eventsource());
+        let mut body = Box::pin(idle_guarded(response.bytes_stream(), self.config.idle_timeout));
+        let mut decoder = SseDecoder::default();
+        let mut payloads = Vec::new();
         let mut reply = Reply::default();
-        while let Some(event) = self.next_event(&mut sse, reply.started, first_token_due).await? {
-            // A failed parse quotes the provider's text: quote it scrubbed.
-            let data = parse_data(&event.data).or_else(|_| parse_data(&self.redact_text(event.data.clone())))?;
-            let Data::Chunk(mut chunk) = data else {
-                reply.done = true;
-                break;
-            };
-            if let Some(text) = chunk.reasoning_text.take() {
-                let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
-            }
-            if let Some(text) = reply.apply(chunk) {
-                let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+        while let Some(bytes) = self.next_bytes(&mut body, reply.started, first_token_due).await? {
+            decoder
+                .push(&bytes, &mut payloads)
+                .map_err(|_| ModelError::Malformed("stream is not UTF-8".into()))?;
+            for payload in payloads.drain(..) {
+                // A failed parse quotes the provider's text: quote it scrubbed.
+                let data = parse_data(&payload).or_else(|_| parse_data(&self.redact_text(payload)))?;
+                let Data::Chunk(mut chunk) = data else {
+                    reply.done = true;
+                    drain(body).await;
+                    return Ok(reply);
+                };
+                if let Some(text) = chunk.reasoning_text.take() {
+                    let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
+                }
+                if let Some(text) = reply.apply(chunk) {
+                    let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+                }
             }
         }
         Ok(reply)
     }
 
-    /// The next SSE event; until the first token (content or reasoning) arrives, also bounded
-    /// by its deadline.
-    async fn next_event<S>(
+    /// The body's next bytes; until the first token (content or reasoning) arrives, also
+    /// bounded by its deadline.
+    async fn next_bytes<S>(
         &self,
-        sse: &mut S,
+        body: &mut S,
         started: bool,
         first_token_due: Instant,
-    ) -> Result<Option<Event>, ModelError>
+    ) -> Result<Option<Bytes>, ModelError>
     where
-        S: Stream<Item = Result<Event, EventStreamError<BodyError>>> + Unpin,
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
     {
         let next = if started {
-            sse.next().await
+            body.next().await
         } else {
-            tokio::time::timeout_at(first_token_due, sse.next())
+            tokio::time::timeout_at(first_token_due, body.next())
                 .await
                 .map_err(|_| self.first_token_timeout())?
         };
-        next.transpose().map_err(|e| self.stream_error(e))
-    }
-
-    fn stream_error(&self, error: EventStreamError<BodyError>) -> ModelError {
-        match error {
-            EventStreamError::Transport(BodyError::Idle) => ModelError::Stalled(self.config.idle_timeout),
-            EventStreamError::Transport(BodyError::Transport(e)) => self.transport_error(e),
-            EventStreamError::Utf8(e) => ModelError::Malformed(format!("stream is not UTF-8: {e}")),
-            EventStreamError::Parser(_) => ModelError::Malformed("stream is not valid server-sent events".into()),
-        }
+        next.transpose().map_err(|error| match error {
+            BodyError::Idle => ModelError::Stalled(self.config.idle_timeout),
+            BodyError::Transport(e) => self.transport_error(e),
+        })
     }
 }
 
