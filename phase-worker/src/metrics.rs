@@ -73,6 +73,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
 });
 
 /// A registry holding every worker metric, prefixed `nexus_`.
+/// The counter of `model`'s failed tries.
+pub fn retries_counter(model: &str) -> Counter {
+    METRICS
+        .model_retries
+        .get_or_create(&ModelLabel {
+            model: model.to_string(),
+        })
+        .clone()
+}
+
 pub fn registry() -> Registry {
     let mut registry = Registry::with_prefix("nexus");
     let m = &*METRICS;

@@ -4,13 +4,13 @@
 //! append is fenced like the task's other writes; a refused one (the run was
 //! cancelled or moved on) stops the call.
 
-use crate::metrics::{METRICS, ModelLabel};
 use crate::model::ModelEvent;
 use crate::task_lifecycle::TaskHandle;
-use nexus_proto::internal::PhaseSpec;
 use nexus_proto::v1::{
     PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseWaiting, workflow_event::Kind,
 };
+use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,18 +22,15 @@ const DELTA_MAX_BYTES: usize = 4096;
 
 /// Writes the model's deltas and retries into the event log, coalesced. A
 /// refused append (the workflow was cancelled or moved on) stops the call.
+/// `retries` counts the model's failed tries.
 pub async fn forward_events(
-    handle: TaskHandle,
-    spec: PhaseSpec,
+    handle: Arc<TaskHandle>,
+    phase: String,
+    retries: Counter,
     delivery: u64,
     mut receiver: mpsc::Receiver<ModelEvent>,
     stop: CancellationToken,
 ) -> Option<Kind> {
-    let phase = spec.name;
-    let retries = METRICS
-        .model_retries
-        .get_or_create(&ModelLabel { model: spec.model })
-        .clone();
     let origin = Origin {
         handle: &handle,
         phase: &phase,
@@ -188,7 +185,9 @@ async fn flush(origin: &Origin<'_>, buffer: &mut DeltaBuffer, stop: &Cancellatio
 }
 
 async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {
-    match handle.append(kind).await {
+    // Boxed: the script call is large and brief, and this task, alive for
+    // the whole model call, would otherwise carry room for it throughout.
+    match Box::pin(handle.append(kind)).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!(workflow_id = %handle.workflow, "workflow cancelled or moved on; aborting the model call");

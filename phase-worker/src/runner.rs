@@ -56,6 +56,8 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
     let stop = registration.token.clone();
+    // Shared with the heartbeat and progress tasks rather than copied into each.
+    let handle = Arc::new(handle);
     let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
     let next = run_task_in_span(ctx, &handle, task, delivery, &stop)
         .instrument(span)
@@ -95,12 +97,12 @@ fn continued_in(span: &tracing::Span, task: PhaseTask) -> PhaseTask {
 
 async fn run_task_in_span(
     ctx: &RunnerContext,
-    handle: &TaskHandle,
-    task: PhaseTask,
+    handle: &Arc<TaskHandle>,
+    mut task: PhaseTask,
     delivery: u64,
     stop: &CancellationToken,
 ) -> Option<Entry> {
-    let Some(spec) = task.spec.clone() else {
+    let Some(spec) = task.spec.take() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
         return settle(ctx, handle, None, None, stop).await;
     };
@@ -124,6 +126,8 @@ async fn run_task_in_span(
         }
     };
     let request = chat_request(&task, &spec, &inputs);
+    // The earlier outputs are in the prompt now; not kept through the call.
+    drop(inputs);
     let cache_key = ctx
         .cache
         .as_ref()
@@ -231,7 +235,7 @@ fn from_cache(
 #[allow(clippy::too_many_arguments)]
 async fn call_model(
     ctx: &RunnerContext,
-    handle: &TaskHandle,
+    handle: &Arc<TaskHandle>,
     task: &PhaseTask,
     spec: &PhaseSpec,
     request: ChatRequest,
@@ -242,7 +246,8 @@ async fn call_model(
     let (events, receiver) = mpsc::channel(256);
     let forwarder = tokio::spawn(crate::progress::forward_events(
         handle.clone(),
-        spec.clone(),
+        spec.name.clone(),
+        metrics::retries_counter(&spec.model),
         delivery,
         receiver,
         stop.clone(),
@@ -336,13 +341,14 @@ fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, Str
 
 /// Heartbeats the claim until the call ends; stops the call when the task
 /// was taken over or is no longer current.
-async fn keep_claim(handle: TaskHandle, every: Duration, stop: CancellationToken) {
+async fn keep_claim(handle: Arc<TaskHandle>, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        match handle.heartbeat().await {
+        // Boxed: the script call is large and brief; the task mostly sleeps.
+        match Box::pin(handle.heartbeat()).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");

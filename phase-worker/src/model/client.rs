@@ -159,14 +159,16 @@ impl ModelClient {
     ) -> Result<Completion, ModelError> {
         tracing::debug!(try_number, endpoint = %redact_url_text(&self.endpoint), "model try starting");
         let total = self.config.total_timeout;
-        let attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events));
-        let completion = with_cancel(cancel, async {
-            attempt.await.unwrap_or(Err(ModelError::Timeout {
-                which: TimeoutKind::Total,
-                after: total,
-            }))
-        })
-        .await?;
+        // The call's future is built inside the `select!`, not passed in: a future moved into
+        // an async fn or block is stored twice in the task (rust-lang/rust#62958), and this
+        // one is the largest a task holds while its call is in flight.
+        let completion = tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(ModelError::Cancelled),
+            attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events)) => {
+                attempt.unwrap_or(Err(ModelError::Timeout { which: TimeoutKind::Total, after: total }))
+            }
+        }?;
         if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r))
             && !accept_truncated
         {

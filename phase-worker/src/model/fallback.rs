@@ -30,15 +30,18 @@ impl ModelClient {
         events: &mpsc::Sender<ModelEvent>,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
-        let mut request = request.clone();
+        // The request is copied only for a fallback model: a prompt can be large, and
+        // thousands of calls may be in flight.
+        let mut fallback_request: Option<ChatRequest> = None;
         let mut next_models = fallbacks.iter();
         let mut earlier_tries = 0;
         loop {
-            let error = match self.complete(&request, validator, events, cancel).await {
+            let current = fallback_request.as_ref().unwrap_or(request);
+            let error = match self.complete(current, validator, events, cancel).await {
                 Ok(completion) => {
                     return Ok(Completion {
                         tries: earlier_tries + completion.tries,
-                        model: completion.model.or(Some(request.model)),
+                        model: completion.model.or_else(|| Some(current.model.clone())),
                         ..completion
                     });
                 }
@@ -47,16 +50,18 @@ impl ModelClient {
             let next = next_models.next().filter(|_| error.warrants_fallback());
             let Some(next) = next else { return Err(error) };
             let tries = error.tries_made();
-            tracing::warn!(from = %request.model, to = %next, %error, "falling back to the next model");
+            tracing::warn!(from = %current.model, to = %next, %error, "falling back to the next model");
             let fell_back = ModelEvent::FellBack {
-                from: request.model.clone(),
+                from: current.model.clone(),
                 to: next.clone(),
                 reason: error.to_string(),
                 tries,
             };
             let _receiver_gone = events.send(fell_back).await;
             earlier_tries += tries;
+            let mut request = fallback_request.take().unwrap_or_else(|| request.clone());
             request.model = next.clone();
+            fallback_request = Some(request);
         }
     }
 }

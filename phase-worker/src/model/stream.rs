@@ -46,8 +46,8 @@ fn idle_guarded<B>(
     })
 }
 
-/// Reads what follows `[DONE]` (normally just the body's end), for a moment at most, so the
-/// connection goes back to the pool instead of being closed mid-body.
+/// Reads what follows `[DONE]` or a failed chunk (normally just the body's end), for a moment
+/// at most, so the connection goes back to the pool instead of being closed mid-body.
 async fn drain<S: Stream + Unpin>(mut body: S) {
     const PATIENCE: Duration = Duration::from_secs(1);
     let _ = tokio::time::timeout(PATIENCE, async { while body.next().await.is_some() {} }).await;
@@ -183,7 +183,15 @@ impl ModelClient {
                 .map_err(|_| ModelError::Malformed("stream is not UTF-8".into()))?;
             for payload in payloads.drain(..) {
                 // A failed parse quotes the provider's text: quote it scrubbed.
-                let data = parse_data(&payload).or_else(|_| parse_data(&self.redact_text(payload)))?;
+                let data = match parse_data(&payload).or_else(|_| parse_data(&self.redact_text(payload))) {
+                    Ok(data) => data,
+                    Err(error) => {
+                        // The try has failed; what follows (the provider's end of the
+                        // stream) is read so the connection can be reused.
+                        drain(body).await;
+                        return Err(error);
+                    }
+                };
                 let Data::Chunk(mut chunk) = data else {
                     reply.done = true;
                     drain(body).await;
