@@ -85,6 +85,7 @@ pub async fn wait_all(client: &Client, ids: &[String], timeout: Duration) -> Vec
         loop {
             let request = GetWorkflowRequest {
                 workflow_id: id.clone(),
+                ..Default::default()
             };
             let workflow = patiently("GetWorkflow", || {
                 let (mut client, request) = (client.clone(), request.clone());

@@ -6,12 +6,14 @@
 //!   or plain lines for pipes and logs);
 //! - `markdown`: a workflow as a Markdown document (`run`, `get --format md`);
 //! - `json`: a workflow as JSON (`get --format json`);
-//! - `plan_file`: a plan written in Markdown with front matter (`run`).
+//! - `plan_file`: a plan written in Markdown with front matter (`run`);
+//! - `steer`: approval gates, forks and comparisons.
 
 mod json;
 mod markdown;
 mod plan_file;
 mod render;
+mod steer;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -121,12 +123,67 @@ enum Command {
         page_size: u32,
         #[arg(long, default_value = "")]
         page_token: String,
+        /// Only the forks of this workflow.
+        #[arg(long, default_value = "")]
+        parent: String,
     },
     /// Cancel a running workflow.
     Cancel {
         workflow_id: String,
         #[arg(long, default_value = "")]
         reason: String,
+    },
+    /// Let a run waiting at an approval gate go on, optionally with its
+    /// phase's output replaced by a file's text.
+    Approve {
+        workflow_id: String,
+        /// The gated phase's index (0-based); default: where it waits.
+        #[arg(long)]
+        phase: Option<u32>,
+        /// A file whose text replaces the phase's output (a human edit).
+        #[arg(long)]
+        edit: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Fail a run waiting at an approval gate.
+    Reject {
+        workflow_id: String,
+        #[arg(long)]
+        phase: Option<u32>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Start a new run from an existing one: phases before --from are
+    /// copied (no model call, no cost), the rest run with the overrides.
+    Fork {
+        workflow_id: String,
+        /// The first phase the fork runs itself, by name.
+        #[arg(long)]
+        from: String,
+        /// A model for one role, as role=model; repeatable.
+        #[arg(long = "model", value_parser = parse_field)]
+        models: Vec<(String, String)>,
+        /// A phase's new prompt template from a file, as phase=FILE; repeatable.
+        #[arg(long = "prompt", value_parser = parse_field)]
+        prompts: Vec<(String, String)>,
+        /// Extra instructions (default: the parent's).
+        #[arg(long, default_value = "")]
+        instructions: String,
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        #[arg(long)]
+        no_cache: bool,
+        #[arg(long, default_value_t = 0.0)]
+        max_cost_usd: f64,
+        /// Watch the fork live until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Compare runs (a run and its forks) phase by phase.
+    Compare {
+        #[arg(required = true, num_args = 2..=10)]
+        workflow_ids: Vec<String>,
     },
 }
 
@@ -266,7 +323,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Get { workflow_id, format } => {
             let workflow = client
-                .get_workflow(GetWorkflowRequest { workflow_id })
+                .get_workflow(GetWorkflowRequest {
+                    workflow_id,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             match format {
@@ -275,9 +335,17 @@ async fn main() -> anyhow::Result<ExitCode> {
                 Format::Json => println!("{:#}", json::workflow(&workflow)),
             }
         }
-        Command::List { page_size, page_token } => {
+        Command::List {
+            page_size,
+            page_token,
+            parent,
+        } => {
             let page = client
-                .list_workflows(ListWorkflowsRequest { page_size, page_token })
+                .list_workflows(ListWorkflowsRequest {
+                    page_size,
+                    page_token,
+                    parent_workflow_id: parent,
+                })
                 .await?
                 .into_inner();
             render::list(&page);
@@ -286,6 +354,49 @@ async fn main() -> anyhow::Result<ExitCode> {
             let pipelines = client.list_pipelines(ListPipelinesRequest {}).await?.into_inner();
             render::pipelines(&pipelines);
         }
+        Command::Approve {
+            workflow_id,
+            phase,
+            edit,
+            comment,
+        } => render::workflow(&steer::approve(&mut client, workflow_id, phase, edit, comment).await?),
+        Command::Reject {
+            workflow_id,
+            phase,
+            reason,
+        } => render::workflow(&steer::reject(&mut client, workflow_id, phase, reason).await?),
+        Command::Fork {
+            workflow_id,
+            from,
+            models,
+            prompts,
+            instructions,
+            idempotency_key,
+            no_cache,
+            max_cost_usd,
+            watch,
+        } => {
+            let fork = steer::Fork {
+                workflow_id,
+                from_phase: from,
+                models,
+                prompts,
+                instructions,
+                idempotency_key,
+                no_cache,
+                max_cost_usd,
+            };
+            let (fork_id, created) = steer::fork(&mut client, fork).await?;
+            let mut printer = stdout_printer(false);
+            let how = if created { "started" } else { "already existed" };
+            printer.note(&format!("workflow {fork_id} {how}"));
+            if watch {
+                return Ok(watch_to_end(&mut client, &fork_id, String::new(), &mut printer)
+                    .await?
+                    .exit_code());
+            }
+        }
+        Command::Compare { workflow_ids } => steer::compare(&mut client, workflow_ids).await?,
         Command::Cancel { workflow_id, reason } => {
             let workflow = client
                 .cancel_workflow(CancelWorkflowRequest { workflow_id, reason })
@@ -357,6 +468,7 @@ async fn run(
     let workflow = client
         .get_workflow(GetWorkflowRequest {
             workflow_id: workflow_id.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();

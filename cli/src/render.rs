@@ -171,6 +171,31 @@ impl<W: Write> EventPrinter<W> {
                 );
                 self.block(Some(Paint::Yellow), &text);
             }
+            Some(Kind::PhaseCompleted(done)) if !done.copied_from.is_empty() => {
+                let text = format!("✓ {} copied from {}", done.phase, done.copied_from);
+                self.block(Some(Paint::Green), &text);
+            }
+            Some(Kind::PhaseAwaitingApproval(gate)) => {
+                let id = &event.workflow_id;
+                let text = format!(
+                    "⏸ waiting for approval of {} — `nexus approve {id} {}` (optionally --edit FILE) or `nexus reject {id} {} --reason ...`; on timeout: {}",
+                    gate.phase, gate.index, gate.index, gate.on_timeout
+                );
+                self.block(Some(Paint::Yellow), &text);
+            }
+            Some(Kind::PhaseApproved(approved)) => {
+                let how = match (approved.timed_out, approved.edited_output.is_some()) {
+                    (true, _) => "approved by its timeout",
+                    (false, true) => "approved with an edited output",
+                    (false, false) => "approved",
+                };
+                let comment = if approved.comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", approved.comment)
+                };
+                self.block(Some(Paint::Green), &format!("▶ {} {how}{comment}", approved.phase));
+            }
             Some(Kind::PhaseCompleted(done)) if done.cache_hit => {
                 let text = format!(
                     "✓ {} answered from the cache · saved ${:.4}",

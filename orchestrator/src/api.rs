@@ -3,14 +3,16 @@
 
 use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
-use crate::state::WorkflowStore;
+use crate::state::{Approval, MAX_EDITED_OUTPUT_BYTES, WorkflowStore};
 use crate::validation::{CostCaps, page_size, validate_cursor, validate_start};
 use crate::watch::{WatchHub, watch};
 use nexus_pipeline::ids::WorkflowId;
 use nexus_proto::v1::workflow_service_server::WorkflowService;
 use nexus_proto::v1::{
-    CancelWorkflowRequest, GetWorkflowRequest, ListPipelinesRequest, ListPipelinesResponse, ListWorkflowsRequest,
-    ListWorkflowsResponse, StartWorkflowRequest, StartWorkflowResponse, WatchWorkflowRequest, Workflow, WorkflowEvent,
+    ApproveStepRequest, ApproveStepResponse, CancelWorkflowRequest, CompareWorkflowsRequest, CompareWorkflowsResponse,
+    ForkWorkflowRequest, ForkWorkflowResponse, GetWorkflowRequest, ListPipelinesRequest, ListPipelinesResponse,
+    ListWorkflowsRequest, ListWorkflowsResponse, RejectStepRequest, RejectStepResponse, StartWorkflowRequest,
+    StartWorkflowResponse, WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use nexus_runtime::telemetry;
 use std::sync::Arc;
@@ -88,8 +90,9 @@ impl WorkflowService for WorkflowApi {
     }
 
     async fn get_workflow(&self, request: Request<GetWorkflowRequest>) -> Result<Response<Workflow>, Status> {
-        let id = self.parse_id(&request.into_inner().workflow_id)?;
-        Ok(Response::new(self.store.get(&id).await?))
+        let request = request.into_inner();
+        let id = self.parse_id(&request.workflow_id)?;
+        Ok(Response::new(self.store.get_with(&id, !request.omit_outputs).await?))
     }
 
     async fn list_workflows(
@@ -98,7 +101,11 @@ impl WorkflowService for WorkflowApi {
     ) -> Result<Response<ListWorkflowsResponse>, Status> {
         let request = request.into_inner();
         let size = page_size(request.page_size)?;
-        let (workflows, next_page_token) = self.store.list(size, &request.page_token).await?;
+        let parent = match request.parent_workflow_id.trim() {
+            "" => None,
+            parent => Some(self.parse_id(parent)?.to_string()),
+        };
+        let (workflows, next_page_token) = self.store.list(size, &request.page_token, parent.as_deref()).await?;
         Ok(Response::new(ListWorkflowsResponse {
             workflows,
             next_page_token,
@@ -108,10 +115,86 @@ impl WorkflowService for WorkflowApi {
     async fn cancel_workflow(&self, request: Request<CancelWorkflowRequest>) -> Result<Response<Workflow>, Status> {
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
-        if request.reason.len() > 1024 {
-            return Err(ApiError::InvalidArgument("reason must be at most 1024 bytes".into()).into());
-        }
+        check_note("reason", &request.reason)?;
         Ok(Response::new(self.store.cancel(&id, &request.reason).await?))
+    }
+
+    async fn approve_step(
+        &self,
+        request: Request<ApproveStepRequest>,
+    ) -> Result<Response<ApproveStepResponse>, Status> {
+        let request = request.into_inner();
+        let id = self.parse_id(&request.workflow_id)?;
+        let edited = request.edited_output.as_deref().unwrap_or_default();
+        if edited.len() > MAX_EDITED_OUTPUT_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "edited_output is {} bytes; the limit is {MAX_EDITED_OUTPUT_BYTES}",
+                edited.len()
+            ))
+            .into());
+        }
+        if request
+            .edited_output
+            .as_ref()
+            .is_some_and(|text| text.trim().is_empty())
+        {
+            return Err(
+                ApiError::InvalidArgument("edited_output is empty: leave it unset to approve as is".into()).into(),
+            );
+        }
+        check_note("comment", &request.comment)?;
+        let approval = Approval {
+            edited_output: request.edited_output,
+            comment: request.comment,
+            timed_out: false,
+        };
+        let workflow = self.store.approve(&id, request.phase_index, approval).await?;
+        Ok(Response::new(ApproveStepResponse {
+            workflow: Some(workflow),
+        }))
+    }
+
+    async fn reject_step(&self, request: Request<RejectStepRequest>) -> Result<Response<RejectStepResponse>, Status> {
+        let request = request.into_inner();
+        let id = self.parse_id(&request.workflow_id)?;
+        check_note("reason", &request.reason)?;
+        let workflow = self.store.reject(&id, request.phase_index, &request.reason).await?;
+        Ok(Response::new(RejectStepResponse {
+            workflow: Some(workflow),
+        }))
+    }
+
+    async fn fork_workflow(
+        &self,
+        request: Request<ForkWorkflowRequest>,
+    ) -> Result<Response<ForkWorkflowResponse>, Status> {
+        let request = request.into_inner();
+        let parent = self.parse_id(&request.workflow_id)?;
+        let started = self
+            .store
+            .fork(&parent, &request, &self.catalog, self.cost_caps)
+            .await?;
+        if started.created {
+            crate::metrics::METRICS.workflows_started.inc();
+        }
+        tracing::info!(workflow_id = %started.workflow_id, parent = %parent, from_phase = %request.from_phase, created = started.created, "fork accepted");
+        Ok(Response::new(ForkWorkflowResponse {
+            workflow_id: started.workflow_id,
+            created: started.created,
+        }))
+    }
+
+    async fn compare_workflows(
+        &self,
+        request: Request<CompareWorkflowsRequest>,
+    ) -> Result<Response<CompareWorkflowsResponse>, Status> {
+        let ids = request
+            .into_inner()
+            .workflow_ids
+            .iter()
+            .map(|id| self.parse_id(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(self.store.compare(&ids).await?))
     }
 
     async fn list_pipelines(
@@ -122,6 +205,14 @@ impl WorkflowService for WorkflowApi {
             pipelines: self.catalog.describe(),
         }))
     }
+}
+
+/// A person's note (a reason, a comment): bounded.
+fn check_note(name: &str, text: &str) -> Result<(), ApiError> {
+    if text.len() > 1024 {
+        return Err(ApiError::InvalidArgument(format!("{name} must be at most 1024 bytes")));
+    }
+    Ok(())
 }
 
 /// The W3C `traceparent` the client sent as metadata, if any.

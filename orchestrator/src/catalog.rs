@@ -16,7 +16,7 @@ use nexus_pipeline::definition::{
     BUILT_IN_PIPELINES, MAX_INSTRUCTIONS_CHARS, PipelineDefinition, RunOptions, fingerprint,
 };
 use nexus_proto::internal::{PipelineSnapshot, RunChoices};
-use nexus_proto::v1::{PipelineInfo, StartWorkflowRequest};
+use nexus_proto::v1::{ForkWorkflowRequest, PipelineInfo, StartWorkflowRequest};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -112,10 +112,11 @@ impl PipelineCatalog {
         if request.models.is_empty() && instructions.is_empty() && !request.no_cache {
             return Ok(self.plain[name].clone());
         }
-        let models = self.with_overrides(definition, &request.models)?;
+        let models = with_overrides(definition, self.models.clone(), &request.models)?;
         let options = RunOptions {
             instructions,
             no_cache: request.no_cache,
+            prompts: None,
         };
         let snapshot = definition
             .resolve_with(&models, options)
@@ -128,15 +129,16 @@ impl PipelineCatalog {
         };
         Ok(chosen(snapshot, choices))
     }
+}
 
-    /// The configured models with the run's overrides, each checked.
-    fn with_overrides(
-        &self,
-        definition: &PipelineDefinition,
-        overrides: &HashMap<String, String>,
-    ) -> Result<BTreeMap<String, String>, ApiError> {
+/// `models` with the run's overrides, each checked.
+fn with_overrides(
+    definition: &PipelineDefinition,
+    mut models: BTreeMap<String, String>,
+    overrides: &HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    {
         let roles = definition.roles();
-        let mut models = self.models.clone();
         for (role, model) in overrides {
             if !roles.contains(role.as_str()) {
                 let roles: Vec<&str> = roles.iter().copied().collect();
@@ -151,7 +153,61 @@ impl PipelineCatalog {
             }
             models.insert(role.clone(), model.trim().to_string());
         }
-        Ok(models)
+    }
+    Ok(models)
+}
+
+impl PipelineCatalog {
+    /// The pipeline a fork of a run of `pipeline` runs with: the parent's
+    /// models per role (`parent.models`) under the fork's overrides, its
+    /// instructions unless the fork gives new ones, and the fork's prompt
+    /// overrides, which may only touch phases from `from_index` on.
+    pub fn choose_fork(
+        &self,
+        pipeline: &str,
+        parent: &RunChoices,
+        request: &ForkWorkflowRequest,
+        from_index: usize,
+    ) -> Result<ChosenPipeline, ApiError> {
+        let definition = self.definitions.get(pipeline).ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "the parent ran pipeline {pipeline:?}, which this server no longer offers"
+            ))
+        })?;
+        for (phase, template) in &request.prompts {
+            let index = definition.phases.iter().position(|p| &p.name == phase);
+            if index.is_some_and(|index| index < from_index) {
+                return Err(ApiError::InvalidArgument(format!(
+                    "prompts: phase {phase:?} comes before the fork point and is copied, not run"
+                )));
+            }
+            definition
+                .check_prompt_override(phase, template)
+                .map_err(|problem| ApiError::InvalidArgument(format!("prompts: {problem}")))?;
+        }
+        let instructions = match request.instructions.trim() {
+            "" => parent.instructions.as_str(),
+            given => validate_instructions(given)?,
+        };
+        let mut base = self.models.clone();
+        base.extend(parent.models.iter().map(|(role, model)| (role.clone(), model.clone())));
+        let models = with_overrides(definition, base, &request.models)?;
+        let prompts: BTreeMap<String, String> = request.prompts.clone().into_iter().collect();
+        let options = RunOptions {
+            instructions,
+            no_cache: request.no_cache || parent.no_cache,
+            prompts: Some(&prompts),
+        };
+        let snapshot = definition
+            .resolve_with(&models, options)
+            .map_err(|error| ApiError::InvalidArgument(error.to_string()))?;
+        let choices = RunChoices {
+            models: role_models(definition, &models),
+            instructions: instructions.to_string(),
+            no_cache: options.no_cache,
+            max_cost_usd: 0.0,
+        };
+        Ok(chosen(snapshot, choices))
     }
 
     /// Every pipeline, for `ListPipelines`.

@@ -16,6 +16,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("idempotency key {key:?} was already used for workflow {workflow_id} with a different plan")]
     IdempotencyMismatch { key: String, workflow_id: String },
+    /// The request is well-formed but the workflow is not in a state that
+    /// allows it (approving a run that does not wait, forking from a phase
+    /// the parent has not finished).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("storage unavailable: {0}")]
     Storage(#[from] redis::RedisError),
     #[error("stored data is corrupt: {0}")]
@@ -45,6 +50,7 @@ impl From<ApiError> for Status {
             }
             ApiError::TooLarge(_) => Status::resource_exhausted(error.to_string()),
             ApiError::NotFound(_) => Status::not_found(error.to_string()),
+            ApiError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             ApiError::Storage(ref cause) => {
                 tracing::error!(error = %cause, "redis command failed");
                 Status::unavailable("workflow storage is unavailable; retry shortly")

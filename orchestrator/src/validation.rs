@@ -2,7 +2,7 @@
 
 use crate::catalog::{ChosenPipeline, PipelineCatalog};
 use crate::errors::ApiError;
-use nexus_proto::v1::{ProjectPlan, StartWorkflowRequest};
+use nexus_proto::v1::{ForkWorkflowRequest, ProjectPlan, StartWorkflowRequest};
 
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_FIELDS: usize = 50;
@@ -53,6 +53,22 @@ pub struct ValidStart<'a> {
     pub pipeline: ChosenPipeline,
     /// What an idempotent retry must repeat: the plan and the run's choices.
     pub fingerprint: String,
+    /// For a fork: what it starts with from its parent; empty for a start.
+    pub seed: Seed,
+}
+
+/// What a run starts with besides its plan: nothing for a fresh start; for
+/// a fork, the phases copied from its parent and its lineage.
+#[derive(Default)]
+pub struct Seed {
+    /// The first phase the run runs itself.
+    pub first_phase: u32,
+    /// State hash fields (copied phase records, rating, lineage).
+    pub state: Vec<(String, Vec<u8>)>,
+    /// Outputs of the copied phases, by phase name.
+    pub outputs: Vec<(String, String)>,
+    /// Completed events of the copied phases, after the accepted event.
+    pub events: Vec<Vec<u8>>,
 }
 
 pub fn validate_start<'a>(
@@ -65,18 +81,23 @@ pub fn validate_start<'a>(
     validate_plan(plan, max_plan_bytes)?;
     let mut pipeline = catalog.choose(request)?;
     pipeline.choices.max_cost_usd = caps.for_request(request.max_cost_usd)?;
-    let key = request.idempotency_key.as_str();
+    Ok(ValidStart {
+        plan,
+        idempotency_key: idempotency_key(&request.idempotency_key)?,
+        fingerprint: start_fingerprint(request, plan),
+        pipeline,
+        seed: Seed::default(),
+    })
+}
+
+/// The idempotency key, `None` when empty, or why it is not a valid one.
+pub fn idempotency_key(key: &str) -> Result<Option<&str>, ApiError> {
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(invalid(format!(
             "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
         )));
     }
-    Ok(ValidStart {
-        plan,
-        idempotency_key: (!key.is_empty()).then_some(key),
-        fingerprint: start_fingerprint(request, plan),
-        pipeline,
-    })
+    Ok((!key.is_empty()).then_some(key))
 }
 
 fn validate_plan(plan: &ProjectPlan, max_plan_bytes: usize) -> Result<(), ApiError> {
@@ -195,6 +216,21 @@ pub fn start_fingerprint(request: &StartWorkflowRequest, plan: &ProjectPlan) -> 
         canonical.push(if request.no_cache { "no_cache" } else { "" });
         canonical.push(&request.max_cost_usd.to_string());
     }
+    canonical.fingerprint()
+}
+
+/// What an idempotent retry of a fork must repeat: parent, fork point and
+/// overrides.
+pub fn fork_fingerprint(request: &ForkWorkflowRequest) -> String {
+    let mut canonical = Canonical::default();
+    canonical.push("fork");
+    canonical.push(request.workflow_id.trim());
+    canonical.push(request.from_phase.trim());
+    canonical.push_sorted(&request.models);
+    canonical.push_sorted(&request.prompts);
+    canonical.push(request.instructions.trim());
+    canonical.push(if request.no_cache { "no_cache" } else { "" });
+    canonical.push(&request.max_cost_usd.to_string());
     canonical.fingerprint()
 }
 

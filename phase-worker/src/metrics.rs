@@ -165,7 +165,7 @@ pub fn record_applied(step: nexus_pipeline::transition::Step) {
     let m = &*METRICS;
     m.phase_results.get_or_create(&StatusLabel { status: "applied" }).inc();
     let finished = match step {
-        Step::Next => return,
+        Step::Next | Step::Await => return,
         Step::Complete => "completed",
         Step::Fail => "failed",
     };

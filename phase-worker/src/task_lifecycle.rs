@@ -211,6 +211,7 @@ impl TaskHandle {
             .key(self.keys.state())
             .key(self.keys.events())
             .key(self.keys.outputs())
+            .key(self.keys.shard.gates())
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
             .arg(&self.consumer)
@@ -232,12 +233,14 @@ impl TaskHandle {
                 .arg(&t.reason),
             None => invocation.arg(&["", "", "", "", "", "", ""]),
         };
-        let reply: Vec<Vec<u8>> = invocation
+        invocation
             .arg(FALLBACK_RETENTION_SECS)
             .arg(if claim_next { "1" } else { "0" })
-            .arg(transition.map_or(0.0, |t| t.cost_usd))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(transition.map_or(0.0, |t| t.cost_usd));
+        if let Some(gate) = transition.and_then(|t| t.gate.as_ref()) {
+            invocation.arg(&gate.event).arg(gate.deadline_ms).arg(gate.on_timeout);
+        }
+        let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn.clone()).await?;
         let settled = match reply.first().map(Vec::as_slice) {
             Some(b"applied") => Settled::Applied,
             Some(b"settled") => Settled::Acknowledged,

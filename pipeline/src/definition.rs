@@ -65,7 +65,21 @@ pub struct PhaseDefinition {
     /// "minimal", "low", "medium" or "high" (OpenRouter's `reasoning.effort`).
     #[serde(default)]
     pub reasoning: Option<String>,
+    /// Pause the run after this phase until a person approves its output
+    /// (ApproveStep, optionally with an edit) or rejects it (RejectStep).
+    #[serde(default)]
+    pub await_approval: bool,
+    /// How long an approval gate waits; a week when unset.
+    #[serde(default)]
+    pub approval_timeout_secs: Option<u64>,
+    /// What a gate's timeout does: "reject" (fail the run; the default) or
+    /// "approve" (go on with the output as it is).
+    #[serde(default)]
+    pub on_approval_timeout: Option<String>,
 }
+
+/// How long an approval gate waits when its phase sets no timeout.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// The reasoning efforts a phase may ask for.
 pub const REASONING_EFFORTS: &[&str] = &["minimal", "low", "medium", "high"];
@@ -81,6 +95,9 @@ pub struct RunOptions<'a> {
     pub instructions: &'a str,
     /// No phase is answered from the response cache.
     pub no_cache: bool,
+    /// Prompt templates that replace the pipeline's, by phase name (a fork's
+    /// overrides); checked by [`PipelineDefinition::check_prompt_override`].
+    pub prompts: Option<&'a BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -134,7 +151,32 @@ impl PipelineDefinition {
         if !self.phases.iter().any(|p| p.name == self.final_output) {
             return Err(invalid(format!("final_output {:?} is not a phase", self.final_output)));
         }
+        if self.phases.last().is_some_and(|last| last.await_approval) {
+            return Err(invalid(
+                "the last phase cannot await approval: there is nothing after it to hold back".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether `template` may replace phase `phase`'s prompt: the phase
+    /// exists and the template uses only placeholders its inputs allow.
+    pub fn check_prompt_override(&self, phase: &str, template: &str) -> Result<(), String> {
+        let definition = self
+            .phases
+            .iter()
+            .find(|p| p.name == phase)
+            .ok_or_else(|| format!("pipeline {:?} has no phase {phase:?}", self.name))?;
+        if template.trim().is_empty() {
+            return Err(format!("the prompt for phase {phase:?} is empty"));
+        }
+        match placeholders(template).find(|name| !definition.inputs.iter().any(|input| input == name)) {
+            Some(name) => Err(format!(
+                "the prompt for phase {phase:?} uses {{{{{name}}}}}, but the phase reads only: {}",
+                definition.inputs.join(", ")
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The roles its phases name, each once.
@@ -185,6 +227,16 @@ fn validate_phase(phase: &PhaseDefinition, known: &HashSet<&str>) -> Result<(), 
             phase.name
         ));
     }
+    if let Some(action) = phase
+        .on_approval_timeout
+        .as_deref()
+        .filter(|a| !matches!(*a, "approve" | "reject"))
+    {
+        return Err(format!(
+            "phase {:?} has on_approval_timeout {action:?}; choose \"approve\" or \"reject\"",
+            phase.name
+        ));
+    }
     if let Some(input) = phase.inputs.iter().find(|input| !known.contains(input.as_str())) {
         return Err(format!(
             "phase {:?} reads {input:?}, which is neither \"plan\" nor an earlier phase",
@@ -221,7 +273,12 @@ fn phase_spec(
         name: phase.name.clone(),
         model: model.clone(),
         system_prompt: with_instructions(phase.system.trim(), options.instructions.trim()),
-        prompt_template: phase.prompt.trim().to_string(),
+        prompt_template: options
+            .prompts
+            .and_then(|prompts| prompts.get(&phase.name))
+            .unwrap_or(&phase.prompt)
+            .trim()
+            .to_string(),
         inputs: phase.inputs.clone(),
         output: output as i32,
         temperature: phase.temperature,
@@ -230,6 +287,13 @@ fn phase_spec(
         no_cache: !phase.cache || options.no_cache,
         reasoning_effort: phase.reasoning.clone().unwrap_or_default(),
         fallback_models: chain,
+        role: phase.role.clone(),
+        await_approval: phase.await_approval,
+        approval_timeout_ms: phase
+            .approval_timeout_secs
+            .unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS)
+            .saturating_mul(1000),
+        approve_on_timeout: phase.on_approval_timeout.as_deref() == Some("approve"),
     })
 }
 
@@ -396,7 +460,7 @@ mod tests {
         let plain = definition.resolve(&default_models()).unwrap();
         let options = RunOptions {
             instructions: "Focus on security.",
-            no_cache: false,
+            ..RunOptions::default()
         };
         let steered = definition.resolve_with(&default_models(), options).unwrap();
         assert!(steered.phases.iter().all(|phase| {

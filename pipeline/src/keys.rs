@@ -78,6 +78,12 @@ impl ShardKeys {
     pub fn pipeline(&self, fingerprint: &str) -> String {
         format!("{}:pipeline:{fingerprint}", self.prefix)
     }
+
+    /// The shard's runs waiting at an approval gate, scored by the gate's
+    /// deadline (Unix ms), so timeouts are found without a scan.
+    pub fn gates(&self) -> String {
+        format!("{}:gates", self.prefix)
+    }
 }
 
 /// Pacing state of one model (its shared rate limit and provider back-off),
@@ -140,6 +146,15 @@ pub mod field {
     /// The run's cost cap in USD ("0": none) and what its phases cost so far.
     pub const BUDGET_USD: &str = "budget_usd";
     pub const SPENT_USD: &str = "spent_usd";
+    /// At an approval gate: the gated phase's index, the next phase's task
+    /// (queued when the gate opens), the deadline and what it does then.
+    pub const GATE: &str = "gate";
+    pub const GATE_TASK: &str = "gate_task";
+    pub const GATE_DEADLINE_MS: &str = "gate_deadline_ms";
+    pub const GATE_ON_TIMEOUT: &str = "gate_on_timeout";
+    /// A fork's parent workflow and the first phase it ran itself.
+    pub const PARENT: &str = "parent";
+    pub const FORK_PHASE: &str = "fork_phase";
     /// `phase:<index>` holds the encoded `nexus.v1.Phase` once it completed.
     pub fn phase_record(index: u32) -> String {
         format!("phase:{index}")
@@ -155,6 +170,8 @@ pub mod status {
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";
+    /// Paused at an approval gate; no task is queued meanwhile.
+    pub const AWAITING_APPROVAL: &str = "awaiting_approval";
 
     pub fn is_terminal(status: &str) -> bool {
         matches!(status, COMPLETED | FAILED | CANCELLED)
@@ -184,6 +201,7 @@ mod tests {
             keys.shard.index(),
             keys.shard.idempotency("k"),
             keys.shard.pipeline("fp"),
+            keys.shard.gates(),
         ];
         assert!(all.iter().all(|key| hash_tag(key) == "nx3"), "{all:?}");
     }

@@ -13,6 +13,9 @@
 //!  (none) ──────────────────▶ pending ────────────────▶ running ──┐
 //!                                │                         ▲      │ phase result: next
 //!                                │                         └──────┘
+//!                                ├── phase result: await ─────▶ awaiting_approval
+//!                                │      (a gated phase)  ApproveStep ──▶ running
+//!                                │                       RejectStep ───▶ failed
 //!                                ├── phase result: complete ──▶ completed
 //!                                ├── phase result: fail ──────▶ failed (also: dead-lettered task)
 //!                                └── cancel_workflow ─────────▶ cancelled
@@ -23,8 +26,8 @@ use crate::ids::WorkflowId;
 use crate::keys::{ShardKeys, WorkflowKeys, field};
 use nexus_proto::internal::{PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, PipelineSnapshot, phase_result::Outcome};
 use nexus_proto::v1::{
-    Phase, PhaseCompleted, PhaseStatus, Rating, Usage, WorkflowCompleted, WorkflowEvent, WorkflowFailed,
-    workflow_event::Kind,
+    Phase, PhaseAwaitingApproval, PhaseCompleted, PhaseStatus, Rating, Usage, WorkflowCompleted, WorkflowEvent,
+    WorkflowFailed, workflow_event::Kind,
 };
 use prost::Message;
 use redis::AsyncCommands;
@@ -94,6 +97,9 @@ pub fn total_usage(phases: &[Phase]) -> Usage {
 pub enum Step {
     /// Record the phase and queue the next one.
     Next,
+    /// Record the phase and pause at its approval gate; the next phase's
+    /// task is kept until the gate opens.
+    Await,
     /// Record the last phase and complete the run.
     Complete,
     /// Fail the run with a reason.
@@ -105,6 +111,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Next => "next",
+            Step::Await => "await",
             Step::Complete => "complete",
             Step::Fail => "fail",
         }
@@ -130,6 +137,38 @@ pub struct Transition {
     pub reason: String,
     /// What the phase cost (USD), added to the run's spend.
     pub cost_usd: f64,
+    /// The approval gate the run pauses at (await only).
+    pub gate: Option<Gate>,
+}
+
+/// An approval gate as the applying script stores it.
+#[derive(Debug)]
+pub struct Gate {
+    /// When it times out (Unix ms).
+    pub deadline_ms: i64,
+    /// "approve" or "reject".
+    pub on_timeout: &'static str,
+    /// The encoded awaiting-approval event.
+    pub event: Vec<u8>,
+}
+
+impl Gate {
+    fn after(index: u32, spec: &PhaseSpec) -> Self {
+        let deadline_ms =
+            crate::now_ms().saturating_add(i64::try_from(spec.approval_timeout_ms).unwrap_or(i64::MAX / 2));
+        let on_timeout = if spec.approve_on_timeout { "approve" } else { "reject" };
+        let awaiting = event(Kind::PhaseAwaitingApproval(PhaseAwaitingApproval {
+            index,
+            phase: spec.name.clone(),
+            deadline: Some(nexus_proto::timestamp_from_micros(deadline_ms.saturating_mul(1000))),
+            on_timeout: on_timeout.to_string(),
+        }));
+        Self {
+            deadline_ms,
+            on_timeout,
+            event: awaiting.encode_to_vec(),
+        }
+    }
 }
 
 /// What completing a run needs of the phases before its last: their
@@ -192,6 +231,7 @@ impl Transition {
             rating: Vec::new(),
             reason,
             cost_usd: 0.0,
+            gate: None,
         }
     }
 }
@@ -234,6 +274,9 @@ fn success_transition(
         generation_id: success.generation_id.clone(),
         cache_hit: success.cache_hit,
         saved_usd: success.saved_usd,
+        human_edit: false,
+        copied_from: String::new(),
+        output_bytes: success.output.len() as u64,
     };
     let completed = event(Kind::PhaseCompleted(PhaseCompleted {
         index: result.phase_index,
@@ -250,10 +293,13 @@ fn success_transition(
         generation_id: success.generation_id.clone(),
         cache_hit: success.cache_hit,
         saved_usd: success.saved_usd,
+        copied_from: String::new(),
     }));
+    let gate =
+        (spec.await_approval && index + 1 < pipeline.phases.len()).then(|| Gate::after(result.phase_index, spec));
     let (step, follow_up) = match pipeline.phases.get(index + 1) {
         Some(next) => (
-            Step::Next,
+            if gate.is_some() { Step::Await } else { Step::Next },
             phase_task(id, result.phase_index + 1, next, &result.pipeline_id, traceparent).encode_to_vec(),
         ),
         None => {
@@ -272,6 +318,7 @@ fn success_transition(
         rating: success.rating.as_ref().map(Message::encode_to_vec).unwrap_or_default(),
         reason: String::new(),
         cost_usd: success.usage.map_or(0.0, |usage| usage.cost_usd),
+        gate,
     })
 }
 

@@ -132,6 +132,7 @@ pub async fn get_retrying(client: &mut Client, workflow_id: &str) -> Workflow {
         match client
             .get_workflow(GetWorkflowRequest {
                 workflow_id: workflow_id.to_string(),
+                ..Default::default()
             })
             .await
         {
@@ -153,6 +154,8 @@ pub fn kind_name(event: &WorkflowEvent) -> &'static str {
         Some(Kind::PhaseWaiting(_)) => "phase_waiting",
         Some(Kind::PhaseReasoningDelta(_)) => "phase_reasoning_delta",
         Some(Kind::PhaseFallback(_)) => "phase_fallback",
+        Some(Kind::PhaseAwaitingApproval(_)) => "phase_awaiting_approval",
+        Some(Kind::PhaseApproved(_)) => "phase_approved",
         Some(Kind::Completed(_)) => "completed",
         Some(Kind::Failed(_)) => "failed",
         Some(Kind::Cancelled(_)) => "cancelled",

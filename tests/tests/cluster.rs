@@ -94,6 +94,7 @@ async fn workflows_run_on_a_three_master_redis_cluster_spread_over_all_masters()
         .list_workflows(nexus_proto::v1::ListWorkflowsRequest {
             page_size: 100,
             page_token: String::new(),
+            ..Default::default()
         })
         .await;
     assert_eq!(

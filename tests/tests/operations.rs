@@ -176,6 +176,7 @@ async fn a_configured_token_is_required_for_the_api_but_not_for_health() {
     let status = anonymous
         .get_workflow(GetWorkflowRequest {
             workflow_id: "wf_0_0".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

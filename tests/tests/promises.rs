@@ -469,6 +469,7 @@ async fn list_pages_refill_past_expired_entries() {
             .list_workflows(ListWorkflowsRequest {
                 page_size: 2,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -546,6 +547,7 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
         let workflow = client
             .get_workflow(nexus_proto::v1::GetWorkflowRequest {
                 workflow_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -572,6 +574,7 @@ async fn credentials_and_echoed_keys_stay_out_of_logs_and_answers() {
     let refused = intruder
         .get_workflow(nexus_proto::v1::GetWorkflowRequest {
             workflow_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -243,6 +243,7 @@ async fn final_state(stack: &Arc<Mutex<Stack>>, id: &str, left: Duration) -> Out
         let workflow = client
             .get_workflow(nexus_proto::v1::GetWorkflowRequest {
                 workflow_id: id.to_string(),
+                ..Default::default()
             })
             .await;
         if let Ok(workflow) = workflow.map(|w| w.into_inner()) {

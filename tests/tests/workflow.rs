@@ -76,6 +76,7 @@ async fn six_phases_complete_in_order_and_the_result_is_stored() {
     let workflow = client
         .get_workflow(GetWorkflowRequest {
             workflow_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -237,6 +238,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let malformed = client
         .get_workflow(GetWorkflowRequest {
             workflow_id: "not-an-id".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -247,6 +249,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let unknown = client
         .get_workflow(GetWorkflowRequest {
             workflow_id: unknown_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -281,6 +284,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let bad_page = ListWorkflowsRequest {
         page_size: 1000,
         page_token: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         client.list_workflows(bad_page).await.unwrap_err().code(),
@@ -293,7 +297,10 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         "nothing stored changed"
     );
     let after = client
-        .get_workflow(GetWorkflowRequest { workflow_id: existing })
+        .get_workflow(GetWorkflowRequest {
+            workflow_id: existing,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -356,6 +363,7 @@ async fn list_pages_through_every_workflow_newest_first() {
             .list_workflows(ListWorkflowsRequest {
                 page_size: 2,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()

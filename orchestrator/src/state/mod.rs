@@ -7,9 +7,14 @@
 //! starts its first phase (the worker's fenced event append moves it to
 //! `running`).
 
+mod compare;
 mod events;
+mod fork;
+mod gates;
 mod scripts;
 mod view;
+
+pub use gates::{Approval, MAX_EDITED_OUTPUT_BYTES, expire_gates};
 
 pub use events::{event, is_terminal};
 
@@ -87,9 +92,17 @@ impl WorkflowStore {
             phases: view::planned_phases(snapshot),
         }));
         let traceparent = nexus_runtime::telemetry::current_traceparent().unwrap_or_else(|| id.traceparent());
-        let first_task = phase_task(&id, 0, &snapshot.phases[0], &pipeline.fingerprint, traceparent);
-        let reply: Vec<String> = scripts::CREATE_WORKFLOW
-            .key(keys.state())
+        let seed = &request.seed;
+        let first = seed.first_phase;
+        let first_task = phase_task(
+            &id,
+            first,
+            &snapshot.phases[first as usize],
+            &pipeline.fingerprint,
+            traceparent,
+        );
+        let mut invocation = scripts::CREATE_WORKFLOW.key(keys.state());
+        invocation
             .key(keys.events())
             .key(keys.outputs())
             .key(keys.shard.index())
@@ -111,8 +124,19 @@ impl WorkflowStore {
             .arg(EVENTS_CHANNEL)
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(seed.state.len());
+        for (name, value) in &seed.state {
+            invocation.arg(name).arg(value);
+        }
+        invocation.arg(seed.outputs.len());
+        for (name, text) in &seed.outputs {
+            invocation.arg(name).arg(text);
+        }
+        invocation.arg(seed.events.len());
+        for event in &seed.events {
+            invocation.arg(event);
+        }
+        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
         if reply.first().is_some_and(|created| created == "1") {
             self.pipelines.insert(&pipeline.fingerprint, snapshot.clone());
         }
@@ -133,7 +157,7 @@ impl WorkflowStore {
         }
     }
 
-    /// Cancels a pending or running workflow; returns it as it then stands.
+    /// Cancels a pending, running or waiting workflow; returns it as it then stands.
     pub async fn cancel(&self, id: &WorkflowId, reason: &str) -> Result<Workflow, ApiError> {
         let keys = WorkflowKeys::new(id);
         let reason = if reason.trim().is_empty() {
@@ -148,6 +172,7 @@ impl WorkflowStore {
             .key(keys.state())
             .key(keys.events())
             .key(keys.outputs())
+            .key(keys.shard.gates())
             .arg(nexus_pipeline::now_ms())
             .arg(cancelled.encode_to_vec())
             .arg(reason)

@@ -12,3 +12,5 @@ fn ending(body: &str) -> Script {
 
 pub static CREATE_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_workflow.lua")));
 pub static CANCEL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/cancel_workflow.lua")));
+pub static APPROVE_STEP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/approve_step.lua")));
+pub static REJECT_STEP: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/reject_step.lua")));

@@ -9,7 +9,7 @@ use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{WorkflowKeys, field, status};
 use nexus_pipeline::transition::total_usage;
 use nexus_proto::internal::{PipelineSnapshot, RunChoices};
-use nexus_proto::v1::{Budget, Phase, PhaseStatus, ProjectPlan, Rating, Workflow, WorkflowStatus};
+use nexus_proto::v1::{ApprovalGate, Budget, Phase, PhaseStatus, ProjectPlan, Rating, Workflow, WorkflowStatus};
 use prost::Message;
 use std::collections::HashMap;
 
@@ -78,7 +78,7 @@ impl StoredWorkflow {
 
     /// The run's models per role and instructions; empty for runs stored
     /// before runs recorded them.
-    fn choices(&self) -> Result<RunChoices, ApiError> {
+    pub fn choices(&self) -> Result<RunChoices, ApiError> {
         let bytes = self.state.get(field::CHOICES).map(Vec::as_slice).unwrap_or_default();
         RunChoices::decode(bytes).map_err(|e| ApiError::Corrupt(format!("choices: {e}")))
     }
@@ -94,13 +94,28 @@ impl StoredWorkflow {
         })
     }
 
-    fn plan(&self) -> Result<ProjectPlan, ApiError> {
+    pub fn plan(&self) -> Result<ProjectPlan, ApiError> {
         let bytes = self.state.get(field::PLAN).map(Vec::as_slice).unwrap_or_default();
         ProjectPlan::decode(bytes).map_err(|e| ApiError::Corrupt(format!("plan: {e}")))
     }
 
     pub fn pipeline_id(&self) -> String {
         self.text(field::PIPELINE)
+    }
+
+    /// The approval gate the run waits at, if it does.
+    fn approval(&self, pipeline: &PipelineSnapshot) -> Option<ApprovalGate> {
+        let index: u32 = self.text(field::GATE).parse().ok()?;
+        Some(ApprovalGate {
+            index,
+            phase: pipeline
+                .phases
+                .get(index as usize)
+                .map(|spec| spec.name.clone())
+                .unwrap_or_default(),
+            deadline: Some(timestamp(self.number(field::GATE_DEADLINE_MS))),
+            on_timeout: self.text(field::GATE_ON_TIMEOUT),
+        })
     }
 
     pub fn into_workflow(
@@ -126,6 +141,7 @@ impl StoredWorkflow {
                     });
                 if with_outputs {
                     phase.output = self.outputs.get(&phase.name).cloned().unwrap_or_default();
+                    phase.output_bytes = phase.output.len() as u64;
                 }
                 phase
             })
@@ -156,6 +172,9 @@ impl StoredWorkflow {
             models: choices.models,
             instructions: choices.instructions,
             budget,
+            parent_workflow_id: self.text(field::PARENT),
+            fork_phase: self.number(field::FORK_PHASE) as u32,
+            approval: self.approval(pipeline),
         })
     }
 }
@@ -167,6 +186,7 @@ fn workflow_status(stored: &str) -> WorkflowStatus {
         status::COMPLETED => WorkflowStatus::Completed,
         status::FAILED => WorkflowStatus::Failed,
         status::CANCELLED => WorkflowStatus::Cancelled,
+        status::AWAITING_APPROVAL => WorkflowStatus::AwaitingApproval,
         _ => WorkflowStatus::Unspecified,
     }
 }
@@ -209,12 +229,17 @@ type PageCursor = (i64, WorkflowId);
 
 impl WorkflowStore {
     pub async fn get(&self, id: &WorkflowId) -> Result<Workflow, ApiError> {
-        self.load(id, true)
+        self.get_with(id, true).await
+    }
+
+    /// The workflow, with or without its phases' outputs and final plan.
+    pub async fn get_with(&self, id: &WorkflowId, with_outputs: bool) -> Result<Workflow, ApiError> {
+        self.load(id, with_outputs)
             .await?
             .ok_or_else(|| ApiError::NotFound(id.to_string()))
     }
 
-    async fn load(&self, id: &WorkflowId, with_outputs: bool) -> Result<Option<Workflow>, ApiError> {
+    pub(super) async fn load(&self, id: &WorkflowId, with_outputs: bool) -> Result<Option<Workflow>, ApiError> {
         let mut conn = self.conn.clone();
         let Some(stored) = load_stored(&mut conn, id, with_outputs).await? else {
             return Ok(None);
@@ -227,7 +252,14 @@ impl WorkflowStore {
     /// whose workflow expired are skipped (and dropped from the index), and
     /// the page is filled from older entries instead, so a thinned page
     /// never ends the listing early.
-    pub async fn list(&self, page_size: usize, page_token: &str) -> Result<(Vec<Workflow>, String), ApiError> {
+    /// With `parent`, only that workflow's forks are listed (a short page
+    /// may come with a token: the listing goes on from where it stopped).
+    pub async fn list(
+        &self,
+        page_size: usize,
+        page_token: &str,
+        parent: Option<&str>,
+    ) -> Result<(Vec<Workflow>, String), ApiError> {
         let mut after = parse_page_token(page_token)?;
         let mut workflows = Vec::with_capacity(page_size);
         // Bounded work per call: past this many refills a short page is
@@ -248,7 +280,10 @@ impl WorkflowStore {
             candidates.truncate(wanted);
             for (created_ms, id) in candidates {
                 match self.load(&id, false).await? {
-                    Some(workflow) => workflows.push(workflow),
+                    Some(workflow) if parent.is_none_or(|parent| workflow.parent_workflow_id == parent) => {
+                        workflows.push(workflow)
+                    }
+                    Some(_) => {}
                     None => self.forget_expired(&id).await,
                 }
                 after = Some((created_ms, id));

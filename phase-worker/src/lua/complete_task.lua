@@ -10,17 +10,20 @@
 -- stale result nor acknowledge the entry from under its new owner. A result
 -- is applied only while its attempt is the workflow's current one.
 --
--- KEYS: 1 shard task stream, 2 state hash, 3 events stream, 4 outputs hash
+-- KEYS: 1 shard task stream, 2 state hash, 3 events stream, 4 outputs hash,
+--       5 shard approval gates zset
 -- ARGV: 1 workers group, 2 task entry id, 3 this consumer, 4 phase index,
 --       5 attempt, 6 events channel, 7 workflow id, 8 encoded final delta
 --       event or "", 9 step: "" (no result, only acknowledge) | "next" |
---       "complete" | "fail", 10 now (ms), 11 phase name, 12 phase output,
+--       "await" | "complete" | "fail", 10 now (ms), 11 phase name, 12 phase output,
 --       13 encoded Phase record, 14 encoded PhaseCompleted event,
 --       15 encoded next PhaseTask ("next") or terminal event, 16 encoded
 --       Rating or "", 17 failure reason ("fail"), 18 retention (s) for runs
 --       that do not carry their own, 19 "1" to claim the shard's next new
 --       task for this consumer (its slot is free now) or "0", 20 what the
---       phase cost (USD), added to the run's spend
+--       phase cost (USD), added to the run's spend; for "await": 21 encoded
+--       awaiting-approval event, 22 gate deadline (ms), 23 what the timeout
+--       does ("approve" | "reject")
 -- Returns {outcome} or, having claimed a task, {outcome, entry id, payload}.
 -- The outcome is "applied", "settled" (acknowledged, nothing to apply or
 -- the workflow moved on) or "not_ours" (taken over: nothing touched).
@@ -79,6 +82,15 @@ if status then
     redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
       'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10])
     redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
+    redis.call('PUBLISH', ARGV[6], ARGV[7])
+  elseif step == 'await' then
+    -- The next task waits in the state hash, not the stream: no worker holds
+    -- the run while a person decides (ApproveStep queues it).
+    redis.call('HSET', KEYS[2], 'status', 'awaiting_approval', 'phase', tonumber(ARGV[4]) + 1,
+      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], 'gate', ARGV[4], 'gate_task', ARGV[15],
+      'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23])
+    redis.call('XADD', KEYS[3], '*', 'm', ARGV[21])
+    redis.call('ZADD', KEYS[5], ARGV[22], ARGV[7])
     redis.call('PUBLISH', ARGV[6], ARGV[7])
   elseif step == 'complete' then
     end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1},

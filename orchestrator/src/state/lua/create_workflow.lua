@@ -10,7 +10,12 @@
 --       9 encoded accepted event, 10 encoded first PhaseTask,
 --       11 idempotency key as given, 12 retention (s), 13 events channel,
 --       14 encoded RunChoices (models per role, instructions), 15 the run's
---       cost cap in USD (0: none), which workers check each call against
+--       cost cap in USD (0: none), which workers check each call against;
+--       then, for a fork, what it starts with (all optional, each a count
+--       followed by its items): state hash field/value pairs (they override
+--       the defaults above, 'phase' among them), outputs hash name/text
+--       pairs (the copied phases' outputs), and events (the copied phases'
+--       completed events, after the accepted event)
 -- Returns {1, id} when created, {0, id, "match"|"mismatch"} when the key existed.
 
 if ARGV[2] == '1' then
@@ -32,15 +37,33 @@ if ARGV[2] == '1' then
   idempotency_record = KEYS[6]
 end
 
+-- The fork's sections: a count, then that many items (pairs count twice).
+local at = 16
+local function section(per_item)
+  local count = tonumber(ARGV[at] or '0')
+  local items = {}
+  for i = 1, count * per_item do
+    items[i] = ARGV[at + i]
+  end
+  at = at + count * per_item + 1
+  return items
+end
+local extra_state = section(2)
+local copied_outputs = section(2)
+local copied_events = section(1)
+
 redis.call('SET', KEYS[7], ARGV[8], 'NX')
 redis.call('HSET', KEYS[1],
   'status', 'pending', 'phase', '0', 'attempt', '1',
   'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
   'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11],
   'idem_key', idempotency_record, 'retention_s', ARGV[12], 'choices', ARGV[14],
-  'budget_usd', ARGV[15], 'spent_usd', '0')
-redis.call('HSET', KEYS[3], 'plan', ARGV[6])
+  'budget_usd', ARGV[15], 'spent_usd', '0', unpack(extra_state))
+redis.call('HSET', KEYS[3], 'plan', ARGV[6], unpack(copied_outputs))
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
+for _, copied in ipairs(copied_events) do
+  redis.call('XADD', KEYS[2], '*', 'm', copied)
+end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('XADD', KEYS[5], '*', 'm', ARGV[10])
 redis.call('PUBLISH', ARGV[13], ARGV[1])

@@ -1,0 +1,24 @@
+-- Closes an approval gate for good: the run fails with the person's (or the
+-- timeout's) reason. Only while the run waits at that very phase.
+--
+-- KEYS: 1 state hash, 2 events stream, 3 outputs hash, 4 shard approval gates zset
+-- ARGV: 1 gated phase index, 2 now (ms), 3 encoded failed event, 4 reason,
+--       5 retention (s) for runs that do not carry their own, 6 events
+--       channel, 7 workflow id
+-- Returns "rejected", or the status the run has instead (as approve_step).
+
+local state = redis.call('HMGET', KEYS[1], 'status', 'gate')
+if not state[1] then
+  return 'missing'
+end
+if state[1] ~= 'awaiting_approval' then
+  return state[1]
+end
+if state[2] ~= ARGV[1] then
+  return 'awaiting_approval:' .. tostring(state[2])
+end
+redis.call('HDEL', KEYS[1], 'gate', 'gate_task', 'gate_deadline_ms', 'gate_on_timeout')
+redis.call('ZREM', KEYS[4], ARGV[7])
+end_workflow(KEYS[1], KEYS[2], KEYS[3], {'status', 'failed', 'reason', ARGV[4]},
+  ARGV[3], ARGV[5], ARGV[2], ARGV[6], ARGV[7])
+return 'rejected'
