@@ -34,6 +34,10 @@ async fn grpcurl_lists_the_service_starts_a_workflow_and_streams_it_to_the_end()
         "GetWorkflow",
         "ListWorkflows",
         "CancelWorkflow",
+        "ApproveStep",
+        "RejectStep",
+        "ForkWorkflow",
+        "CompareWorkflows",
     ] {
         assert!(methods.contains(method), "{method} missing from {methods}");
     }
@@ -68,6 +72,32 @@ async fn grpcurl_lists_the_service_starts_a_workflow_and_streams_it_to_the_end()
         .expect("the stream ends with the completed event and its rating");
     assert!((1..=10).contains(&score));
     assert_eq!(events.iter().filter(|e| e.get("phaseCompleted").is_some()).count(), 6);
+
+    // Steering by reflection too: fork from the rating phase, then compare.
+    let fork = format!(r#"{{"workflow_id": "{id}", "from_phase": "rate"}}"#);
+    let forked: serde_json::Value = serde_json::from_str(&grpcurl(&[
+        "-plaintext",
+        "-d",
+        &fork,
+        &address,
+        "nexus.v1.WorkflowService/ForkWorkflow",
+    ]))
+    .unwrap();
+    let fork_id = forked["workflowId"].as_str().expect("workflowId").to_string();
+    let mut client = connect(&stack.endpoint()).await;
+    wait_terminal(&mut client, &fork_id, std::time::Duration::from_secs(30)).await;
+    let compare = format!(r#"{{"workflow_ids": ["{id}", "{fork_id}"]}}"#);
+    let compared: serde_json::Value = serde_json::from_str(&grpcurl(&[
+        "-plaintext",
+        "-d",
+        &compare,
+        &address,
+        "nexus.v1.WorkflowService/CompareWorkflows",
+    ]))
+    .unwrap();
+    let phases = compared["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 6);
+    assert!(phases[..5].iter().all(|p| p["identical"] == true), "{compared}");
 
     let health = grpcurl(&[
         "-plaintext",
