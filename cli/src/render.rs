@@ -214,7 +214,15 @@ impl<W: Write> EventPrinter<W> {
             }
             Some(Kind::Completed(finished)) => {
                 self.block(Some(Paint::Bold), "════ FINAL PLAN ════");
-                self.line(None, &finished.final_plan);
+                if finished.final_plan_omitted {
+                    let note = format!(
+                        "({} bytes, streamed above; `nexus get {} --format md` prints it)",
+                        finished.final_plan_bytes, event.workflow_id
+                    );
+                    self.line(None, &note);
+                } else {
+                    self.line(None, &finished.final_plan);
+                }
                 if let Some(rating) = &finished.rating {
                     self.block(Some(Paint::Bold), &rating_heading(rating));
                     for reason in &rating.reasons {

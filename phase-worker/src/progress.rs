@@ -1,6 +1,8 @@
 //! A model call's progress, written into the workflow's event log as it
 //! happens: answer and reasoning text coalesced (at most every 100 ms or
-//! 4 KiB, whichever comes first), failed tries, waits and fallbacks. Every
+//! 4 KiB, whichever comes first; text that arrives in larger pieces goes
+//! out as several events of at most 16 KiB, so no event is large however
+//! long the answer), failed tries, waits and fallbacks. Every
 //! append is fenced like the task's other writes; a refused one (the run was
 //! cancelled or moved on) stops the call.
 
@@ -19,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 const DELTA_FLUSH: Duration = Duration::from_millis(100);
 /// ... or until this many bytes are buffered.
 const DELTA_MAX_BYTES: usize = 4096;
+/// Most text one delta event carries.
+pub const DELTA_EVENT_MAX_BYTES: usize = 16 * 1024;
 
 /// Writes the model's deltas and retries into the event log, coalesced. A
 /// refused append (the workflow was cancelled or moved on) stops the call.
@@ -120,10 +124,16 @@ pub async fn forward_events(
                 append_or_stop(&handle, waiting, &stop).await;
             }
             None => {
-                if let Some(reasoning) = buffer.take_reasoning(&origin) {
+                for reasoning in buffer.take_reasoning(&origin) {
                     append_or_stop(&handle, reasoning, &stop).await;
                 }
-                return buffer.take_output(&origin);
+                // The last piece goes with the result, in the settling step.
+                let mut output = buffer.take_output(&origin);
+                let last = output.pop();
+                for piece in output {
+                    append_or_stop(&handle, piece, &stop).await;
+                }
+                return last;
             }
         }
     }
@@ -145,41 +155,72 @@ struct Origin<'a> {
 }
 
 impl DeltaBuffer {
-    /// The buffered answer text as a delta event, emptying it; `None` when empty.
-    fn take_output(&mut self, origin: &Origin<'_>) -> Option<Kind> {
+    /// The buffered answer text as delta events, emptying it; none when empty.
+    fn take_output(&mut self, origin: &Origin<'_>) -> Vec<Kind> {
         let text = std::mem::take(&mut self.text);
-        (!text.is_empty()).then(|| {
-            Kind::PhaseOutputDelta(PhaseOutputDelta {
-                index: origin.handle.phase_index,
-                phase: origin.phase.to_string(),
-                text,
-                delivery: origin.delivery as u32,
-                r#try: self.try_number,
-            })
-        })
+        output_deltas(
+            &text,
+            origin.handle.phase_index,
+            origin.phase,
+            origin.delivery,
+            self.try_number,
+        )
     }
 
-    /// The buffered reasoning as an event, emptying it; `None` when empty.
-    fn take_reasoning(&mut self, origin: &Origin<'_>) -> Option<Kind> {
+    /// The buffered reasoning as events, emptying it; none when empty.
+    fn take_reasoning(&mut self, origin: &Origin<'_>) -> Vec<Kind> {
         let text = std::mem::take(&mut self.reasoning);
-        (!text.is_empty()).then(|| {
-            Kind::PhaseReasoningDelta(PhaseReasoningDelta {
-                index: origin.handle.phase_index,
-                phase: origin.phase.to_string(),
-                text,
-                delivery: origin.delivery as u32,
-                r#try: self.try_number,
+        pieces(&text, DELTA_EVENT_MAX_BYTES)
+            .map(|piece| {
+                Kind::PhaseReasoningDelta(PhaseReasoningDelta {
+                    index: origin.handle.phase_index,
+                    phase: origin.phase.to_string(),
+                    text: piece.to_string(),
+                    delivery: origin.delivery as u32,
+                    r#try: self.try_number,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `text` as output delta events of at most [`DELTA_EVENT_MAX_BYTES`].
+pub fn output_deltas(text: &str, index: u32, phase: &str, delivery: u64, try_number: u32) -> Vec<Kind> {
+    pieces(text, DELTA_EVENT_MAX_BYTES)
+        .map(|piece| {
+            Kind::PhaseOutputDelta(PhaseOutputDelta {
+                index,
+                phase: phase.to_string(),
+                text: piece.to_string(),
+                delivery: delivery as u32,
+                r#try: try_number,
             })
         })
-    }
+        .collect()
+}
+
+/// `text` in pieces of at most `max` bytes (fewer where a character would
+/// be split); nothing for empty text.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = max.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// Appends what is buffered: reasoning first (it came first), then answer text.
 async fn flush(origin: &Origin<'_>, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
-    for kind in [buffer.take_reasoning(origin), buffer.take_output(origin)]
-        .into_iter()
-        .flatten()
-    {
+    let reasoning = buffer.take_reasoning(origin);
+    for kind in reasoning.into_iter().chain(buffer.take_output(origin)) {
         append_or_stop(origin.handle, kind, stop).await;
     }
 }
@@ -194,5 +235,21 @@ async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToke
             stop.cancel();
         }
         Err(error) => tracing::warn!(%error, "could not append an event; continuing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_cut_into_pieces_at_character_boundaries() {
+        let text = "é".repeat(20_000);
+        let cut: Vec<&str> = pieces(&text, DELTA_EVENT_MAX_BYTES).collect();
+        assert!(cut.iter().all(|piece| piece.len() <= DELTA_EVENT_MAX_BYTES));
+        assert_eq!(cut.concat(), text);
+        assert_eq!(cut.len(), 3);
+        assert_eq!(pieces("", 10).count(), 0);
+        assert_eq!(pieces("short", 10).collect::<Vec<_>>(), ["short"]);
     }
 }

@@ -17,7 +17,7 @@ use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, com
 use nexus_proto::internal::{
     CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
 };
-use nexus_proto::v1::{PhaseOutputDelta, PhaseStarted, Usage, workflow_event::Kind};
+use nexus_proto::v1::{PhaseStarted, Usage, workflow_event::Kind};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,8 +134,15 @@ async fn run_task_in_span(
         .filter(|_| !spec.no_cache)
         .map(|_| ResponseCache::key(&request));
     if let Some(answer) = cached_answer(ctx, cache_key.as_deref()).await {
-        let (result, delta) = from_cache(handle, &task, &spec, answer, delivery);
-        return settle(ctx, handle, Some(&result), Some(&delta), stop).await;
+        let (result, mut deltas) = from_cache(handle, &task, &spec, answer, delivery);
+        // A long answer's text goes out in pieces; the last with the result.
+        let last = deltas.pop();
+        for delta in deltas {
+            if !matches!(handle.append(delta).await, Ok(true)) {
+                return settle_stopped(ctx, handle, stop).await;
+            }
+        }
+        return settle(ctx, handle, Some(&result), last.as_ref(), stop).await;
     }
     if let Some(refusal) = budget.refusal(ctx.prices.prompt_cost_usd(&request)) {
         tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, %refusal, "stopping the run before a call past its cost cap");
@@ -196,28 +203,22 @@ async fn cached_answer(ctx: &RunnerContext, key: Option<&str>) -> Option<CachedA
 }
 
 /// The phase's result from a cached answer: no call, no cost; what the
-/// original call cost is reported as saved. The text goes to watchers as one
-/// delta, as if streamed.
+/// original call cost is reported as saved. The text goes to watchers as
+/// deltas, as if streamed.
 fn from_cache(
     handle: &TaskHandle,
     task: &PhaseTask,
     spec: &PhaseSpec,
     answer: CachedAnswer,
     delivery: u64,
-) -> (PhaseResult, Kind) {
+) -> (PhaseResult, Vec<Kind>) {
     let saved_usd = answer.usage.map_or(0.0, |usage| usage.cost_usd);
     metrics::record_cache_hit(&spec.model, saved_usd);
     let rating = match spec.output() {
         OutputKind::Rating => rating::parse_rating(&answer.text).ok(),
         _ => None,
     };
-    let delta = Kind::PhaseOutputDelta(PhaseOutputDelta {
-        index: handle.phase_index,
-        phase: spec.name.clone(),
-        text: answer.text.clone(),
-        delivery: delivery as u32,
-        r#try: 1,
-    });
+    let deltas = crate::progress::output_deltas(&answer.text, handle.phase_index, &spec.name, delivery, 1);
     let success = PhaseSuccess {
         output: answer.text,
         usage: Some(Usage::default()),
@@ -229,7 +230,7 @@ fn from_cache(
         cache_hit: true,
         saved_usd,
     };
-    (result(handle, task, spec, Outcome::Success(success)), delta)
+    (result(handle, task, spec, Outcome::Success(success)), deltas)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -34,6 +34,12 @@ use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// Longest output (or final plan) an event repeats in full. A longer one is
+/// left out of the completed events (they say so, and how long it is): the
+/// watcher has it already, as the phase's deltas, and GetWorkflow has it.
+/// So no event comes near a client's default 4 MiB message limit.
+pub const INLINE_OUTPUT_MAX_BYTES: usize = 256 * 1024;
+
 /// `end_workflow`, the Lua every script that ends a run starts with.
 pub const ENDING_LUA: &str = include_str!("lua/ending.lua");
 
@@ -283,7 +289,9 @@ fn success_transition(
         phase: spec.name.clone(),
         model: result.model.clone(),
         requested_model: spec.model.clone(),
-        output: success.output.clone(),
+        output: inline(&success.output),
+        output_omitted: success.output.len() > INLINE_OUTPUT_MAX_BYTES,
+        output_bytes: success.output.len() as u64,
         usage: success.usage,
         duration_ms: success.duration_ms,
         tries: success.tries,
@@ -338,9 +346,20 @@ fn completion(
         earlier.final_output.clone().unwrap_or_default()
     };
     WorkflowCompleted {
-        final_plan,
+        final_plan_omitted: final_plan.len() > INLINE_OUTPUT_MAX_BYTES,
+        final_plan_bytes: final_plan.len() as u64,
+        final_plan: inline(&final_plan),
         rating: success.rating.clone().or_else(|| earlier.rating.clone()),
         total_usage: Some(total_usage(&phases)),
+    }
+}
+
+/// The text as an event carries it: in full, or nothing past the limit.
+fn inline(text: &str) -> String {
+    if text.len() > INLINE_OUTPUT_MAX_BYTES {
+        String::new()
+    } else {
+        text.to_string()
     }
 }
 
@@ -490,6 +509,37 @@ mod tests {
         assert_eq!(completed.final_plan, "the plan");
         let total = completed.total_usage.unwrap();
         assert_eq!((total.cost_usd, total.total_tokens), (0.75, 20));
+    }
+
+    #[test]
+    fn a_long_output_is_left_out_of_the_events_which_say_how_long_it_is() {
+        let id = WorkflowId::new(0);
+        let pipeline = pipeline(&["a", "b"]);
+        let long = "x".repeat(INLINE_OUTPUT_MAX_BYTES + 1);
+        let earlier = EarlierPhases {
+            final_output: Some(long.clone()),
+            ..EarlierPhases::default()
+        };
+        let transition = Transition::after(&id, &success(0, &long, 0.1), &pipeline, None, String::new()).unwrap();
+        let event = WorkflowEvent::decode(transition.completed_event.as_slice()).unwrap();
+        let Some(Kind::PhaseCompleted(completed)) = event.kind else {
+            panic!()
+        };
+        assert!(completed.output.is_empty() && completed.output_omitted);
+        assert_eq!(completed.output_bytes, long.len() as u64);
+        assert_eq!(transition.output, long, "the stored output is whole");
+        let last = Transition::after(&id, &success(1, &long, 0.1), &pipeline, Some(&earlier), String::new()).unwrap();
+        let finished = WorkflowEvent::decode(last.follow_up.as_slice()).unwrap();
+        let Some(Kind::Completed(completed)) = finished.kind else {
+            panic!()
+        };
+        assert!(completed.final_plan.is_empty() && completed.final_plan_omitted);
+        let short = Transition::after(&id, &success(0, "short", 0.1), &pipeline, None, String::new()).unwrap();
+        let event = WorkflowEvent::decode(short.completed_event.as_slice()).unwrap();
+        let Some(Kind::PhaseCompleted(completed)) = event.kind else {
+            panic!()
+        };
+        assert_eq!((completed.output.as_str(), completed.output_omitted), ("short", false));
     }
 
     #[test]

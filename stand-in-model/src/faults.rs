@@ -49,6 +49,17 @@ pub enum Fault {
         #[serde(default = "default_truncation")]
         finish_reason: String,
     },
+    /// Answer with about `bytes` bytes of text (a long plan), streamed in
+    /// chunks of about `chunk_bytes`.
+    Long {
+        bytes: usize,
+        #[serde(default = "default_chunk_bytes")]
+        chunk_bytes: usize,
+    },
+}
+
+fn default_chunk_bytes() -> usize {
+    512
 }
 
 fn default_truncation() -> String {
@@ -70,6 +81,7 @@ impl Fault {
             Fault::Latency { .. } => "latency".into(),
             Fault::BadJsonOutput => "bad_json_output".into(),
             Fault::Truncated { finish_reason, .. } => format!("truncated {finish_reason}"),
+            Fault::Long { bytes, .. } => format!("long {bytes}"),
         }
     }
 

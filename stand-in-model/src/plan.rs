@@ -140,7 +140,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(crate) fn new(body: &ChatBody, config: &StandInConfig, seq: u64, fault: Option<Fault>) -> Self {
-        let mut chunks = reply::chunks(&reply_text(body, config, fault.as_ref()));
+        let mut chunks = match &fault {
+            Some(Fault::Long { bytes, chunk_bytes }) if !body.structured() => reply::pieces(
+                &reply::long_text(&body.model, &body.last_user_text(), *bytes),
+                *chunk_bytes,
+            ),
+            _ => reply::chunks(&reply_text(body, config, fault.as_ref())),
+        };
         let mut finish_reason = "stop".to_string();
         if let Some(max) = body.max_tokens.filter(|max| *max < chunks.len()) {
             chunks.truncate(max.max(1));

@@ -57,6 +57,34 @@ pub(crate) fn chunks(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// About `bytes` bytes of free text (at least that many, ending at a word).
+pub(crate) fn long_text(model: &str, prompt: &str, bytes: usize) -> String {
+    let paragraph = free_text(model, prompt, 200);
+    let mut text = String::with_capacity(bytes + paragraph.len());
+    while text.len() < bytes {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&paragraph);
+    }
+    text
+}
+
+/// `text` in pieces of about `size` bytes, each ending at a character boundary.
+pub(crate) fn pieces(text: &str, size: usize) -> Vec<String> {
+    let mut pieces = Vec::with_capacity(text.len() / size.max(1) + 1);
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = size.max(1).min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        pieces.push(rest[..end].to_string());
+        rest = &rest[end..];
+    }
+    pieces
+}
+
 /// FNV-1a: stable across Rust releases, unlike `DefaultHasher`.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
