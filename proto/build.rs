@@ -1,15 +1,21 @@
 //! Compiles `nexus/v1/*.proto` with protox (pure Rust, so no system `protoc`
-//! is needed) and keeps the encoded descriptor set for gRPC reflection.
+//! is needed) and keeps the public API's encoded descriptor set for gRPC
+//! reflection.
 
 use prost::Message;
 use std::path::PathBuf;
 
 const PROTOS: &[&str] = &["nexus/v1/workflow.proto", "nexus/v1/internal.proto"];
+/// What clients see by reflection.
+const PUBLIC: &[&str] = &["nexus/v1/workflow.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("nexus_descriptor.bin"), descriptors.encode_to_vec())?;
+    // Reflection serves the public contract only: the internal stream
+    // messages are no client's business.
+    let public = protox::compile(PUBLIC, ["."])?;
+    std::fs::write(out_dir.join("nexus_public_descriptor.bin"), public.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

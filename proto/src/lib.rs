@@ -24,9 +24,10 @@ mod generated {
 pub use generated::nexus::internal::v1 as internal;
 pub use generated::nexus::v1;
 
-/// Encoded `FileDescriptorSet` of every Nexus proto, served by gRPC reflection
-/// so `grpcurl` works without the proto files.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nexus_descriptor.bin"));
+/// Encoded `FileDescriptorSet` of the public API (`nexus/v1/workflow.proto`
+/// and what it imports), served by gRPC reflection so `grpcurl` works
+/// without the proto files. The internal stream messages are left out.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nexus_public_descriptor.bin"));
 
 /// Version stamped on every stream message this build writes.
 pub const STREAM_MESSAGE_VERSION: u32 = 1;

@@ -27,6 +27,14 @@ async fn grpcurl_lists_the_service_starts_a_workflow_and_streams_it_to_the_end()
         services.contains("nexus.v1.WorkflowService") && services.contains("grpc.health.v1.Health"),
         "{services}"
     );
+    // The internal stream messages are not part of the contract clients see.
+    let internal = Command::new("grpcurl")
+        .args(["-plaintext", &address, "describe", "nexus.internal.v1.PhaseTask"])
+        .output()
+        .unwrap();
+    assert!(!internal.status.success(), "reflection serves internal messages");
+    let public = grpcurl(&["-plaintext", &address, "describe", "nexus.v1.WorkflowEvent"]);
+    assert!(public.contains("phase_output_delta"), "{public}");
     let methods = grpcurl(&["-plaintext", &address, "describe", "nexus.v1.WorkflowService"]);
     for method in [
         "StartWorkflow",
