@@ -5,9 +5,13 @@
 use prost::Message;
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["nexus/v1/workflow.proto", "nexus/v1/internal.proto"];
+const PROTOS: &[&str] = &[
+    "nexus/v1/workflow.proto",
+    "nexus/v1/operations.proto",
+    "nexus/v1/internal.proto",
+];
 /// What clients see by reflection.
-const PUBLIC: &[&str] = &["nexus/v1/workflow.proto"];
+const PUBLIC: &[&str] = &["nexus/v1/workflow.proto", "nexus/v1/operations.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["."])?;

@@ -86,7 +86,7 @@ fn budget(budget: &Budget) -> Value {
 
 /// RFC 3339 in UTC with 0, 3, 6 or 9 fractional digits, as the proto3 JSON
 /// mapping writes a `google.protobuf.Timestamp`.
-fn timestamp(time: &prost_types::Timestamp) -> String {
+pub(crate) fn timestamp(time: &prost_types::Timestamp) -> String {
     let days = time.seconds.div_euclid(86_400);
     let second_of_day = time.seconds.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);

@@ -7,10 +7,12 @@
 //! - `markdown`: a workflow as a Markdown document (`run`, `get --format md`);
 //! - `json`: a workflow as JSON (`get --format json`);
 //! - `plan_file`: a plan written in Markdown with front matter (`run`);
-//! - `steer`: approval gates, forks and comparisons.
+//! - `steer`: approval gates, forks and comparisons;
+//! - `operations`: operators' dead letters and queue depth.
 
 mod json;
 mod markdown;
+mod operations;
 mod plan_file;
 mod render;
 mod steer;
@@ -185,6 +187,14 @@ enum Command {
         #[arg(required = true, num_args = 2..=10)]
         workflow_ids: Vec<String>,
     },
+    /// For operators: tasks no worker could finish (dead letters); list
+    /// them, or requeue them after a fix. Needs an admin token.
+    #[command(subcommand)]
+    DeadLetters(operations::DeadLetters),
+    /// For operators: per shard, tasks queued, claimed and not yet read,
+    /// the oldest claim's idle time, dead letters and runs awaiting
+    /// approval. Needs an admin token.
+    Queues,
 }
 
 /// What a run may choose besides its plan (`start` and `run` alike).
@@ -278,7 +288,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("connecting to {}", cli.endpoint))?;
     let auth = Auth(cli.token.as_ref().map(|t| format!("Bearer {t}").parse()).transpose()?);
-    let mut client = WorkflowServiceClient::with_interceptor(channel, auth).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = WorkflowServiceClient::with_interceptor(channel.clone(), auth.clone())
+        .max_decoding_message_size(64 * 1024 * 1024);
     match cli.command {
         Command::Start {
             name,
@@ -397,6 +408,10 @@ async fn main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::Compare { workflow_ids } => steer::compare(&mut client, workflow_ids).await?,
+        Command::DeadLetters(command) => {
+            return operations::dead_letters(&mut operations::client(channel, auth), command).await;
+        }
+        Command::Queues => operations::queues(&mut operations::client(channel, auth)).await?,
         Command::Cancel { workflow_id, reason } => {
             let workflow = client
                 .cancel_workflow(CancelWorkflowRequest { workflow_id, reason })

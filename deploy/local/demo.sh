@@ -6,6 +6,7 @@
 # deploy/local/down.sh.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+export NEXUS_WEB="${NEXUS_WEB:-1}" # the orchestrator serves the web tracker too
 "$(dirname "$0")/up.sh"
 echo
 "$BIN/nexus" start --name "Werkbank online shop" \
@@ -14,5 +15,6 @@ echo
 echo
 echo "The stack is still running. Try:"
 echo "  $BIN/nexus list"
+echo "  http://127.0.0.1:$NEXUS_GRPC_PORT/   (the web tracker, in a browser)"
 echo "  grpcurl -plaintext 127.0.0.1:$NEXUS_GRPC_PORT list"
 echo "Stop it with: deploy/local/down.sh"

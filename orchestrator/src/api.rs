@@ -3,7 +3,8 @@
 
 use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
-use crate::state::{Approval, MAX_EDITED_OUTPUT_BYTES, WorkflowStore};
+use crate::state::{Approval, MAX_EDITED_OUTPUT_BYTES, WorkflowStore, scoped_key};
+use crate::tenants::{Limits, Tenant, WatchCounts};
 use crate::validation::{CostCaps, page_size, validate_cursor, validate_start};
 use crate::watch::{WatchHub, watch};
 use nexus_pipeline::ids::WorkflowId;
@@ -27,14 +28,24 @@ pub struct WorkflowApi {
     pub catalog: Arc<PipelineCatalog>,
     pub max_plan_bytes: usize,
     pub cost_caps: CostCaps,
+    pub limits: Limits,
+    /// Open watches on this replica, for the watch limits.
+    pub watches: Arc<WatchCounts>,
 }
 
 impl WorkflowApi {
-    async fn start(&self, id: WorkflowId, request: &StartWorkflowRequest) -> Result<StartWorkflowResponse, Status> {
-        let valid = validate_start(request, self.max_plan_bytes, &self.catalog, self.cost_caps)?;
+    async fn start(
+        &self,
+        id: WorkflowId,
+        request: &StartWorkflowRequest,
+        caller: &Tenant,
+    ) -> Result<StartWorkflowResponse, Status> {
+        let mut valid = validate_start(request, self.max_plan_bytes, &self.catalog, self.cost_caps)?;
+        valid.tenant = caller.owner().to_string();
+        self.store.admit_start(caller, self.limits).await?;
         let started = self.store.start(id, valid).await?;
         if started.created {
-            crate::metrics::METRICS.workflows_started.inc();
+            crate::metrics::record_start(caller.owner());
         }
         tracing::Span::current().record("workflow_id", started.workflow_id.as_str());
         tracing::info!(workflow_id = %started.workflow_id, created = started.created, "workflow accepted");
@@ -60,11 +71,12 @@ impl WorkflowService for WorkflowApi {
         request: Request<StartWorkflowRequest>,
     ) -> Result<Response<StartWorkflowResponse>, Status> {
         let client_span = client_traceparent(request.metadata());
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         // The id comes first: without a client span, the trace is named by it.
-        let id = self.store.new_id(&request.idempotency_key);
+        let id = self.store.new_id(&scoped_key(caller.owner(), &request.idempotency_key));
         let span = start_workflow_span(client_span.as_deref(), &id);
-        let started = self.start(id, &request).instrument(span.clone()).await;
+        let started = self.start(id, &request, &caller).instrument(span.clone()).await;
         record_outcome(&span, &started);
         Ok(Response::new(started?))
     }
@@ -75,23 +87,29 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<WatchWorkflowRequest>,
     ) -> Result<Response<Self::WatchWorkflowStream>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
         validate_cursor(&request.after_cursor)?;
+        self.store.authorize(&caller, &id).await?;
+        let slot = self.watches.admit(&caller, self.limits)?;
         let events = watch(
             self.hub.clone(),
             self.store.connection(),
             id,
             request.after_cursor,
             request.skip_reasoning,
+            slot,
         )
         .await?;
         Ok(Response::new(ReceiverStream::new(events)))
     }
 
     async fn get_workflow(&self, request: Request<GetWorkflowRequest>) -> Result<Response<Workflow>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
+        self.store.authorize(&caller, &id).await?;
         Ok(Response::new(self.store.get_with(&id, !request.omit_outputs).await?))
     }
 
@@ -99,13 +117,18 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<ListWorkflowsRequest>,
     ) -> Result<Response<ListWorkflowsResponse>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let size = page_size(request.page_size)?;
+        let tenant = (!caller.admin).then(|| caller.owner());
         let parent = match request.parent_workflow_id.trim() {
             "" => None,
             parent => Some(self.parse_id(parent)?.to_string()),
         };
-        let (workflows, next_page_token) = self.store.list(size, &request.page_token, parent.as_deref()).await?;
+        let (workflows, next_page_token) = self
+            .store
+            .list(size, &request.page_token, parent.as_deref(), tenant)
+            .await?;
         Ok(Response::new(ListWorkflowsResponse {
             workflows,
             next_page_token,
@@ -113,8 +136,10 @@ impl WorkflowService for WorkflowApi {
     }
 
     async fn cancel_workflow(&self, request: Request<CancelWorkflowRequest>) -> Result<Response<Workflow>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
+        self.store.authorize(&caller, &id).await?;
         check_note("reason", &request.reason)?;
         Ok(Response::new(self.store.cancel(&id, &request.reason).await?))
     }
@@ -123,8 +148,10 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<ApproveStepRequest>,
     ) -> Result<Response<ApproveStepResponse>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
+        self.store.authorize(&caller, &id).await?;
         let edited = request.edited_output.as_deref().unwrap_or_default();
         if edited.len() > MAX_EDITED_OUTPUT_BYTES {
             return Err(ApiError::TooLarge(format!(
@@ -155,8 +182,10 @@ impl WorkflowService for WorkflowApi {
     }
 
     async fn reject_step(&self, request: Request<RejectStepRequest>) -> Result<Response<RejectStepResponse>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let id = self.parse_id(&request.workflow_id)?;
+        self.store.authorize(&caller, &id).await?;
         check_note("reason", &request.reason)?;
         let workflow = self.store.reject(&id, request.phase_index, &request.reason).await?;
         Ok(Response::new(RejectStepResponse {
@@ -168,14 +197,17 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<ForkWorkflowRequest>,
     ) -> Result<Response<ForkWorkflowResponse>, Status> {
+        let caller = Tenant::of(&request);
         let request = request.into_inner();
         let parent = self.parse_id(&request.workflow_id)?;
+        self.store.authorize(&caller, &parent).await?;
+        self.store.admit_start(&caller, self.limits).await?;
         let started = self
             .store
-            .fork(&parent, &request, &self.catalog, self.cost_caps)
+            .fork(&parent, &request, &self.catalog, self.cost_caps, caller.owner())
             .await?;
         if started.created {
-            crate::metrics::METRICS.workflows_started.inc();
+            crate::metrics::record_start(caller.owner());
         }
         tracing::info!(workflow_id = %started.workflow_id, parent = %parent, from_phase = %request.from_phase, created = started.created, "fork accepted");
         Ok(Response::new(ForkWorkflowResponse {
@@ -188,12 +220,16 @@ impl WorkflowService for WorkflowApi {
         &self,
         request: Request<CompareWorkflowsRequest>,
     ) -> Result<Response<CompareWorkflowsResponse>, Status> {
+        let caller = Tenant::of(&request);
         let ids = request
             .into_inner()
             .workflow_ids
             .iter()
             .map(|id| self.parse_id(id))
             .collect::<Result<Vec<_>, _>>()?;
+        for id in &ids {
+            self.store.authorize(&caller, id).await?;
+        }
         Ok(Response::new(self.store.compare(&ids).await?))
     }
 

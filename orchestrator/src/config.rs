@@ -69,9 +69,46 @@ pub struct Config {
     pub max_streams_per_connection: u32,
 
     /// Require "authorization: Bearer <token>" on WorkflowService calls.
-    /// Health and reflection stay open. Unset: no authentication.
+    /// Health and reflection stay open. This token is tenant "default",
+    /// with admin rights; NEXUS_TOKENS_FILE gives more.
     #[arg(long, env = "NEXUS_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+
+    /// Tokens and their tenants, one per line: "<tenant> <token> [admin]".
+    /// A tenant sees only its own workflows; admin tokens see all and may
+    /// use the operators' service. Re-read when the file changes.
+    #[arg(long, env = "NEXUS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Serve without any token on an address beyond loopback. Without it,
+    /// an orchestrator with no token configured refuses to listen on
+    /// anything but 127.0.0.1 or ::1: running open must be a choice.
+    #[arg(long, env = "NEXUS_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Most watch streams one tenant may have open on this replica (0: no limit).
+    #[arg(long, env = "NEXUS_TENANT_MAX_WATCHES", default_value_t = 0)]
+    pub tenant_max_watches: usize,
+
+    /// Most watch streams this replica serves in all (0: no limit).
+    #[arg(long, env = "NEXUS_MAX_WATCHERS", default_value_t = 0)]
+    pub max_watchers: usize,
+
+    /// Most StartWorkflow/ForkWorkflow calls one tenant may make per minute,
+    /// across replicas (0: no limit).
+    #[arg(long, env = "NEXUS_TENANT_STARTS_PER_MINUTE", default_value_t = 0)]
+    pub tenant_starts_per_minute: u64,
+
+    /// Most runs of one tenant in flight (not yet completed, failed or
+    /// cancelled), across replicas (0: no limit).
+    #[arg(long, env = "NEXUS_TENANT_MAX_RUNNING", default_value_t = 0)]
+    pub tenant_max_running: u64,
+
+    /// Serve the web tracker on the gRPC port: the page at "http://ADDR/"
+    /// and the API to it over gRPC-Web (HTTP/1.1 accepted beside HTTP/2),
+    /// behind the same token as gRPC.
+    #[arg(long, env = "NEXUS_WEB", value_parser = clap::builder::BoolishValueParser::new())]
+    pub web: bool,
 
     /// On SIGTERM, how long to let calls and loops finish before exiting
     /// anyway (even with Redis down), in milliseconds. Open watch streams end
@@ -94,6 +131,9 @@ impl std::fmt::Debug for Config {
             .field("max_plan_bytes", &self.max_plan_bytes)
             .field("retention_secs", &self.retention_secs)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            .field("tokens_file", &self.tokens_file)
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("web", &self.web)
             .finish()
     }
 }

@@ -21,6 +21,9 @@ pub enum ApiError {
     /// the parent has not finished).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A tenant's or the replica's limit: the message names it.
+    #[error("{0}")]
+    LimitReached(String),
     #[error("storage unavailable: {0}")]
     Storage(#[from] redis::RedisError),
     #[error("stored data is corrupt: {0}")]
@@ -48,7 +51,7 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(_) | ApiError::IdempotencyMismatch { .. } => {
                 Status::invalid_argument(error.to_string())
             }
-            ApiError::TooLarge(_) => Status::resource_exhausted(error.to_string()),
+            ApiError::TooLarge(_) | ApiError::LimitReached(_) => Status::resource_exhausted(error.to_string()),
             ApiError::NotFound(_) => Status::not_found(error.to_string()),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             ApiError::Storage(ref cause) => {

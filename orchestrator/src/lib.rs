@@ -1,6 +1,8 @@
 //! The Nexus orchestrator.
 //!
 //! - [`api`]: the `WorkflowService` gRPC handlers, thin.
+//! - [`operations`]: the `OperationsService` for operators: dead letters
+//!   (list, requeue as forks) and queue depth per shard.
 //! - [`validation`]: what a request must satisfy before it touches Redis.
 //! - [`catalog`]: the pipelines a run can choose, and a run's choices
 //!   (pipeline, model per role, instructions) resolved to a snapshot.
@@ -13,26 +15,31 @@
 //!   consumers).
 //! - [`metrics`]: Prometheus metrics of this replica.
 //! - [`errors`]: error types and their mapping to gRPC statuses.
-//! - [`auth`]: the optional bearer-token interceptor.
+//! - [`tenants`]: bearer tokens mapped to tenants (reloaded on change),
+//!   and the per-tenant limits.
 //! - [`config`]: flags and environment.
+//! - [`web`]: the optional web tracker page, and gRPC-Web for it.
 //!
 //! Replicas are interchangeable: all state is in Redis, and any replica can
 //! serve any call or watcher.
 
 pub mod api;
-pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod housekeeping;
 pub mod metrics;
+pub mod operations;
 pub mod state;
+pub mod tenants;
 pub mod validation;
 pub mod watch;
+pub mod web;
 
 use anyhow::Context;
 use catalog::PipelineCatalog;
 use config::Config;
+use nexus_proto::v1::operations_service_server::OperationsServiceServer;
 use nexus_proto::v1::workflow_service_server::WorkflowServiceServer;
 use state::WorkflowStore;
 use std::sync::Arc;
@@ -61,6 +68,9 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
     for pipeline in catalog.describe() {
         tracing::info!(pipeline = %pipeline.name, default = pipeline.is_default, phases = pipeline.phases.len(), "pipeline offered");
     }
+    let tokens = tenants::Tokens::load(config.tokens_file.clone(), config.api_token.clone())?;
+    refuse_open_beyond_loopback(&config, &tokens)?;
+    tokio::spawn(tokens.clone().reload(shutdown.clone()));
     let conn = config
         .redis
         .connect_patiently(false)
@@ -76,7 +86,23 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
         config.retention_secs,
         shutdown.clone(),
     ));
-    serve(&config, store, hub, catalog, shutdown).await
+    serve(&config, store, hub, catalog, tokens, shutdown).await
+}
+
+/// Serving without any token is for a developer's machine: beyond loopback
+/// it takes `--allow-unauthenticated`.
+fn refuse_open_beyond_loopback(config: &Config, tokens: &tenants::Tokens) -> anyhow::Result<()> {
+    if tokens.is_open() && !config.listen.ip().is_loopback() && !config.allow_unauthenticated {
+        anyhow::bail!(
+            "refusing to serve {} without authentication: set NEXUS_API_TOKEN or NEXUS_TOKENS_FILE, \
+             or NEXUS_ALLOW_UNAUTHENTICATED=true to run open on purpose",
+            config.listen
+        );
+    }
+    if tokens.is_open() {
+        tracing::warn!(listen = %config.listen, "serving without authentication: every caller sees every workflow");
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -84,6 +110,7 @@ async fn serve(
     store: WorkflowStore,
     hub: Arc<watch::WatchHub>,
     catalog: Arc<PipelineCatalog>,
+    tokens: tenants::Tokens,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api = api::WorkflowApi {
@@ -95,14 +122,28 @@ async fn serve(
             default_usd: config.default_max_cost_usd,
             max_usd: config.max_cost_usd,
         },
+        limits: tenants::Limits {
+            watches_per_tenant: config.tenant_max_watches,
+            watchers_total: config.max_watchers,
+            starts_per_minute: config.tenant_starts_per_minute,
+            running_per_tenant: config.tenant_max_running,
+        },
+        watches: Arc::default(),
     };
-    let auth = auth::BearerToken::new(config.api_token.clone());
+    let operations = operations::OperationsApi {
+        store: api.store.clone(),
+        catalog: api.catalog.clone(),
+        cost_caps: api.cost_caps,
+    };
     let workflow_service = WorkflowServiceServer::new(api)
         .max_decoding_message_size(config.max_plan_bytes * 2 + 64 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<WorkflowServiceServer<api::WorkflowApi>>()
+        .await;
+    health_reporter
+        .set_serving::<OperationsServiceServer<operations::OperationsApi>>()
         .await;
     // Both reflection versions: grpcurl before 1.9 and many generated tools
     // only speak v1alpha.
@@ -122,16 +163,34 @@ async fn serve(
     // Nagle on, a response's frames wait for the client's delayed ACK, and a
     // unary call can take 40 ms instead of well under one.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let admins = tokens.clone();
+    let operations_service = tonic::service::interceptor::InterceptedService::new(
+        OperationsServiceServer::new(operations),
+        move |request| admins.check_admin(request),
+    );
+    let workflow_service =
+        tonic::service::interceptor::InterceptedService::new(workflow_service, move |request| tokens.check(request));
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(health_service)
+        .add_service(operations_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    let routes = if config.web {
+        // gRPC-Web outside the interceptor, so the token check sees the
+        // translated call like any other.
+        routes.add_service(web::grpc_web(workflow_service));
+        println!("web tracker on http://{address}/");
+        web::with_page(routes.routes())
+    } else {
+        routes.add_service(workflow_service);
+        routes.routes()
+    };
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(config.max_streams_per_connection)
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            workflow_service,
-            move |request| auth.check(request),
-        ))
+        .accept_http1(config.web)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

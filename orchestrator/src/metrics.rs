@@ -14,9 +14,16 @@ pub struct StatusLabel {
     pub status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub workflows_started: Counter,
+    /// Started runs per tenant (runs without tenants are not counted here).
+    pub tenant_workflows_started: Family<TenantLabel, Counter>,
     pub workflows_finished: Family<StatusLabel, Counter>,
     pub watchers: Gauge,
 }
@@ -38,9 +45,25 @@ pub fn registry() -> Registry {
         m.workflows_finished.clone(),
     );
     registry.register(
+        "tenant_workflows_started",
+        "Workflows (starts and forks) accepted per tenant",
+        m.tenant_workflows_started.clone(),
+    );
+    registry.register(
         "watchers",
         "WatchWorkflow streams open on this replica",
         m.watchers.clone(),
     );
     registry
+}
+
+/// Counts an accepted start or fork, per tenant too when there is one.
+pub fn record_start(tenant: &str) {
+    METRICS.workflows_started.inc();
+    if !tenant.is_empty() {
+        let label = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        METRICS.tenant_workflows_started.get_or_create(&label).inc();
+    }
 }

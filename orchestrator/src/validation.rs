@@ -55,6 +55,8 @@ pub struct ValidStart<'a> {
     pub fingerprint: String,
     /// For a fork: what it starts with from its parent; empty for a start.
     pub seed: Seed,
+    /// The tenant the run belongs to; empty without tenants.
+    pub tenant: String,
 }
 
 /// What a run starts with besides its plan: nothing for a fresh start; for
@@ -87,6 +89,7 @@ pub fn validate_start<'a>(
         fingerprint: start_fingerprint(request, plan),
         pipeline,
         seed: Seed::default(),
+        tenant: String::new(),
     })
 }
 

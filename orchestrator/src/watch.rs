@@ -12,6 +12,7 @@
 
 use crate::errors::ApiError;
 use crate::state::is_terminal;
+use crate::tenants::WatchSlot;
 use crate::validation::parse_cursor;
 use futures::StreamExt;
 use nexus_pipeline::connection::{Connection, RedisArgs};
@@ -149,6 +150,7 @@ pub async fn watch(
     id: WorkflowId,
     after_cursor: String,
     skip_reasoning: bool,
+    slot: WatchSlot,
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
     let keys = WorkflowKeys::new(&id);
     let (status, last): (Option<String>, StreamRangeReply) = redis::pipe()
@@ -181,6 +183,7 @@ pub async fn watch(
         cursor: after_cursor,
         skip_reasoning,
         sender,
+        _slot: slot,
     };
     tokio::spawn(watcher.run());
     Ok(receiver)
@@ -195,6 +198,8 @@ struct Watcher {
     /// Leave reasoning deltas out (the cursor still moves past them).
     skip_reasoning: bool,
     sender: mpsc::Sender<Result<WorkflowEvent, Status>>,
+    /// Counts this watch against the watch limits while it lives.
+    _slot: WatchSlot,
 }
 
 impl Watcher {

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub cache_saved_usd: Family<ModelLabel, Counter<f64, AtomicU64>>,
     pub budget_stops: Family<ModelLabel, Counter>,
     pub pipeline_cost_usd: Family<PipelineLabel, Counter<f64, AtomicU64>>,
+    pub tenant_cost_usd: Family<TenantLabel, Counter<f64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +76,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     cache_saved_usd: Family::default(),
     budget_stops: Family::default(),
     pipeline_cost_usd: Family::default(),
+    tenant_cost_usd: Family::default(),
 });
 
 /// A registry holding every worker metric, prefixed `nexus_`.
@@ -150,6 +157,11 @@ pub fn registry() -> Registry {
         "pipeline_cost_usd",
         "Cost of completed phases by pipeline, in USD",
         m.pipeline_cost_usd.clone(),
+    );
+    registry.register(
+        "tenant_cost_usd",
+        "What model calls cost, by the tenant whose run made them, in USD",
+        m.tenant_cost_usd.clone(),
     );
     registry.register(
         "workflows_finished",
@@ -239,4 +251,15 @@ pub fn record_call(model: &str, outcome: &'static str, seconds: f64, usage: Opti
             model: model.to_string(),
         })
         .inc_by(usage.cost_usd);
+}
+
+/// Adds a call's cost to its run's tenant, when the run has one.
+pub fn record_tenant_cost(tenant: &str, cost_usd: f64) {
+    if tenant.is_empty() || cost_usd <= 0.0 {
+        return;
+    }
+    let label = TenantLabel {
+        tenant: tenant.to_string(),
+    };
+    METRICS.tenant_cost_usd.get_or_create(&label).inc_by(cost_usd);
 }

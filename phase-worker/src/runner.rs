@@ -151,6 +151,11 @@ async fn run_task_in_span(
         return settle(ctx, handle, Some(&refused), None, stop).await;
     }
     let outcome = call_model(ctx, handle, &task, &spec, request, cache_key, delivery, stop).await;
+    if let CallOutcome::Result(result, _) = &outcome
+        && let Some(Outcome::Success(success)) = &result.outcome
+    {
+        metrics::record_tenant_cost(&budget.tenant, success.usage.map_or(0.0, |usage| usage.cost_usd));
+    }
     match outcome {
         CallOutcome::Result(result, final_delta) => {
             settle(ctx, handle, Some(&result), final_delta.as_deref(), stop).await

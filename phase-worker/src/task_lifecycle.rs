@@ -117,10 +117,11 @@ impl TaskHandle {
         invocation.key(self.keys.outputs()).arg(inputs);
         let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
         match reply.as_slice() {
-            [started, cap, spent, values @ ..] if started == "1" => {
+            [started, cap, spent, tenant, values @ ..] if started == "1" => {
                 let budget = RunBudget {
                     cap_usd: cap.parse().unwrap_or_default(),
                     spent_usd: spent.parse().unwrap_or_default(),
+                    tenant: tenant.clone(),
                 };
                 let inputs = inputs.iter().cloned().zip(values.iter().cloned()).collect();
                 Ok(Some((inputs, budget)))

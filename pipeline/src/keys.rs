@@ -79,6 +79,12 @@ impl ShardKeys {
         format!("{}:pipeline:{fingerprint}", self.prefix)
     }
 
+    /// The ids of a tenant's runs in flight on this shard (added when a run
+    /// is created, removed when it ends).
+    pub fn tenant_running(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:running", self.prefix)
+    }
+
     /// The shard's runs waiting at an approval gate, scored by the gate's
     /// deadline (Unix ms), so timeouts are found without a scan.
     pub fn gates(&self) -> String {
@@ -89,6 +95,12 @@ impl ShardKeys {
 /// Pacing state of one model (its shared rate limit and provider back-off),
 /// shared by every worker. Tagged by the model, so each model's pacing lives
 /// in one slot of its own.
+/// A tenant's starts in the minute `minute` (Unix time / 60): the start
+/// rate limit's counter.
+pub fn tenant_starts(tenant: &str, minute: u64) -> String {
+    format!("nexus:tenant:{{{tenant}}}:starts:{minute}")
+}
+
 pub fn model_pace(model: &str) -> String {
     format!("nexus:model:{{{model}}}:pace")
 }
@@ -155,6 +167,8 @@ pub mod field {
     /// A fork's parent workflow and the first phase it ran itself.
     pub const PARENT: &str = "parent";
     pub const FORK_PHASE: &str = "fork_phase";
+    /// The tenant a run belongs to; empty or absent without tenants.
+    pub const TENANT: &str = "tenant";
     /// `phase:<index>` holds the encoded `nexus.v1.Phase` once it completed.
     pub fn phase_record(index: u32) -> String {
         format!("phase:{index}")

@@ -1,7 +1,8 @@
 //! The Nexus contract, generated from `proto/nexus/v1/*.proto` at build time.
 //!
-//! - [`v1`]: the public API (`WorkflowService`) that clients call and the
-//!   events they watch. Stored events in Redis are these same messages.
+//! - [`v1`]: the public API (`WorkflowService`, and `OperationsService` for
+//!   operators) that clients call and the events they watch. Stored events
+//!   in Redis are these same messages.
 //! - [`internal`]: what travels on the Redis Streams between orchestrators and
 //!   phase workers (tasks and results). Versioned so old and new processes can
 //!   share a stream during a rolling deploy.
@@ -24,9 +25,10 @@ mod generated {
 pub use generated::nexus::internal::v1 as internal;
 pub use generated::nexus::v1;
 
-/// Encoded `FileDescriptorSet` of the public API (`nexus/v1/workflow.proto`
-/// and what it imports), served by gRPC reflection so `grpcurl` works
-/// without the proto files. The internal stream messages are left out.
+/// Encoded `FileDescriptorSet` of the public API (`nexus/v1/workflow.proto`,
+/// `nexus/v1/operations.proto` and what they import), served by gRPC
+/// reflection so `grpcurl` works without the proto files. The internal
+/// stream messages are left out.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nexus_public_descriptor.bin"));
 
 /// Version stamped on every stream message this build writes.

@@ -369,9 +369,14 @@ pub struct Orchestrator {
 
 impl Orchestrator {
     pub fn start(redis_url: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_on("127.0.0.1:0", redis_url, env)
+    }
+
+    /// On a given address, e.g. to come back on the same port after a kill.
+    pub fn start_on(listen: &str, redis_url: &str, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary("orchestrator"));
         command
-            .args(["--listen", "127.0.0.1:0", "--redis-url", redis_url])
+            .args(["--listen", listen, "--redis-url", redis_url])
             .envs(env.iter().copied());
         let (process, lines) = Process::spawn_collecting("orchestrator", command, "orchestrator listening on");
         Self {

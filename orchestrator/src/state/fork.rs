@@ -9,7 +9,7 @@
 //! and carry no usage: the fork did not pay for them.
 
 use super::view::{StoredWorkflow, load_stored};
-use super::{Started, WorkflowStore, event};
+use super::{Started, WorkflowStore, event, scoped_key};
 use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
 use crate::validation::{CostCaps, Seed, ValidStart, fork_fingerprint, idempotency_key};
@@ -27,6 +27,7 @@ impl WorkflowStore {
         request: &ForkWorkflowRequest,
         catalog: &PipelineCatalog,
         caps: CostCaps,
+        tenant: &str,
     ) -> Result<Started, ApiError> {
         let key = idempotency_key(&request.idempotency_key)?;
         let mut conn = self.conn.clone();
@@ -63,8 +64,10 @@ impl WorkflowStore {
             pipeline: chosen,
             fingerprint: fork_fingerprint(request),
             seed,
+            tenant: tenant.to_string(),
         };
-        self.start(self.new_id(&request.idempotency_key), start).await
+        self.start(self.new_id(&scoped_key(tenant, &request.idempotency_key)), start)
+            .await
     }
 }
 

@@ -12,6 +12,7 @@ mod events;
 mod fork;
 mod gates;
 mod scripts;
+mod tenancy;
 mod view;
 
 pub use gates::{Approval, MAX_EDITED_OUTPUT_BYTES, expire_gates};
@@ -29,6 +30,16 @@ use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_ev
 use prost::Message;
 use std::sync::Arc;
 use tracing::Instrument;
+
+/// An idempotency key as stored: within its tenant's namespace, so two
+/// tenants' equal keys name two runs.
+pub fn scoped_key(tenant: &str, key: &str) -> String {
+    if tenant.is_empty() || key.is_empty() {
+        key.to_string()
+    } else {
+        format!("{tenant}/{key}")
+    }
+}
 
 #[derive(Clone)]
 pub struct WorkflowStore {
@@ -68,7 +79,8 @@ impl WorkflowStore {
     }
 
     /// The id a new workflow gets: on the shard of its idempotency key
-    /// (empty for none), so a retry lands where the key is stored.
+    /// (empty for none; scoped to its tenant with [`scoped_key`]), so a
+    /// retry lands where the key is stored.
     pub fn new_id(&self, idempotency_key: &str) -> WorkflowId {
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
         WorkflowId::new(shard_for(key, self.shards))
@@ -107,7 +119,10 @@ impl WorkflowStore {
             .key(keys.outputs())
             .key(keys.shard.index())
             .key(keys.shard.tasks())
-            .key(keys.shard.idempotency(request.idempotency_key.unwrap_or("-")))
+            .key(
+                keys.shard
+                    .idempotency(&scoped_key(&request.tenant, request.idempotency_key.unwrap_or("-"))),
+            )
             .key(keys.shard.pipeline(&pipeline.fingerprint))
             .arg(id.to_string())
             .arg(if request.idempotency_key.is_some() { "1" } else { "0" })
@@ -124,9 +139,12 @@ impl WorkflowStore {
             .arg(EVENTS_CHANNEL)
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
-            .arg(seed.state.len());
+            .arg(seed.state.len() + usize::from(!request.tenant.is_empty()));
         for (name, value) in &seed.state {
             invocation.arg(name).arg(value);
+        }
+        if !request.tenant.is_empty() {
+            invocation.arg(nexus_pipeline::keys::field::TENANT).arg(&request.tenant);
         }
         invocation.arg(seed.outputs.len());
         for (name, text) in &seed.outputs {

@@ -175,6 +175,7 @@ impl StoredWorkflow {
             parent_workflow_id: self.text(field::PARENT),
             fork_phase: self.number(field::FORK_PHASE) as u32,
             approval: self.approval(pipeline),
+            tenant: self.text(field::TENANT),
         })
     }
 }
@@ -252,13 +253,15 @@ impl WorkflowStore {
     /// whose workflow expired are skipped (and dropped from the index), and
     /// the page is filled from older entries instead, so a thinned page
     /// never ends the listing early.
-    /// With `parent`, only that workflow's forks are listed (a short page
-    /// may come with a token: the listing goes on from where it stopped).
+    /// With `parent`, only that workflow's forks are listed, and with
+    /// `tenant` only that tenant's runs (a short page may come with a token:
+    /// the listing goes on from where it stopped).
     pub async fn list(
         &self,
         page_size: usize,
         page_token: &str,
         parent: Option<&str>,
+        tenant: Option<&str>,
     ) -> Result<(Vec<Workflow>, String), ApiError> {
         let mut after = parse_page_token(page_token)?;
         let mut workflows = Vec::with_capacity(page_size);
@@ -280,7 +283,10 @@ impl WorkflowStore {
             candidates.truncate(wanted);
             for (created_ms, id) in candidates {
                 match self.load(&id, false).await? {
-                    Some(workflow) if parent.is_none_or(|parent| workflow.parent_workflow_id == parent) => {
+                    Some(workflow)
+                        if parent.is_none_or(|parent| workflow.parent_workflow_id == parent)
+                            && tenant.is_none_or(|tenant| workflow.tenant == tenant) =>
+                    {
                         workflows.push(workflow)
                     }
                     Some(_) => {}

@@ -5,8 +5,8 @@
 -- KEYS: 1 state hash, 2 events stream, 3 outputs hash
 -- ARGV: 1 phase index, 2 attempt, 3 encoded PhaseStarted event, 4 now (ms),
 --       5 events channel, 6 workflow id, 7.. names of the inputs to return
--- Returns {"1", cost cap (USD, "0" for none), spent so far (USD), input
--- values...} when started, {"0"} when the task is stale.
+-- Returns {"1", cost cap (USD, "0" for none), spent so far (USD), tenant
+-- ("" for none), input values...} when started, {"0"} when the task is stale.
 
 local status = current_status(KEYS[1], ARGV[1], ARGV[2])
 if not status then
@@ -15,8 +15,8 @@ end
 append_event(KEYS[1], status, KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 -- Counted for poison detection (reset when the run moves to its next phase).
 redis.call('HINCRBY', KEYS[1], 'starts', 1)
-local budget = redis.call('HMGET', KEYS[1], 'budget_usd', 'spent_usd')
-local reply = {'1', budget[1] or '0', budget[2] or '0'}
+local budget = redis.call('HMGET', KEYS[1], 'budget_usd', 'spent_usd', 'tenant')
+local reply = {'1', budget[1] or '0', budget[2] or '0', budget[3] or ''}
 for i = 7, #ARGV do
   reply[#reply + 1] = redis.call('HGET', KEYS[3], ARGV[i]) or ''
 end

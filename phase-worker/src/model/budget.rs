@@ -12,11 +12,13 @@ use super::call::ChatRequest;
 use std::collections::HashMap;
 
 /// A run's cap and spend, read when its phase starts.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunBudget {
     /// USD; 0 for no cap.
     pub cap_usd: f64,
     pub spent_usd: f64,
+    /// The tenant whose run it is (for its spend metric); empty without tenants.
+    pub tenant: String,
 }
 
 /// Prices in USD per million tokens (input, output), by model id.
@@ -120,6 +122,7 @@ mod tests {
         let budget = RunBudget {
             cap_usd: 1.0,
             spent_usd: 0.9,
+            ..RunBudget::default()
         };
         assert!(budget.refusal(Some(0.05)).is_none());
         assert!(budget.refusal(Some(0.2)).unwrap().contains("cost cap of $1.000000"));
@@ -130,6 +133,7 @@ mod tests {
         let spent = RunBudget {
             cap_usd: 1.0,
             spent_usd: 1.01,
+            ..RunBudget::default()
         };
         assert!(
             spent.refusal(None).is_some(),

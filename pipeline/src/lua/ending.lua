@@ -17,6 +17,12 @@ local function end_workflow(state_key, events_key, outputs_key, fields, event, t
   redis.call('EXPIRE', state_key, ttl)
   redis.call('EXPIRE', events_key, ttl)
   redis.call('EXPIRE', outputs_key, ttl)
+  local tenant = redis.call('HGET', state_key, 'tenant')
+  if tenant and tenant ~= '' then
+    -- The shard's set of the tenant's runs in flight (create_workflow.lua).
+    local shard = string.match(state_key, '^(.-):wf:')
+    redis.call('SREM', shard .. ':tenant:' .. tenant .. ':running', workflow_id)
+  end
   local idempotency_record = redis.call('HGET', state_key, 'idem_key')
   if idempotency_record and idempotency_record ~= '' then
     redis.call('EXPIRE', idempotency_record, ttl)

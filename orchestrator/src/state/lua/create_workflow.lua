@@ -60,6 +60,12 @@ redis.call('HSET', KEYS[1],
   'idem_key', idempotency_record, 'retention_s', ARGV[12], 'choices', ARGV[14],
   'budget_usd', ARGV[15], 'spent_usd', '0', unpack(extra_state))
 redis.call('HSET', KEYS[3], 'plan', ARGV[6], unpack(copied_outputs))
+-- A tenant's runs in flight, per shard (ending a run removes it): what the
+-- tenant's limit on runs in flight counts.
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+if tenant and tenant ~= '' then
+  redis.call('SADD', string.gsub(KEYS[4], ':index$', ':tenant:' .. tenant .. ':running'), ARGV[1])
+end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[9])
 for _, copied in ipairs(copied_events) do
   redis.call('XADD', KEYS[2], '*', 'm', copied)
