@@ -148,11 +148,14 @@ const WorkflowEvent = {
     1: ["index", "uint"], 2: ["phase", "string"], 3: ["model", "string"], 4: ["output", "string"],
     5: ["usage", Usage], 6: ["durationMs", "uint"], 7: ["tries", "uint"], 8: ["rating", Rating],
     10: ["finishReason", "string"], 12: ["cacheHit", "bool"], 13: ["savedUsd", "double"],
+    16: ["outputOmitted", "bool"], 17: ["outputBytes", "uint"],
   }],
   14: ["phaseRetrying", {
     1: ["index", "uint"], 2: ["phase", "string"], 3: ["try", "uint"], 4: ["reason", "string"], 5: ["retryInMs", "uint"],
   }],
-  15: ["completed", { 1: ["finalPlan", "string"], 2: ["rating", Rating], 3: ["totalUsage", Usage] }],
+  15: ["completed", {
+    1: ["finalPlan", "string"], 2: ["rating", Rating], 3: ["totalUsage", Usage], 4: ["finalPlanOmitted", "bool"],
+  }],
   16: ["failed", { 1: ["reason", "string"], 2: ["phase", "string"] }],
   17: ["cancelled", { 1: ["reason", "string"] }],
   18: ["phaseWaiting", {
@@ -353,9 +356,10 @@ function applyEvent(run, event) {
     const p = phaseOf(run, c.index, c.phase);
     // The accepted text is the last try's deltas; it differs only when no
     // delta came (a cached answer). `streamed` records which it was.
-    p.streamed = p.text === c.output;
+    // An output over 256 KiB is left out of the event: the deltas are it.
+    p.streamed = c.outputOmitted || p.text === c.output;
     Object.assign(p, {
-      status: "completed", model: c.model, text: c.output, note: "", usage: c.usage || null,
+      status: "completed", model: c.model, text: c.outputOmitted ? p.text : c.output, note: "", usage: c.usage || null,
       durationMs: c.durationMs, tries: c.tries, rating: c.rating || null, cacheHit: c.cacheHit,
     });
   } else if (e.phaseAwaitingApproval) {
@@ -372,6 +376,12 @@ function applyEvent(run, event) {
     run.status = "running";
   } else if (e.completed) {
     Object.assign(run, { status: "completed", finalPlan: e.completed.finalPlan, rating: e.completed.rating || null, totalUsage: e.completed.totalUsage || null });
+    if (e.completed.finalPlanOmitted) {
+      // Too long to repeat in an event: read it once from GetWorkflow.
+      unary("GetWorkflow", idRequest(run.id), Workflow)
+        .then((workflow) => { run.finalPlan = workflow.finalPlan; scheduleRender(); })
+        .catch((error) => showError("run-error", error));
+    }
   } else if (e.failed) {
     Object.assign(run, { status: "failed", reason: e.failed.reason });
     for (const p of run.phases) if (p.status === "running" || (p.name === e.failed.phase && p.status !== "completed")) p.status = "failed";

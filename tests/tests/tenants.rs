@@ -119,17 +119,15 @@ async fn a_tenant_sees_only_its_own_runs_and_tokens_reload_without_a_restart() {
         ..Default::default()
     };
     not_found(b.fork_workflow(fork).await.unwrap_err());
-    let list = |client_ids: Vec<String>| client_ids;
-    let listed_by_b = list(
-        b.list_workflows(ListWorkflowsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .workflows
-            .into_iter()
-            .map(|w| w.workflow_id)
-            .collect(),
-    );
+    let listed_by_b: Vec<String> = b
+        .list_workflows(ListWorkflowsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workflows
+        .into_iter()
+        .map(|w| w.workflow_id)
+        .collect();
     assert_eq!(listed_by_b, [b_own.clone()]);
     // A sees its own, and the operators see both.
     assert_eq!(a.get_workflow(get(&id)).await.unwrap().into_inner().tenant, "team-a");
