@@ -66,6 +66,12 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
 
+    /// On SIGTERM, how long in-flight calls may finish before they are
+    /// aborted and their tasks handed back to the stream for other workers,
+    /// in milliseconds.
+    #[arg(long, env = "NEXUS_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
     /// Model call: TCP/TLS connect timeout, in milliseconds.
     #[arg(long, env = "NEXUS_MODEL_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
@@ -175,6 +181,7 @@ impl std::fmt::Debug for Config {
             .field("max_in_flight", &self.max_in_flight)
             .field("visibility_timeout_ms", &self.visibility_timeout_ms)
             .field("max_deliveries", &self.max_deliveries)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("first_token_timeout_ms", &self.first_token_timeout_ms)
             .field("total_timeout_ms", &self.total_timeout_ms)
             .field("max_tries", &self.max_tries)

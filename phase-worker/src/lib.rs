@@ -39,16 +39,16 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// How long in-flight calls may finish after a shutdown signal before they
-/// are aborted (their tasks are then reclaimed by other workers).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long aborted calls get to hand their tasks back.
+const HAND_BACK_GRACE: Duration = Duration::from_millis(1500);
 
 /// Runs the worker until `stop` is cancelled, then drains; exits within the
 /// drain grace plus a little even when Redis is down.
 pub async fn run(config: config::Config, stop: CancellationToken) -> anyhow::Result<()> {
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
     tokio::select! {
         result = run_until_stopped(config, stop.clone()) => result,
-        () = nexus_runtime::shutdown::deadline(stop, SHUTDOWN_GRACE + Duration::from_secs(2)) => Ok(()),
+        () = nexus_runtime::shutdown::deadline(stop, grace + HAND_BACK_GRACE + Duration::from_millis(500)) => Ok(()),
     }
 }
 
@@ -104,19 +104,23 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         tokio::spawn(consumer.clone().reclaim_loop(shard, stop.clone()));
     }
     stop.cancelled().await;
-    drain(&slots, config.max_in_flight.max(1), abort_calls).await;
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    drain(&slots, config.max_in_flight.max(1), grace, abort_calls).await;
     Ok(())
 }
 
-async fn drain(slots: &Semaphore, capacity: usize, abort_calls: CancellationToken) {
-    let all_free = async {
+/// Lets in-flight calls finish for `grace`; then aborts the rest, whose
+/// tasks are handed back to the stream, and gives that a moment.
+async fn drain(slots: &Semaphore, capacity: usize, grace: Duration, abort_calls: CancellationToken) {
+    let all_free = || async {
         while slots.available_permits() < capacity {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, all_free).await.is_err() {
-        tracing::warn!("in-flight calls did not finish in time; aborting them (their tasks will be reclaimed)");
+    if tokio::time::timeout(grace, all_free()).await.is_ok() {
+        return;
     }
+    tracing::warn!("in-flight calls did not finish in time; aborting them and handing their tasks back");
     abort_calls.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = tokio::time::timeout(HAND_BACK_GRACE, all_free()).await;
 }

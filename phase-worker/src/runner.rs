@@ -160,8 +160,28 @@ async fn run_task_in_span(
         CallOutcome::Result(result, final_delta) => {
             settle(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
         }
+        CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
+            let whole = PhaseTask {
+                spec: Some(spec),
+                ..task
+            };
+            hand_back(handle, &whole).await
+        }
         CallOutcome::Stopped => settle_stopped(ctx, handle, stop).await,
     }
+}
+
+/// The drain after a stop signal ran out mid-call: the task goes back on the
+/// stream for another worker to take at once, rather than after the
+/// visibility timeout. If Redis cannot be reached it stays pending and is
+/// reclaimed the usual way.
+async fn hand_back(handle: &TaskHandle, task: &PhaseTask) -> Option<Entry> {
+    match handle.hand_back(task).await {
+        Ok(true) => tracing::info!(workflow_id = %handle.workflow, "shutting down; handed the task back"),
+        Ok(false) => tracing::info!(workflow_id = %handle.workflow, "shutting down; the task was no longer needed"),
+        Err(error) => tracing::warn!(%error, "could not hand the task back; it will be reclaimed"),
+    }
+    None
 }
 
 /// A task stopped without a result is acknowledged only when the workflow no

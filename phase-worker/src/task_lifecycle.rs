@@ -36,6 +36,7 @@ static APPEND_EVENT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lu
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/heartbeat.lua")));
 static COMPLETE_TASK: LazyLock<Script> = LazyLock::new(|| fenced_ending(include_str!("lua/complete_task.lua")));
 static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| fenced_ending(include_str!("lua/dead_letter.lua")));
+static HAND_BACK: LazyLock<Script> = LazyLock::new(|| fenced(include_str!("lua/hand_back.lua")));
 static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/take_over.lua")));
 
 /// What trying to take over an abandoned task found.
@@ -175,6 +176,27 @@ impl TaskHandle {
             .await?;
         let running = status.is_some_and(|status| !status::is_terminal(&status));
         Ok(running && phase == Some(self.phase_index) && attempt == Some(self.attempt))
+    }
+
+    /// Puts the task back on the stream for another worker to take at once
+    /// (`task` as it should run again); `true` when it was handed back.
+    pub async fn hand_back(&self, task: &PhaseTask) -> redis::RedisResult<bool> {
+        let again = PhaseTask {
+            attempt: self.attempt,
+            ..task.clone()
+        };
+        let outcome: String = HAND_BACK
+            .key(self.keys.shard.tasks())
+            .key(self.keys.state())
+            .arg(WORKERS_GROUP)
+            .arg(&self.entry_id)
+            .arg(&self.consumer)
+            .arg(self.phase_index)
+            .arg(self.attempt)
+            .arg(again.encode_to_vec())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(outcome == "handed_back")
     }
 
     /// Extends the claim; `false` means the task was reclaimed by another
