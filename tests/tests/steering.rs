@@ -152,7 +152,7 @@ async fn a_gated_run_waits_across_an_orchestrator_restart_and_goes_on_with_the_p
     let queued: usize = redis.xlen(shard_key(&id, "tasks")).unwrap();
     assert_eq!(queued, 0, "no task is queued while the run waits");
     let gated: Vec<String> = redis.zrange(shard_key(&id, "gates"), 0, -1).unwrap();
-    assert_eq!(gated, [id.clone()]);
+    assert_eq!(gated, std::slice::from_ref(&id));
     assert_eq!(stack.calls().await.len(), 1, "only the gated phase ran");
 
     // The orchestrator dies and another takes over; the run still waits.

@@ -128,7 +128,7 @@ async fn a_tenant_sees_only_its_own_runs_and_tokens_reload_without_a_restart() {
         .into_iter()
         .map(|w| w.workflow_id)
         .collect();
-    assert_eq!(listed_by_b, [b_own.clone()]);
+    assert_eq!(listed_by_b, std::slice::from_ref(&b_own));
     // A sees its own, and the operators see both.
     assert_eq!(a.get_workflow(get(&id)).await.unwrap().into_inner().tenant, "team-a");
     let listed_by_ops: Vec<String> = ops
