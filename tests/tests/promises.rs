@@ -722,7 +722,10 @@ async fn a_worker_that_must_stop_mid_call_hands_the_task_back_for_another_to_tak
     let redis = RedisServer::start();
     let model = StandIn::start(FAST_MODEL);
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
-    let patient = [("NEXUS_VISIBILITY_TIMEOUT_MS", "60000"), ("NEXUS_SHUTDOWN_GRACE_MS", "1000")];
+    let patient = [
+        ("NEXUS_VISIBILITY_TIMEOUT_MS", "60000"),
+        ("NEXUS_SHUTDOWN_GRACE_MS", "1000"),
+    ];
     let mut stopping = Worker::start(&redis.url(), &model.base_url(), &patient);
     // The first call takes a minute to answer; every later one is quick.
     ModelControl::new(&model.base_url())
@@ -730,12 +733,18 @@ async fn a_worker_that_must_stop_mid_call_hands_the_task_back_for_another_to_tak
         .await;
     let mut client = connect(&orchestrator.endpoint()).await;
     let id = start(&mut client, "Handed back").await;
-    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| kind_name(e) == "phase_started").await;
+    wait_for_event(&mut client, &id, Duration::from_secs(20), |e| {
+        kind_name(e) == "phase_started"
+    })
+    .await;
     let _other = Worker::start(&redis.url(), &model.base_url(), &patient);
 
     let signalled = Instant::now();
     stopping.process.signal("TERM");
-    assert!(stopping.process.wait_exit(Duration::from_secs(6)), "the worker still ran 6 s after SIGTERM");
+    assert!(
+        stopping.process.wait_exit(Duration::from_secs(6)),
+        "the worker still ran 6 s after SIGTERM"
+    );
     let finished = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
     assert_eq!(finished.status(), WorkflowStatus::Completed, "{finished:?}");
     assert!(
@@ -746,14 +755,22 @@ async fn a_worker_that_must_stop_mid_call_hands_the_task_back_for_another_to_tak
     let mut conn = redis_conn(&redis);
     let starts = stored_phase_starts(&mut conn, &id);
     let first_phase: Vec<&String> = starts.iter().filter(|(phase, _)| *phase == 0).map(|(_, w)| w).collect();
-    assert_eq!(first_phase.len(), 2, "phase 1 started by the stopping worker, then by the other: {starts:?}");
+    assert_eq!(
+        first_phase.len(),
+        2,
+        "phase 1 started by the stopping worker, then by the other: {starts:?}"
+    );
     assert_ne!(first_phase[0], first_phase[1]);
     let pending: Vec<redis::Value> = redis::cmd("XPENDING")
         .arg("nexus:{nx0}:tasks")
         .arg("workers")
         .query(&mut conn)
         .unwrap();
-    assert_eq!(pending.first(), Some(&redis::Value::Int(0)), "nothing left pending: {pending:?}");
+    assert_eq!(
+        pending.first(),
+        Some(&redis::Value::Int(0)),
+        "nothing left pending: {pending:?}"
+    );
     let calls = ModelControl::new(&model.base_url()).requests().await;
     assert_eq!(calls.len(), 7, "the aborted call, then six");
 }
