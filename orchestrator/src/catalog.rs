@@ -118,17 +118,27 @@ impl PipelineCatalog {
             no_cache: request.no_cache,
             prompts: None,
         };
-        let snapshot = definition
-            .resolve_with(&models, options)
-            .map_err(|error| ApiError::InvalidArgument(error.to_string()))?;
-        let choices = RunChoices {
-            models: role_models(definition, &models),
-            instructions: instructions.to_string(),
-            no_cache: request.no_cache,
-            max_cost_usd: 0.0,
-        };
-        Ok(chosen(snapshot, choices))
+        resolved(definition, &models, options)
     }
+}
+
+/// The pipeline resolved with a run's models and options, and the choices
+/// the run records.
+fn resolved(
+    definition: &PipelineDefinition,
+    models: &BTreeMap<String, String>,
+    options: RunOptions<'_>,
+) -> Result<ChosenPipeline, ApiError> {
+    let snapshot = definition
+        .resolve_with(models, options)
+        .map_err(|error| ApiError::InvalidArgument(error.to_string()))?;
+    let choices = RunChoices {
+        models: role_models(definition, models),
+        instructions: options.instructions.to_string(),
+        no_cache: options.no_cache,
+        max_cost_usd: 0.0,
+    };
+    Ok(chosen(snapshot, choices))
 }
 
 /// `models` with the run's overrides, each checked.
@@ -198,16 +208,7 @@ impl PipelineCatalog {
             no_cache: request.no_cache || parent.no_cache,
             prompts: Some(&prompts),
         };
-        let snapshot = definition
-            .resolve_with(&models, options)
-            .map_err(|error| ApiError::InvalidArgument(error.to_string()))?;
-        let choices = RunChoices {
-            models: role_models(definition, &models),
-            instructions: instructions.to_string(),
-            no_cache: options.no_cache,
-            max_cost_usd: 0.0,
-        };
-        Ok(chosen(snapshot, choices))
+        resolved(definition, &models, options)
     }
 
     /// Every pipeline, for `ListPipelines`.

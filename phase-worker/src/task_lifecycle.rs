@@ -185,14 +185,8 @@ impl TaskHandle {
             attempt: self.attempt,
             ..task.clone()
         };
-        let outcome: String = HAND_BACK
-            .key(self.keys.shard.tasks())
-            .key(self.keys.state())
-            .arg(WORKERS_GROUP)
-            .arg(&self.entry_id)
-            .arg(&self.consumer)
-            .arg(self.phase_index)
-            .arg(self.attempt)
+        let outcome: String = self
+            .owned_invocation(&HAND_BACK)
             .arg(again.encode_to_vec())
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -202,17 +196,25 @@ impl TaskHandle {
     /// Extends the claim; `false` means the task was reclaimed by another
     /// worker or is no longer current, so this worker should stop.
     pub async fn heartbeat(&self) -> redis::RedisResult<bool> {
-        let alive: i64 = HEARTBEAT
-            .key(self.keys.shard.tasks())
+        let alive: i64 = self
+            .owned_invocation(&HEARTBEAT)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(alive == 1)
+    }
+
+    /// A script about this worker's hold on the task: KEYS task stream and
+    /// state hash; ARGV group, entry id, consumer, phase index, attempt.
+    fn owned_invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut invocation = script.key(self.keys.shard.tasks());
+        invocation
             .key(self.keys.state())
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
             .arg(&self.consumer)
             .arg(self.phase_index)
-            .arg(self.attempt)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(alive == 1)
+            .arg(self.attempt);
+        invocation
     }
 
     /// Applies the result's transition (if any) and acknowledges the task,

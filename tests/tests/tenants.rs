@@ -312,21 +312,24 @@ async fn each_limit_refuses_with_resource_exhausted_naming_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serving_without_tokens_beyond_loopback_takes_an_explicit_flag() {
     let redis = RedisServer::start();
-    let run = |allow: bool| {
+    // An orchestrator on every address, with no token.
+    let open_to_all = |allow: bool| {
         let mut command = Command::new(binary("orchestrator"));
         command
             .env("NEXUS_LISTEN", "0.0.0.0:0")
             .env("REDIS_URL", redis.url())
             .env_remove("NEXUS_API_TOKEN")
-            .env_remove("NEXUS_TOKENS_FILE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env_remove("NEXUS_TOKENS_FILE");
         if allow {
             command.env("NEXUS_ALLOW_UNAUTHENTICATED", "true");
         }
-        command.spawn().unwrap()
+        command
     };
-    let refused = run(false).wait_with_output().unwrap();
+    let refused = open_to_all(false)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -334,17 +337,6 @@ async fn serving_without_tokens_beyond_loopback_takes_an_explicit_flag() {
         "{said}"
     );
 
-    let (_open, line) = Process::spawn(
-        "orchestrator-open",
-        {
-            let mut command = Command::new(binary("orchestrator"));
-            command
-                .env("NEXUS_LISTEN", "0.0.0.0:0")
-                .env("REDIS_URL", redis.url())
-                .env("NEXUS_ALLOW_UNAUTHENTICATED", "true");
-            command
-        },
-        "listening on",
-    );
+    let (_open, line) = Process::spawn("orchestrator-open", open_to_all(true), "listening on");
     assert!(line.contains("0.0.0.0"), "{line}");
 }

@@ -12,5 +12,10 @@ fn ending(body: &str) -> Script {
 
 pub static CREATE_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_workflow.lua")));
 pub static CANCEL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/cancel_workflow.lua")));
-pub static APPROVE_STEP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/approve_step.lua")));
-pub static REJECT_STEP: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/reject_step.lua")));
+/// The gate scripts start with `gate.lua`, their shared fence.
+const GATE_LUA: &str = include_str!("lua/gate.lua");
+
+pub static APPROVE_STEP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{GATE_LUA}{}", include_str!("lua/approve_step.lua"))));
+pub static REJECT_STEP: LazyLock<Script> =
+    LazyLock::new(|| ending(&format!("{GATE_LUA}{}", include_str!("lua/reject_step.lua"))));

@@ -12,16 +12,11 @@
 -- Returns "approved", or the status the run has instead ("missing" when it
 -- does not exist; "awaiting_approval:<index>" when it waits elsewhere).
 
-local state = redis.call('HMGET', KEYS[1], 'status', 'gate', 'gate_task')
-if not state[1] then
-  return 'missing'
+local refused = not_waiting_at(KEYS[1], ARGV[1])
+if refused then
+  return refused
 end
-if state[1] ~= 'awaiting_approval' then
-  return state[1]
-end
-if state[2] ~= ARGV[1] then
-  return 'awaiting_approval:' .. tostring(state[2])
-end
+local next_task = redis.call('HGET', KEYS[1], 'gate_task')
 if ARGV[6] == '1' then
   redis.call('HSET', KEYS[3], ARGV[7], ARGV[8])
   redis.call('HSET', KEYS[1], 'phase:' .. ARGV[1], ARGV[9])
@@ -30,6 +25,6 @@ redis.call('XADD', KEYS[2], '*', 'm', ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'running', 'updated_ms', ARGV[2])
 redis.call('HDEL', KEYS[1], 'gate', 'gate_task', 'gate_deadline_ms', 'gate_on_timeout')
 redis.call('ZREM', KEYS[5], ARGV[5])
-redis.call('XADD', KEYS[4], '*', 'm', state[3])
+redis.call('XADD', KEYS[4], '*', 'm', next_task)
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 'approved'

@@ -7,15 +7,9 @@
 --       channel, 7 workflow id
 -- Returns "rejected", or the status the run has instead (as approve_step).
 
-local state = redis.call('HMGET', KEYS[1], 'status', 'gate')
-if not state[1] then
-  return 'missing'
-end
-if state[1] ~= 'awaiting_approval' then
-  return state[1]
-end
-if state[2] ~= ARGV[1] then
-  return 'awaiting_approval:' .. tostring(state[2])
+local refused = not_waiting_at(KEYS[1], ARGV[1])
+if refused then
+  return refused
 end
 redis.call('HDEL', KEYS[1], 'gate', 'gate_task', 'gate_deadline_ms', 'gate_on_timeout')
 redis.call('ZREM', KEYS[4], ARGV[7])
