@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +40,7 @@ use tonic::transport::Channel;
     about = "Run Markdown plans; start, watch, inspect, list and cancel Nexus workflows."
 )]
 struct Cli {
-    /// The orchestrator's gRPC endpoint.
+    /// The orchestrator's gRPC endpoint; https:// for one serving TLS.
     #[arg(
         long,
         env = "NEXUS_ENDPOINT",
@@ -51,6 +51,18 @@ struct Cli {
     /// Bearer token, when the orchestrator requires one (NEXUS_API_TOKEN).
     #[arg(long, env = "NEXUS_API_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// endpoint, instead of
+    /// the system's roots: an orchestrator with a certificate from a
+    /// private CA.
+    #[arg(long, env = "NEXUS_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) to present to an https:// endpoint that
+    /// requires one (mutual TLS), with --client-key.
+    #[arg(long, env = "NEXUS_CLIENT_CERT", global = true, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, env = "NEXUS_CLIENT_KEY", global = true, requires = "client_cert")]
+    client_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -283,10 +295,7 @@ impl Watched {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let channel = Channel::from_shared(cli.endpoint.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", cli.endpoint))?;
+    let channel = connect(&cli).await?;
     let auth = Auth(cli.token.as_ref().map(|t| format!("Bearer {t}").parse()).transpose()?);
     let mut client = WorkflowServiceClient::with_interceptor(channel.clone(), auth.clone())
         .max_decoding_message_size(64 * 1024 * 1024);
@@ -427,6 +436,28 @@ fn stdout_printer(cursors: bool) -> EventPrinter<std::io::Stdout> {
     let stdout = std::io::stdout();
     let style = Style::of(&stdout);
     EventPrinter::new(stdout, style, cursors)
+}
+
+/// The channel to the orchestrator; over TLS for an https:// endpoint, with
+/// the CA and client certificate given (the TLS options are not used for
+/// http://).
+async fn connect(cli: &Cli) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(cli.endpoint.clone())?;
+    if cli.endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &cli.ca_file {
+            Some(file) => tls.ca_certificate(Certificate::from_pem(read(file)?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).context("setting up TLS")?;
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cli.endpoint))
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {

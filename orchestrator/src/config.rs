@@ -110,6 +110,22 @@ pub struct Config {
     #[arg(long, env = "NEXUS_WEB", value_parser = clap::builder::BoolishValueParser::new())]
     pub web: bool,
 
+    /// Certificate chain (PEM) the gRPC port presents: with NEXUS_TLS_KEY,
+    /// the port speaks TLS only (and the web tracker is served over https).
+    /// Both files are re-read when they change: new connections get the new
+    /// certificate, open ones keep theirs.
+    #[arg(long, env = "NEXUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of NEXUS_TLS_CERT.
+    #[arg(long, env = "NEXUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): with TLS on, require a client certificate
+    /// signed by one of them (mutual TLS). Re-read when it changes.
+    #[arg(long, env = "NEXUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// On SIGTERM, how long to let calls and loops finish before exiting
     /// anyway (even with Redis down), in milliseconds. Open watch streams end
     /// at once with UNAVAILABLE, so their clients resume on another replica.
@@ -134,6 +150,9 @@ impl std::fmt::Debug for Config {
             .field("tokens_file", &self.tokens_file)
             .field("allow_unauthenticated", &self.allow_unauthenticated)
             .field("web", &self.web)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
             .finish()
     }
 }

@@ -18,6 +18,8 @@
 //! - [`tenants`]: bearer tokens mapped to tenants (reloaded on change),
 //!   and the per-tenant limits.
 //! - [`config`]: flags and environment.
+//! - [`tls`]: TLS and mutual TLS on the gRPC port, from certificate files
+//!   reloaded on change.
 //! - [`web`]: the optional web tracker page, and gRPC-Web for it.
 //!
 //! Replicas are interchangeable: all state is in Redis, and any replica can
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod operations;
 pub mod state;
 pub mod tenants;
+pub mod tls;
 pub mod validation;
 pub mod watch;
 pub mod web;
@@ -71,6 +74,17 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
     let tokens = tenants::Tokens::load(config.tokens_file.clone(), config.api_token.clone())?;
     refuse_open_beyond_loopback(&config, &tokens)?;
     tokio::spawn(tokens.clone().reload(shutdown.clone()));
+    let tls = tls::TlsFiles::from_settings(
+        config.tls_cert.clone(),
+        config.tls_key.clone(),
+        config.tls_client_ca.clone(),
+    )?
+    .map(|files| tls::ReloadingTls::load(files, config.web))
+    .transpose()
+    .context("loading the TLS certificate")?;
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().reload(shutdown.clone()));
+    }
     let conn = config
         .redis
         .connect_patiently(false)
@@ -86,7 +100,7 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
         config.retention_secs,
         shutdown.clone(),
     ));
-    serve(&config, store, hub, catalog, tokens, shutdown).await
+    serve(&config, store, hub, catalog, tokens, tls, shutdown).await
 }
 
 /// Serving without any token is for a developer's machine: beyond loopback
@@ -111,6 +125,7 @@ async fn serve(
     hub: Arc<watch::WatchHub>,
     catalog: Arc<PipelineCatalog>,
     tokens: tenants::Tokens,
+    tls: Option<tls::ReloadingTls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api = api::WorkflowApi {
@@ -156,13 +171,18 @@ async fn serve(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
-    println!("orchestrator listening on {address}");
-    tracing::info!(%address, "gRPC server listening");
-    // Our own listener (to learn the port when it is 0), so the builder's
-    // `tcp_nodelay` does not reach the accepted sockets: set it here. With
-    // Nagle on, a response's frames wait for the client's delayed ACK, and a
-    // unary call can take 40 ms instead of well under one.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // Plaintext prints the bare address, as scripts expect; TLS says so.
+    let shown = if tls.is_some() {
+        format!("{scheme}://{address}")
+    } else {
+        address.to_string()
+    };
+    println!("orchestrator listening on {shown}");
+    let client_certificates = tls
+        .as_ref()
+        .is_some_and(tls::ReloadingTls::requires_client_certificates);
+    tracing::info!(%address, tls = tls.is_some(), client_certificates, "gRPC server listening");
     let admins = tokens.clone();
     let operations_service = tonic::service::interceptor::InterceptedService::new(
         OperationsServiceServer::new(operations),
@@ -180,18 +200,34 @@ async fn serve(
         // gRPC-Web outside the interceptor, so the token check sees the
         // translated call like any other.
         routes.add_service(web::grpc_web(workflow_service));
-        println!("web tracker on http://{address}/");
+        println!("web tracker on {scheme}://{address}/");
         web::with_page(routes.routes())
     } else {
         routes.add_service(workflow_service);
         routes.routes()
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(config.max_streams_per_connection)
         .accept_http1(config.web)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+        .add_routes(routes);
+    match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown.cancelled_owned())
+                .await?
+        }
+        None => {
+            // Our own listener (to learn the port when it is 0), so the
+            // builder's `tcp_nodelay` does not reach the accepted sockets:
+            // set it here. With Nagle on, a response's frames wait for the
+            // client's delayed ACK, and a unary call can take 40 ms instead
+            // of well under one.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?
+        }
+    }
     Ok(())
 }

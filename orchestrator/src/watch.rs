@@ -120,15 +120,15 @@ impl WatchHub {
     /// after Redis restarts.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
         nexus_pipeline::connection::listen_forever("event notifications", || async {
-            let listened = self.listen_once(redis.pubsub_url()).await;
+            let listened = self.listen_once(&redis).await;
             self.wake_all();
             listened
         })
         .await
     }
 
-    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
-        let client = redis::Client::open(redis_url)?;
+    async fn listen_once(&self, redis: &RedisArgs) -> redis::RedisResult<()> {
+        let client = redis.pubsub_client()?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(EVENTS_CHANNEL).await?;
         self.wake_all();

@@ -60,14 +60,11 @@ impl CancelRegistry {
 
     /// Listens for cancellations until the process ends.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs, conn: Connection) {
-        nexus_pipeline::connection::listen_forever("cancel notifications", || {
-            self.listen_once(redis.pubsub_url(), &conn)
-        })
-        .await
+        nexus_pipeline::connection::listen_forever("cancel notifications", || self.listen_once(&redis, &conn)).await
     }
 
-    async fn listen_once(&self, redis_url: &str, conn: &Connection) -> redis::RedisResult<()> {
-        let client = redis::Client::open(redis_url)?;
+    async fn listen_once(&self, redis: &RedisArgs, conn: &Connection) -> redis::RedisResult<()> {
+        let client = redis.pubsub_client()?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(CANCEL_CHANNEL).await?;
         self.recheck_all(conn.clone()).await?;

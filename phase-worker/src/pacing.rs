@@ -152,11 +152,11 @@ impl RedisPacer {
 
     /// Learns other workers' back-offs until the process ends.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
-        nexus_pipeline::connection::listen_forever("pace notifications", || self.listen_once(redis.pubsub_url())).await
+        nexus_pipeline::connection::listen_forever("pace notifications", || self.listen_once(&redis)).await
     }
 
-    async fn listen_once(&self, redis_url: &str) -> redis::RedisResult<()> {
-        let mut pubsub = redis::Client::open(redis_url)?.get_async_pubsub().await?;
+    async fn listen_once(&self, redis: &RedisArgs) -> redis::RedisResult<()> {
+        let mut pubsub = redis.pubsub_client()?.get_async_pubsub().await?;
         pubsub.subscribe(PACE_CHANNEL).await?;
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {

@@ -10,11 +10,17 @@
 //! Blocking stream reads get their own connection with a response timeout
 //! longer than the block time, because one blocked command holds a whole
 //! multiplexed connection.
+//!
+//! Every connection, pub/sub and cluster ones included, is made from
+//! [`RedisArgs`] alone, so `rediss://` (TLS, rustls), an ACL user in the URL
+//! and `NEXUS_REDIS_CA_FILE` (a private CA for `rediss://`) apply to all of
+//! them alike.
 
 use futures::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Response timeout of ordinary commands. Generous, because with
@@ -27,10 +33,17 @@ pub const BLOCK_TIME: Duration = Duration::from_secs(2);
 /// Where the state lives; shared by both binaries' command lines.
 #[derive(clap::Args, Clone)]
 pub struct RedisArgs {
-    /// Redis URL (redis://[:password@]host:port[/db]). With --redis-cluster,
-    /// a comma-separated list of seed nodes.
+    /// Redis URL: redis://[[user]:password@]host:port[/db], or rediss://
+    /// for TLS (the user is an ACL user; none: "default"). With
+    /// --redis-cluster, a comma-separated list of seed nodes. Logged with
+    /// the password hidden.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// CA certificates (PEM) to trust for rediss:// instead of the system's
+    /// roots: a Redis with a certificate from a private CA.
+    #[arg(long, env = "NEXUS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Talk to a Redis Cluster (REDIS_URL lists seed nodes). Raise
     /// NEXUS_SHARDS so the shards spread over the masters.
@@ -48,6 +61,7 @@ impl std::fmt::Debug for RedisArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisArgs")
             .field("redis_url", &redacted_url(&self.redis_url))
+            .field("redis_ca_file", &self.redis_ca_file)
             .field("redis_cluster", &self.redis_cluster)
             .field("shards", &self.shards)
             .finish()
@@ -64,9 +78,45 @@ impl RedisArgs {
     }
 
     /// A node to subscribe on. In a cluster, PUBLISH reaches every node, so
-    /// any one of them hears every message.
+    /// any one of them hears every message. Subscribe through
+    /// [`RedisArgs::pubsub_client`], which also applies the CA file.
     pub fn pubsub_url(&self) -> &str {
         self.urls().first().copied().unwrap_or("redis://127.0.0.1:6379")
+    }
+
+    /// A client of the node [`RedisArgs::pubsub_url`] names, for pub/sub.
+    pub fn pubsub_client(&self) -> redis::RedisResult<redis::Client> {
+        match self.tls_certificates()? {
+            Some(certificates) => redis::Client::build_with_tls(self.pubsub_url(), certificates),
+            None => redis::Client::open(self.pubsub_url()),
+        }
+    }
+
+    /// The private CA to trust, when one is configured. Only `rediss://`
+    /// URLs can use it: a CA file beside a plaintext URL is refused rather
+    /// than ignored, since whoever set it expects TLS.
+    fn tls_certificates(&self) -> redis::RedisResult<Option<redis::TlsCertificates>> {
+        let Some(file) = &self.redis_ca_file else {
+            return Ok(None);
+        };
+        if let Some(plain) = self.urls().into_iter().find(|url| !url.starts_with("rediss://")) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "NEXUS_REDIS_CA_FILE is for rediss:// URLs",
+                redacted_url(plain),
+            )));
+        }
+        let pem = std::fs::read(file).map_err(|error| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "reading NEXUS_REDIS_CA_FILE",
+                format!("{}: {error}", file.display()),
+            ))
+        })?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
     }
 
     /// A connection for ordinary commands, shared by all tasks of a process.
@@ -81,14 +131,16 @@ impl RedisArgs {
 
     async fn connect_with_timeout(&self, response_timeout: Duration) -> redis::RedisResult<Connection> {
         if self.redis_cluster {
-            let client = redis::cluster::ClusterClient::builder(self.urls())
+            let mut builder = redis::cluster::ClusterClient::builder(self.urls())
                 .response_timeout(response_timeout)
                 .connection_timeout(Duration::from_secs(2))
-                .retries(8)
-                .build()?;
-            return Ok(Connection::Cluster(client.get_async_connection().await?));
+                .retries(8);
+            if let Some(certificates) = self.tls_certificates()? {
+                builder = builder.certs(certificates);
+            }
+            return Ok(Connection::Cluster(builder.build()?.get_async_connection().await?));
         }
-        let client = redis::Client::open(self.pubsub_url())?;
+        let client = self.pubsub_client()?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -100,7 +152,9 @@ impl RedisArgs {
     }
 
     /// Connects, waiting out a Redis that is not up yet (at start-up, or while
-    /// a restart is in progress) instead of exiting.
+    /// a restart is in progress) instead of exiting; a setting that cannot
+    /// work (a CA file that cannot be read, or beside a redis:// URL) fails
+    /// at once.
     pub async fn connect_patiently(&self, blocking: bool) -> redis::RedisResult<Connection> {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0;
@@ -114,7 +168,8 @@ impl RedisArgs {
             };
             match connected {
                 Ok(conn) => return Ok(conn),
-                Err(error) if attempt < 60 => {
+                // A wrong setting does not fix itself: say so at once.
+                Err(error) if attempt < 60 && error.kind() != redis::ErrorKind::InvalidClientConfig => {
                     if quiet.should_log() {
                         tracing::warn!(%error, attempt, "redis not reachable yet; retrying");
                     }
@@ -221,7 +276,10 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// Strips the password from a Redis URL (or list of URLs) so it can be logged.
+/// Strips the password from a Redis URL (or list of URLs) so it can be
+/// logged. An ACL user stays visible (it says which account connects); a
+/// lone name before the `@` is hidden too, in case it is a password
+/// written without its colon.
 pub fn redacted_url(urls: &str) -> String {
     urls.split(',').map(redact_one).collect::<Vec<_>>().join(",")
 }
@@ -229,7 +287,11 @@ pub fn redacted_url(urls: &str) -> String {
 fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+            let (scheme, credentials, rest) = (&url[..scheme_end], &url[scheme_end + 3..at], &url[at + 1..]);
+            match credentials.split_once(':') {
+                Some((user, _)) if !user.is_empty() => format!("{scheme}://{user}:***@{rest}"),
+                _ => format!("{scheme}://***@{rest}"),
+            }
         }
         _ => url.to_string(),
     }
@@ -252,6 +314,11 @@ mod tests {
     fn passwords_never_reach_logs() {
         assert_eq!(redacted_url("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
         assert_eq!(redacted_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redacted_url("rediss://nexus:pa:ss@w0rd@host:6380"),
+            "rediss://nexus:***@host:6380"
+        );
+        assert_eq!(redacted_url("redis://s3cret@host"), "redis://***@host");
         assert_eq!(
             redacted_url("redis://:a@h1:1,redis://:b@h2:2"),
             "redis://***@h1:1,redis://***@h2:2"
