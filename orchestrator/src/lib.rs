@@ -151,7 +151,8 @@ async fn serve(
         cost_caps: api.cost_caps,
     };
     let workflow_service = WorkflowServiceServer::new(api)
-        .max_decoding_message_size(config.max_plan_bytes * 2 + 64 * 1024)
+        // The largest request is a plan or a person's edit of an output.
+        .max_decoding_message_size((config.max_plan_bytes * 2).max(state::MAX_EDITED_OUTPUT_BYTES) + 64 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

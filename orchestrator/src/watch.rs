@@ -221,7 +221,15 @@ impl Watcher {
             let notified = feed.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.read_page(&feed).await {
+            // A read can hang while Redis is down: shutting down must not
+            // wait for it, or the client sees a broken connection instead
+            // of UNAVAILABLE.
+            let shutdown = self.hub.shutdown.clone();
+            let page = tokio::select! {
+                page = self.read_page(&feed) => page,
+                _ = shutdown.cancelled() => return self.end_for_shutdown().await,
+            };
+            match page {
                 Ok(events) => {
                     failing_since = None;
                     match self.forward(&events).await {
@@ -260,13 +268,16 @@ impl Watcher {
                 _ = notified => {}
                 _ = retry => {}
                 _ = self.sender.closed() => return,
-                _ = self.hub.shutdown.cancelled() => {
-                    let status = Status::unavailable("this orchestrator is shutting down; resume with your last cursor on another replica");
-                    let _ = self.sender.send(Err(status)).await;
-                    return;
-                }
+                _ = self.hub.shutdown.cancelled() => return self.end_for_shutdown().await,
             };
         }
+    }
+
+    /// Ends the stream with UNAVAILABLE: the client resumes elsewhere.
+    async fn end_for_shutdown(&self) {
+        let status =
+            Status::unavailable("this orchestrator is shutting down; resume with your last cursor on another replica");
+        let _ = self.sender.send(Err(status)).await;
     }
 
     /// The events after this watcher's cursor: the feed's cached page when

@@ -480,3 +480,37 @@ async fn a_bad_fork_is_refused_with_the_reason_and_stores_nothing() {
     keys_after.sort();
     assert_eq!(keys_before, keys_after, "nothing was stored");
 }
+
+/// A person's edit of a megabyte goes through a client with default limits:
+/// the next phase reads it (Redis holds it whole) and the approved event
+/// says how long it is instead of repeating it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_megabyte_edit_is_accepted_stored_whole_and_kept_out_of_the_event() {
+    let stack = GatedStack::start();
+    let id = stack.start_run("gated").await;
+    let mut client = stack.client().await;
+    wait_until_awaiting(&mut client, &id).await;
+    let edited = format!("HUMAN EDIT {}", "a long and careful plan ".repeat(44_000));
+    assert!(edited.len() > 1_000_000);
+    client.approve_step(approve(&id, 0, Some(&edited))).await.unwrap();
+    let finished = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(finished.status(), WorkflowStatus::Completed, "{finished:?}");
+
+    let mut redis = stack.redis();
+    let output: String = redis.hget(format!("{}:outputs", state_key(&id)), "draft").unwrap();
+    assert!(output == edited, "Redis holds the whole edit");
+    let calls = stack.calls().await;
+    assert!(calls[1]["prompt_excerpt"].as_str().unwrap().starts_with("HUMAN EDIT"));
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(10)).await;
+    let approval = events
+        .iter()
+        .find_map(|event| match &event.kind {
+            Some(Kind::PhaseApproved(approved)) => Some(approved.clone()),
+            _ => None,
+        })
+        .expect("an approved event");
+    assert_eq!(
+        (approval.edited_output, approval.edited_bytes),
+        (None, edited.len() as u64)
+    );
+}

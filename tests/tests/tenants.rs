@@ -153,7 +153,8 @@ async fn a_tenant_sees_only_its_own_runs_and_tokens_reload_without_a_restart() {
         assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
     }
 
-    // What A's run cost is counted for team A, as the stand-in billed it.
+    // What A's run cost (as the stand-in's usage chunks reported it, recorded
+    // on the run) is counted for team A by the worker.
     let deadline = Instant::now() + Duration::from_secs(30);
     while a.get_workflow(get(&id)).await.unwrap().into_inner().status() != nexus_proto::v1::WorkflowStatus::Completed {
         assert!(Instant::now() < deadline, "A's run did not complete");

@@ -11,6 +11,7 @@ use super::{WorkflowStore, event, scripts};
 use crate::errors::ApiError;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field};
+use nexus_pipeline::transition::INLINE_OUTPUT_MAX_BYTES;
 use nexus_proto::v1::{Phase, PhaseApproved, Workflow, WorkflowFailed, workflow_event::Kind};
 use prost::Message;
 use std::time::Duration;
@@ -38,10 +39,14 @@ impl WorkflowStore {
     pub async fn approve(&self, id: &WorkflowId, index: u32, approval: Approval) -> Result<Workflow, ApiError> {
         let keys = WorkflowKeys::new(id);
         let (name, edited_record) = self.gated_phase(id, index, approval.edited_output.as_deref()).await?;
+        let edited = approval.edited_output.as_deref();
         let approved = event(Kind::PhaseApproved(PhaseApproved {
             index,
             phase: name.clone(),
-            edited_output: approval.edited_output.clone(),
+            edited_output: edited
+                .filter(|text| text.len() <= INLINE_OUTPUT_MAX_BYTES)
+                .map(str::to_string),
+            edited_bytes: edited.map_or(0, |text| text.len() as u64),
             comment: approval.comment,
             timed_out: approval.timed_out,
         }));
