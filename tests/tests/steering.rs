@@ -514,3 +514,73 @@ async fn a_megabyte_edit_is_accepted_stored_whole_and_kept_out_of_the_event() {
         (None, edited.len() as u64)
     );
 }
+
+/// The same steering from the `nexus` CLI: approve with an edit from a file,
+/// fork and watch the fork, list a run's forks; `watch` of a cancelled run
+/// exits 3.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_approves_with_an_edit_forks_lists_forks_and_exits_3_for_a_cancelled_run() {
+    let stack = GatedStack::start();
+    let endpoint = stack.orchestrator.endpoint();
+    let nexus = |args: &[&str]| {
+        Command::new(binary("nexus"))
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let id = stack.start_run("gated").await;
+    let mut client = stack.client().await;
+    wait_until_awaiting(&mut client, &id).await;
+    let edit = std::env::temp_dir().join(format!("nexus-edit-{}-{}.md", std::process::id(), free_port()));
+    std::fs::write(&edit, "EDITED IN A FILE: a smaller first release.").unwrap();
+    let approved = nexus(&["approve", &id, "--edit", edit.to_str().unwrap(), "--comment", "smaller"]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let finished = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(finished.status(), WorkflowStatus::Completed);
+    let output: String = stack
+        .redis()
+        .hget(format!("{}:outputs", state_key(&id)), "draft")
+        .unwrap();
+    assert_eq!(output, "EDITED IN A FILE: a smaller first release.");
+
+    let forked = nexus(&["fork", &id, "--from", "rate", "--watch"]);
+    let text = String::from_utf8_lossy(&forked.stdout);
+    assert!(
+        forked.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&forked.stderr)
+    );
+    let fork_id = text.split_whitespace().nth(1).expect("the fork's id").to_string();
+    assert!(text.contains("copied from"), "{text}");
+    let listed = nexus(&["list", "--parent", &id]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&fork_id) && !listed.contains(&format!("{id} ")),
+        "{listed}"
+    );
+    assert_eq!(stack.calls().await.len(), 4, "three phases, then the fork's one");
+
+    let cancelled = stack.start_run("gated").await;
+    wait_until_awaiting(&mut client, &cancelled).await;
+    let reject_wrong = nexus(&["reject", &cancelled, "--phase", "1"]);
+    assert!(!reject_wrong.status.success());
+    client
+        .cancel_workflow(nexus_proto::v1::CancelWorkflowRequest {
+            workflow_id: cancelled.clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .unwrap();
+    let watched = nexus(&["watch", &cancelled]);
+    assert_eq!(
+        watched.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&watched.stdout)
+    );
+}
