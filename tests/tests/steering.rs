@@ -129,6 +129,17 @@ async fn wait_until_awaiting(client: &mut Client, id: &str) {
     .await;
 }
 
+/// The approved event among `events`.
+fn approved_event(events: &[nexus_proto::v1::WorkflowEvent]) -> nexus_proto::v1::PhaseApproved {
+    events
+        .iter()
+        .find_map(|event| match &event.kind {
+            Some(Kind::PhaseApproved(approved)) => Some(approved.clone()),
+            _ => None,
+        })
+        .expect("an approved event")
+}
+
 fn approve(id: &str, phase_index: u32, edited: Option<&str>) -> ApproveStepRequest {
     ApproveStepRequest {
         workflow_id: id.into(),
@@ -204,13 +215,7 @@ async fn a_gated_run_waits_across_an_orchestrator_restart_and_goes_on_with_the_p
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(10)).await;
     let stored: usize = redis.xlen(format!("{}:events", state_key(&id))).unwrap();
     assert_eq!(events.len(), stored);
-    let approval = events
-        .iter()
-        .find_map(|event| match &event.kind {
-            Some(Kind::PhaseApproved(approved)) => Some(approved.clone()),
-            _ => None,
-        })
-        .expect("an approved event");
+    let approval = approved_event(&events);
     assert_eq!(approval.edited_output.as_deref(), Some(edited));
     assert!(!approval.timed_out);
 
@@ -502,13 +507,7 @@ async fn a_megabyte_edit_is_accepted_stored_whole_and_kept_out_of_the_event() {
     let calls = stack.calls().await;
     assert!(calls[1]["prompt_excerpt"].as_str().unwrap().starts_with("HUMAN EDIT"));
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(10)).await;
-    let approval = events
-        .iter()
-        .find_map(|event| match &event.kind {
-            Some(Kind::PhaseApproved(approved)) => Some(approved.clone()),
-            _ => None,
-        })
-        .expect("an approved event");
+    let approval = approved_event(&events);
     assert_eq!(
         (approval.edited_output, approval.edited_bytes),
         (None, edited.len() as u64)
