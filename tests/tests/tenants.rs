@@ -33,6 +33,16 @@ fn start_request(name: &str, key: &str) -> StartWorkflowRequest {
     }
 }
 
+/// Starts a run as `client`'s tenant; returns its id.
+async fn started(client: &mut TokenClient, name: &str, key: &str) -> String {
+    client
+        .start_workflow(start_request(name, key))
+        .await
+        .unwrap()
+        .into_inner()
+        .workflow_id
+}
+
 fn get(id: &str) -> GetWorkflowRequest {
     GetWorkflowRequest {
         workflow_id: id.into(),
@@ -78,18 +88,8 @@ async fn a_tenant_sees_only_its_own_runs_and_tokens_reload_without_a_restart() {
     let mut b = connect_with_token(&endpoint, TEAM_B).await;
     let mut ops = connect_with_token(&endpoint, OPS).await;
 
-    let id = a
-        .start_workflow(start_request("A's plan", "same-key"))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
-    let b_own = b
-        .start_workflow(start_request("B's plan", "same-key"))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
+    let id = started(&mut a, "A's plan", "same-key").await;
+    let b_own = started(&mut b, "B's plan", "same-key").await;
     assert_ne!(id, b_own, "the same idempotency key in two tenants names two runs");
     let mut conn = redis.client().get_connection().unwrap();
     let owners: Vec<String> = [&id, &b_own]
@@ -228,18 +228,8 @@ async fn each_limit_refuses_with_resource_exhausted_naming_it() {
 
     // Runs in flight: two, then refused; a cancelled one frees a place.
     let mut a = connect_with_token(&capped.endpoint(), TEAM_A).await;
-    let first = a
-        .start_workflow(start_request("one", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
-    let second = a
-        .start_workflow(start_request("two", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
+    let first = started(&mut a, "one", "").await;
+    let second = started(&mut a, "two", "").await;
     exhausted(
         a.start_workflow(start_request("three", "")).await.unwrap_err(),
         "NEXUS_TENANT_MAX_RUNNING",
@@ -267,20 +257,10 @@ async fn each_limit_refuses_with_resource_exhausted_naming_it() {
         a.watch_workflow(watch(&second)).await.unwrap_err(),
         "NEXUS_TENANT_MAX_WATCHES",
     );
-    let b_run = b
-        .start_workflow(start_request("B watched", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
+    let b_run = started(&mut b, "B watched", "").await;
     let _held_b = b.watch_workflow(watch(&b_run)).await.unwrap().into_inner();
     let mut c = connect_with_token(&capped.endpoint(), TEAM_C).await;
-    let c_run = c
-        .start_workflow(start_request("C", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .workflow_id;
+    let c_run = started(&mut c, "C", "").await;
     exhausted(c.watch_workflow(watch(&c_run)).await.unwrap_err(), "NEXUS_MAX_WATCHERS");
 
     // Starts per minute: three, then refused, unless the minute turned meanwhile.
