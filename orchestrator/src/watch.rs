@@ -3,12 +3,22 @@
 //! The events themselves are always read from the workflow's Redis stream by
 //! cursor, which is what makes watching lossless and resumable on any
 //! replica. What tells a watcher to read again is a per-replica hub: one
-//! pub/sub connection per orchestrator receives "workflow X has news" and
-//! wakes the local watchers of X. Watchers therefore cost no Redis
-//! connection each, and a quiet watcher costs Redis nothing: it reads only
-//! when notified. Pub/sub loses messages only when its connection breaks,
-//! so every local watcher is woken when the subscription is re-established
-//! (say, after a Redis restart) and re-reads from its cursor.
+//! pub/sub connection per orchestrator, subscribed to the channel of each
+//! workflow that has a watcher here (and only those), wakes the local
+//! watchers of X when X has news. Watchers therefore cost no Redis
+//! connection each; a quiet watcher costs Redis nothing (it reads only when
+//! notified); and a run nobody watches costs the orchestrator nothing (its
+//! notifications reach no one). Pub/sub loses messages only when its
+//! connection breaks, so every local watcher is woken when the subscriptions
+//! are re-established (say, after a Redis restart) and re-reads from its
+//! cursor.
+//!
+//! A watcher's first read comes after its workflow's subscription is
+//! confirmed, so an event appended in between is either in that read or
+//! announced after it. A workflow's channel is unsubscribed a little after
+//! its last local watcher left ([`UNSUBSCRIBE_EVERY`]); subscribing and
+//! that sweep take turns on one lock, so a sweep never drops the channel of
+//! a watcher that just arrived.
 
 use crate::errors::ApiError;
 use crate::state::is_terminal;
@@ -17,12 +27,13 @@ use crate::validation::parse_cursor;
 use futures::StreamExt;
 use nexus_pipeline::connection::{Connection, RedisArgs};
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, WorkflowKeys, field, status};
+use nexus_pipeline::keys::{LEGACY_EVENTS_CHANNEL, WorkflowKeys, events_channel, field, status};
 use nexus_pipeline::stream::entry_of;
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
 use redis::streams::StreamRangeReply;
-use std::collections::HashMap;
+use redis::aio::PubSubSink;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -38,6 +49,16 @@ const PAGE: usize = 256;
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// How long a watch keeps retrying Redis before giving up on the client.
 const REDIS_PATIENCE: Duration = Duration::from_secs(60);
+/// How often channels of workflows nobody here watches any more are
+/// unsubscribed. Until then a departed watcher's channel costs one message
+/// per event, which is dropped.
+const UNSUBSCRIBE_EVERY: Duration = Duration::from_secs(2);
+/// How long a new watcher waits for its subscription before reading anyway
+/// (Redis unreachable): it is woken when the hub reconnects and subscribes
+/// every watched workflow again.
+const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE / UNSUBSCRIBE command when many change at once.
+const CHANNELS_PER_COMMAND: usize = 1000;
 
 /// One workflow's live feed on this replica, shared by all its local
 /// watchers: the wake-up, and the last page of events read, so watchers at
@@ -68,26 +89,56 @@ impl Feed {
 /// Wakes the local watchers of a workflow when it has new events.
 pub struct WatchHub {
     watched: Mutex<HashMap<String, Weak<Feed>>>,
+    /// Where new watchers ask for their workflow's channel: the live
+    /// connection's [`SubscriptionManager`]; none while it is down.
+    subscribe_requests: Mutex<Option<mpsc::UnboundedSender<SubscribeRequest>>>,
     /// Cancelled when the replica shuts down: every watch stream then ends
     /// with UNAVAILABLE, so its client resumes on another replica.
     shutdown: CancellationToken,
+}
+
+/// "Subscribe to this workflow's channel and tell me when it is done."
+struct SubscribeRequest {
+    workflow_id: String,
+    done: tokio::sync::oneshot::Sender<()>,
 }
 
 impl WatchHub {
     pub fn new(shutdown: CancellationToken) -> Self {
         Self {
             watched: Mutex::default(),
+            subscribe_requests: Mutex::default(),
             shutdown,
         }
     }
 
-    /// The feed of one workflow, shared by all its local watchers.
-    fn subscribe(&self, workflow_id: &str) -> Arc<Feed> {
+    /// The feed of one workflow, shared by all its local watchers, once its
+    /// channel is subscribed (or, with Redis unreachable, once the hub will
+    /// subscribe it on reconnecting, as it does for every live feed).
+    async fn subscribe(&self, workflow_id: &str) -> Arc<Feed> {
+        // The feed exists before the request is sent: the manager's sweep
+        // never drops the channel of a feed that is alive.
+        let feed = self.feed(workflow_id);
+        let (done, subscribed) = tokio::sync::oneshot::channel();
+        let request = SubscribeRequest {
+            workflow_id: workflow_id.to_string(),
+            done,
+        };
+        let sent = match self.subscribe_requests.lock().expect("watch hub lock").as_ref() {
+            Some(requests) => requests.send(request).is_ok(),
+            None => false,
+        };
+        if sent && tokio::time::timeout(SUBSCRIBE_PATIENCE, subscribed).await.is_err() {
+            tracing::warn!(workflow_id, "subscribing to the workflow's events timed out; reading anyway");
+        }
+        feed
+    }
+
+    fn feed(&self, workflow_id: &str) -> Arc<Feed> {
         let mut watched = self.watched.lock().expect("watch hub lock");
         if let Some(feed) = watched.get(workflow_id).and_then(Weak::upgrade) {
             return feed;
         }
-        watched.retain(|_, feed| feed.strong_count() > 0);
         let feed = Arc::new(Feed::default());
         watched.insert(workflow_id.to_string(), Arc::downgrade(&feed));
         feed
@@ -116,27 +167,122 @@ impl WatchHub {
         all.iter().for_each(|feed| feed.wake());
     }
 
+    /// The workflows with a live local watcher; forgets the others.
+    fn live_workflows(&self) -> HashSet<String> {
+        let mut watched = self.watched.lock().expect("watch hub lock");
+        watched.retain(|_, feed| feed.strong_count() > 0);
+        watched.keys().cloned().collect()
+    }
+
     /// Listens for event notifications until the process ends, reconnecting
     /// after Redis restarts.
     pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
         nexus_pipeline::connection::listen_forever("event notifications", || async {
             let listened = self.listen_once(&redis).await;
+            *self.subscribe_requests.lock().expect("watch hub lock") = None;
             self.wake_all();
             listened
         })
         .await
     }
 
-    async fn listen_once(&self, redis: &RedisArgs) -> redis::RedisResult<()> {
+    async fn listen_once(self: &Arc<Self>, redis: &RedisArgs) -> redis::RedisResult<()> {
         let client = redis.pubsub_client()?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(EVENTS_CHANNEL).await?;
+        let (mut sink, mut messages) = client.get_async_pubsub().await?.split();
+        sink.subscribe(LEGACY_EVENTS_CHANNEL).await?;
+        // Requests queue from here on; every feed alive before this point is
+        // in the set subscribed next, so no watcher is left out.
+        let (requests, queued) = mpsc::unbounded_channel();
+        *self.subscribe_requests.lock().expect("watch hub lock") = Some(requests);
+        let workflows = self.live_workflows();
+        let channels: Vec<String> = workflows.iter().map(|id| events_channel(id)).collect();
+        for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+            sink.subscribe(chunk).await?;
+        }
         self.wake_all();
-        let mut messages = pubsub.on_message();
+        let manager = SubscriptionManager {
+            hub: self.clone(),
+            sink,
+            subscribed: workflows,
+        };
+        let manager = tokio::spawn(manager.run(queued));
         while let Some(message) = messages.next().await {
             if let Ok(workflow_id) = message.get_payload::<String>() {
                 self.wake(&workflow_id);
             }
+        }
+        manager.abort();
+        Ok(())
+    }
+}
+
+/// Owns the subscribing half of the notification connection: subscribes
+/// the channels new watchers ask for (all that queued up, in one command)
+/// and, every [`UNSUBSCRIBE_EVERY`], drops those of workflows no local
+/// watcher follows any more. One task doing both, in turn, keeps a sweep
+/// from unsubscribing a channel a new watcher was just told is live.
+struct SubscriptionManager {
+    hub: Arc<WatchHub>,
+    sink: PubSubSink,
+    subscribed: HashSet<String>,
+}
+
+impl SubscriptionManager {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<SubscribeRequest>) {
+        let mut sweep = tokio::time::interval(UNSUBSCRIBE_EVERY);
+        loop {
+            tokio::select! {
+                Some(first) = requests.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < CHANNELS_PER_COMMAND
+                        && let Ok(next) = requests.try_recv()
+                    {
+                        batch.push(next);
+                    }
+                    if self.subscribe(batch).await.is_err() {
+                        return;
+                    }
+                }
+                _ = sweep.tick() => {
+                    if self.unsubscribe_departed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes what the batch asks for and is not subscribed yet, then
+    /// tells every requester.
+    async fn subscribe(&mut self, batch: Vec<SubscribeRequest>) -> redis::RedisResult<()> {
+        let new: HashSet<&str> = batch
+            .iter()
+            .map(|request| request.workflow_id.as_str())
+            .filter(|id| !self.subscribed.contains(*id))
+            .collect();
+        if !new.is_empty() {
+            let channels: Vec<String> = new.iter().map(|id| events_channel(id)).collect();
+            if let Err(error) = self.sink.subscribe(&channels).await {
+                tracing::warn!(%error, "cannot subscribe to watched workflows' events");
+                return Err(error);
+            }
+            self.subscribed.extend(new.into_iter().map(str::to_string));
+        }
+        for request in batch {
+            let _ = request.done.send(());
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe_departed(&mut self) -> redis::RedisResult<()> {
+        let live = self.hub.live_workflows();
+        let departed: Vec<String> = self.subscribed.difference(&live).cloned().collect();
+        for chunk in departed.chunks(CHANNELS_PER_COMMAND) {
+            let channels: Vec<String> = chunk.iter().map(|id| events_channel(id)).collect();
+            self.sink.unsubscribe(&channels).await?;
+            chunk.iter().for_each(|id| {
+                self.subscribed.remove(id);
+            });
         }
         Ok(())
     }
@@ -210,7 +356,7 @@ impl Watcher {
     }
 
     async fn stream_events(&mut self) {
-        let feed = self.hub.subscribe(&self.id.to_string());
+        let feed = self.hub.subscribe(&self.id.to_string()).await;
         let mut failing_since: Option<tokio::time::Instant> = None;
         // Only a watch that finds nothing on its first read can be at or
         // past the end already; later, the terminal event itself ends it.

@@ -6,7 +6,7 @@
 use crate::model::budget::RunBudget;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field, status};
+use nexus_pipeline::keys::{ShardKeys, WorkflowKeys, field, status};
 use nexus_pipeline::stream::{Entry, WORKERS_GROUP};
 use nexus_pipeline::transition::event;
 use nexus_pipeline::transition::{ENDING_LUA, Transition};
@@ -101,7 +101,7 @@ impl TaskHandle {
             .arg(self.attempt)
             .arg(event(kind).encode_to_vec())
             .arg(nexus_pipeline::now_ms())
-            .arg(EVENTS_CHANNEL)
+            .arg(self.keys.channel())
             .arg(self.workflow.to_string());
         invocation
     }
@@ -242,7 +242,7 @@ impl TaskHandle {
             .arg(&self.consumer)
             .arg(self.phase_index)
             .arg(self.attempt)
-            .arg(EVENTS_CHANNEL)
+            .arg(self.keys.channel())
             .arg(self.workflow.to_string())
             .arg(delta)
             .arg(transition.map_or("", |t| t.step.as_str()))
@@ -306,7 +306,7 @@ impl TaskHandle {
             .arg(self.attempt)
             .arg(failed.follow_up)
             .arg(nexus_pipeline::now_ms())
-            .arg(EVENTS_CHANNEL)
+            .arg(self.keys.channel())
             .arg(self.workflow.to_string())
             .arg(FALLBACK_RETENTION_SECS)
             .invoke_async(&mut self.conn.clone())

@@ -18,17 +18,20 @@
 //! nexus:model:{<model>}:pace     hash    shared rate limit and back-off of one model
 //! nexus:model:{<model>}:tokens   zset    tokens its calls reserved in the last minute
 //! nexus:cache:<sha256>           string  CachedAnswer: a model's answer to an identical request
-//! nexus:events                   pubsub  "<id>" when a workflow has a new event
+//! nexus:events:<id>              pubsub  "<id>" when that workflow has a new event
+//! nexus:events                   pubsub  the same for every workflow (builds before per-run channels)
 //! nexus:cancel                   pubsub  "<id>" when a workflow was cancelled
 //! nexus:pace                     pubsub  "<model>\n<ms>" when a provider asked to back off
 //! ```
 
 use crate::ids::WorkflowId;
 
-/// Pub/sub channel announcing "this workflow has new events". Only a wake-up
-/// hint: the events themselves are read from the workflow's stream by cursor,
-/// so a lost message delays a watcher, never loses it an event.
-pub const EVENTS_CHANNEL: &str = "nexus:events";
+/// The one pub/sub channel that announced every workflow's new events
+/// before each workflow had its own ([`WorkflowKeys::channel`]). Nothing
+/// publishes to it now; orchestrators still listen to it so that, during a
+/// rolling upgrade, runs advanced by older workers still wake their
+/// watchers. A channel nobody publishes to costs nothing.
+pub const LEGACY_EVENTS_CHANNEL: &str = "nexus:events";
 
 /// Pub/sub channel telling workers to abort in-flight calls of a cancelled
 /// workflow. Also only a hint: workers re-check the workflow's state while a
@@ -116,13 +119,15 @@ pub fn model_tokens(model: &str) -> String {
 pub struct WorkflowKeys {
     pub shard: ShardKeys,
     state: String,
+    channel: String,
 }
 
 impl WorkflowKeys {
     pub fn new(id: &WorkflowId) -> Self {
         let shard = ShardKeys::new(id.shard());
         let state = format!("{}:wf:{id}", shard.prefix);
-        Self { shard, state }
+        let channel = events_channel(&id.to_string());
+        Self { shard, state, channel }
     }
 
     pub fn state(&self) -> &str {
@@ -136,6 +141,23 @@ impl WorkflowKeys {
     pub fn outputs(&self) -> String {
         format!("{}:outputs", self.state)
     }
+
+    /// Pub/sub channel announcing "this workflow has new events" (the
+    /// message is its id). Only a wake-up hint: the events themselves are
+    /// read from the workflow's stream by cursor, so a lost message delays a
+    /// watcher, never loses it an event. One channel per workflow, so an
+    /// orchestrator subscribes only to the runs its clients watch, and an
+    /// event nobody watches reaches no one (`PUBLISH` to a channel without
+    /// subscribers is a lookup).
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+/// The pub/sub channel of a workflow's new events, by its id (see
+/// [`WorkflowKeys::channel`]).
+pub fn events_channel(workflow_id: &str) -> String {
+    format!("nexus:events:{workflow_id}")
 }
 
 /// Field names of the workflow state hash.

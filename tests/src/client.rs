@@ -63,7 +63,7 @@ pub async fn start(client: &mut Client, name: &str) -> String {
 }
 
 /// Opens a watch stream from `after_cursor` ("" for the start).
-async fn open_watch(client: &mut Client, workflow_id: &str, after_cursor: &str) -> tonic::Streaming<WorkflowEvent> {
+pub async fn open_watch(client: &mut Client, workflow_id: &str, after_cursor: &str) -> tonic::Streaming<WorkflowEvent> {
     let request = WatchWorkflowRequest {
         workflow_id: workflow_id.to_string(),
         after_cursor: after_cursor.to_string(),

@@ -416,10 +416,8 @@ async fn redis_over_tls_with_an_acl_user_runs_a_workflow_and_its_password_is_in_
         shards: 1,
     };
     let mut notifications = args.pubsub_client().unwrap().get_async_pubsub().await.unwrap();
-    notifications
-        .subscribe(nexus_pipeline::keys::EVENTS_CHANNEL)
-        .await
-        .unwrap();
+    // Every run's notifications, whatever its id.
+    notifications.psubscribe("nexus:events:*").await.unwrap();
 
     let mut client = connect(&orchestrator.endpoint()).await;
     let id = start(&mut client, "Redis over TLS").await;

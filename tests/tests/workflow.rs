@@ -419,3 +419,60 @@ async fn an_unparsable_rating_is_retried_then_fails_the_workflow_with_a_clear_re
         "the rating phase asked for structured output three times"
     );
 }
+
+/// Subscribers of each workflow's notification channel, as Redis counts them.
+async fn channel_subscribers(redis: &mut redis::aio::MultiplexedConnection, workflow_ids: &[&str]) -> Vec<i64> {
+    let mut command = redis::cmd("PUBSUB");
+    command.arg("NUMSUB");
+    for id in workflow_ids {
+        command.arg(format!("nexus:events:{id}"));
+    }
+    let reply: Vec<(String, i64)> = command.query_async(redis).await.unwrap();
+    reply.into_iter().map(|(_, subscribers)| subscribers).collect()
+}
+
+/// An orchestrator hears only of the runs its clients watch: a run nobody
+/// watches notifies no one, a watched run's channel has the orchestrator as
+/// its subscriber while the watch lasts (and the watch is live through it),
+/// and loses it after. Counted by Redis (`PUBSUB NUMSUB`), not by the
+/// orchestrator.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orchestrator_subscribes_only_to_the_runs_its_clients_watch() {
+    let stack = Stack::start_with(1, 1, SLOW_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let unwatched = start(&mut client, "Nobody watches this").await;
+    let watched = start(&mut client, "Somebody watches this").await;
+    assert_eq!(channel_subscribers(&mut redis, &[&unwatched, &watched]).await, [0, 0]);
+
+    let mut stream = open_watch(&mut client, &watched, "").await;
+    let first = stream.message().await.unwrap().expect("the accepted event");
+    assert_eq!(kind_name(&first), "accepted");
+    assert_eq!(
+        channel_subscribers(&mut redis, &[&unwatched, &watched]).await,
+        [0, 1],
+        "subscribed to the watched run only"
+    );
+    // Live through the subscription: the slow model's phase completes after
+    // the watch began, and its event arrives.
+    let live = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = stream.message().await.unwrap() {
+            if kind_name(&event) == "phase_completed" {
+                return event;
+            }
+        }
+        panic!("the watch ended before a phase completed");
+    })
+    .await
+    .expect("a live phase_completed event");
+    assert_eq!(phase_of(&live), Some(0));
+
+    drop(stream);
+    let unsubscribed = tokio::time::timeout(Duration::from_secs(15), async {
+        while channel_subscribers(&mut redis, &[&watched]).await != [0] {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(unsubscribed.is_ok(), "still subscribed 15 s after the watcher left");
+}

@@ -10,7 +10,7 @@ use super::view::load_stored;
 use super::{WorkflowStore, event, scripts};
 use crate::errors::ApiError;
 use nexus_pipeline::ids::WorkflowId;
-use nexus_pipeline::keys::{EVENTS_CHANNEL, ShardKeys, WorkflowKeys, field};
+use nexus_pipeline::keys::{ShardKeys, WorkflowKeys, field};
 use nexus_pipeline::transition::INLINE_OUTPUT_MAX_BYTES;
 use nexus_proto::v1::{Phase, PhaseApproved, Workflow, WorkflowFailed, workflow_event::Kind};
 use prost::Message;
@@ -59,7 +59,7 @@ impl WorkflowStore {
             .arg(index)
             .arg(nexus_pipeline::now_ms())
             .arg(approved.encode_to_vec())
-            .arg(EVENTS_CHANNEL)
+            .arg(keys.channel())
             .arg(id.to_string())
             .arg(if edited_record.is_some() { "1" } else { "0" })
             .arg(&name)
@@ -94,7 +94,7 @@ impl WorkflowStore {
             .arg(failed.encode_to_vec())
             .arg(&reason)
             .arg(self.retention_secs)
-            .arg(EVENTS_CHANNEL)
+            .arg(keys.channel())
             .arg(id.to_string())
             .invoke_async(&mut self.conn.clone())
             .await?;

@@ -24,7 +24,7 @@ use crate::errors::ApiError;
 use crate::validation::{ValidStart, plan_as_text};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, shard_for};
-use nexus_pipeline::keys::{CANCEL_CHANNEL, EVENTS_CHANNEL, WorkflowKeys};
+use nexus_pipeline::keys::{CANCEL_CHANNEL, WorkflowKeys};
 use nexus_pipeline::transition::{PipelineCache, phase_task};
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
 use prost::Message;
@@ -136,7 +136,7 @@ impl WorkflowStore {
             .arg(first_task.encode_to_vec())
             .arg(request.idempotency_key.unwrap_or_default())
             .arg(self.retention_secs)
-            .arg(EVENTS_CHANNEL)
+            .arg(keys.channel())
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
             .arg(seed.state.len() + usize::from(!request.tenant.is_empty()));
@@ -195,7 +195,7 @@ impl WorkflowStore {
             .arg(cancelled.encode_to_vec())
             .arg(reason)
             .arg(self.retention_secs)
-            .arg(EVENTS_CHANNEL)
+            .arg(keys.channel())
             .arg(CANCEL_CHANNEL)
             .arg(id.to_string())
             .invoke_async(&mut self.conn.clone())
