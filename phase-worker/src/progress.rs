@@ -1,6 +1,8 @@
 //! A model call's progress, written into the workflow's event log as it
-//! happens: answer and reasoning text coalesced (at most every 100 ms or
-//! 4 KiB, whichever comes first; text that arrives in larger pieces goes
+//! happens: answer and reasoning text coalesced (text waits at most 100 ms
+//! from its arrival, or until 4 KiB are buffered, whichever comes first; an
+//! answer that arrives whole within 100 ms is one write, with the result;
+//! text that arrives in larger pieces goes
 //! out as several events of at most 16 KiB, so no event is large however
 //! long the answer), failed tries, waits and fallbacks. Every
 //! append is fenced like the task's other writes; a refused one (the run was
@@ -17,7 +19,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Deltas are coalesced for at most this long before one event is written.
+/// Buffered text is written at most this long after its first byte arrived.
+/// The clock starts with the buffer's first byte, not on a fixed beat: a
+/// fixed beat also cut short answers that straddle a tick into two writes,
+/// about one extra script call for every second phase under load.
 const DELTA_FLUSH: Duration = Duration::from_millis(100);
 /// ... or until this many bytes are buffered.
 const DELTA_MAX_BYTES: usize = 4096;
@@ -43,11 +48,12 @@ pub async fn forward_events(
     let mut buffer = DeltaBuffer::default();
     // Tries of models fallen back from: the next model's tries come after them.
     let mut earlier_tries = 0;
-    let mut flush_timer = tokio::time::interval(DELTA_FLUSH);
+    let flush_timer = tokio::time::sleep(DELTA_FLUSH);
+    tokio::pin!(flush_timer);
     loop {
         let next = tokio::select! {
             event = receiver.recv() => event,
-            _ = flush_timer.tick() => {
+            _ = &mut flush_timer, if buffer.is_waiting() => {
                 flush(&origin, &mut buffer, &stop).await;
                 continue;
             }
@@ -59,6 +65,7 @@ pub async fn forward_events(
                     flush(&origin, &mut buffer, &stop).await;
                     buffer.try_number = try_number;
                 }
+                buffer.start_clock(flush_timer.as_mut());
                 buffer.text.push_str(&text);
                 if buffer.text.len() >= DELTA_MAX_BYTES {
                     flush(&origin, &mut buffer, &stop).await;
@@ -70,6 +77,7 @@ pub async fn forward_events(
                     flush(&origin, &mut buffer, &stop).await;
                     buffer.try_number = try_number;
                 }
+                buffer.start_clock(flush_timer.as_mut());
                 buffer.reasoning.push_str(&text);
                 if buffer.reasoning.len() >= DELTA_MAX_BYTES {
                     flush(&origin, &mut buffer, &stop).await;
@@ -155,6 +163,19 @@ struct Origin<'a> {
 }
 
 impl DeltaBuffer {
+    /// Whether text waits to be written (the flush clock runs).
+    fn is_waiting(&self) -> bool {
+        !self.text.is_empty() || !self.reasoning.is_empty()
+    }
+
+    /// Starts the flush clock when the buffer is about to take its first
+    /// text.
+    fn start_clock(&self, timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+        if !self.is_waiting() {
+            timer.reset(tokio::time::Instant::now() + DELTA_FLUSH);
+        }
+    }
+
     /// The buffered answer text as delta events, emptying it; none when empty.
     fn take_output(&mut self, origin: &Origin<'_>) -> Vec<Kind> {
         let text = std::mem::take(&mut self.text);

@@ -67,12 +67,15 @@ if status then
       redis.call('XADD', KEYS[3], '*', 'm', ARGV[8])
     end
   end
+  -- The state hash's new fields, written in one HSET with the step's own.
+  local recorded = {}
   if step ~= '' and step ~= 'fail' then
     redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
-    redis.call('HSET', KEYS[2], 'phase:' .. ARGV[4], ARGV[13])
+    recorded = {'phase:' .. ARGV[4], ARGV[13]}
     redis.call('XADD', KEYS[3], '*', 'm', ARGV[14])
     if ARGV[16] ~= '' then
-      redis.call('HSET', KEYS[2], 'rating', ARGV[16])
+      recorded[3] = 'rating'
+      recorded[4] = ARGV[16]
     end
     if tonumber(ARGV[20]) > 0 then
       redis.call('HINCRBYFLOAT', KEYS[2], 'spent_usd', ARGV[20])
@@ -80,7 +83,7 @@ if status then
   end
   if step == 'next' then
     redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
-      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10])
+      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], unpack(recorded))
     redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
     redis.call('PUBLISH', ARGV[6], ARGV[7])
   elseif step == 'await' then
@@ -88,12 +91,16 @@ if status then
     -- the run while a person decides (ApproveStep queues it).
     redis.call('HSET', KEYS[2], 'status', 'awaiting_approval', 'phase', tonumber(ARGV[4]) + 1,
       'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], 'gate', ARGV[4], 'gate_task', ARGV[15],
-      'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23])
+      'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23], unpack(recorded))
     redis.call('XADD', KEYS[3], '*', 'm', ARGV[21])
     redis.call('ZADD', KEYS[5], ARGV[22], ARGV[7])
     redis.call('PUBLISH', ARGV[6], ARGV[7])
   elseif step == 'complete' then
-    end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1},
+    local fields = {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1}
+    for i = 1, #recorded do
+      fields[#fields + 1] = recorded[i]
+    end
+    end_workflow(KEYS[2], KEYS[3], KEYS[4], fields,
       ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
   elseif step == 'fail' then
     end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'failed', 'reason', ARGV[17]},

@@ -37,7 +37,7 @@ pub struct ModelClient {
     pub(super) http: Arc<[reqwest::Client]>,
     /// Which client the next call uses (round robin).
     pub(super) next_http: Arc<std::sync::atomic::AtomicUsize>,
-    pub(super) endpoint: String,
+    pub(super) endpoint: reqwest::Url,
     /// Sent with every request: content types, the key, attribution.
     pub(super) headers: HeaderMap,
     pub(super) config: ModelClientConfig,
@@ -47,7 +47,7 @@ pub struct ModelClient {
 impl fmt::Debug for ModelClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ModelClient")
-            .field("endpoint", &redact_url_text(&self.endpoint))
+            .field("endpoint", &redact_url_text(self.endpoint.as_str()))
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -157,7 +157,7 @@ impl ModelClient {
         events: &mpsc::Sender<ModelEvent>,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
-        tracing::debug!(try_number, endpoint = %redact_url_text(&self.endpoint), "model try starting");
+        tracing::debug!(try_number, endpoint = %redact_url_text(self.endpoint.as_str()), "model try starting");
         let total = self.config.total_timeout;
         // The call's future is built inside the `select!`, not passed in: a future moved into
         // an async fn or block is stored twice in the task (rust-lang/rust#62958), and this
