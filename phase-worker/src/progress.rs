@@ -39,7 +39,7 @@ pub async fn forward_events(
     delivery: u64,
     mut receiver: mpsc::Receiver<ModelEvent>,
     stop: CancellationToken,
-) -> Option<Kind> {
+) -> Vec<Kind> {
     let origin = Origin {
         handle: &handle,
         phase: &phase,
@@ -132,16 +132,15 @@ pub async fn forward_events(
                 append_or_stop(&handle, waiting, &stop).await;
             }
             None => {
-                for reasoning in buffer.take_reasoning(&origin) {
-                    append_or_stop(&handle, reasoning, &stop).await;
-                }
-                // The last piece goes with the result, in the settling step.
+                // The last piece of each (reasoning, then answer) goes with
+                // the result, in the settling step: no write of their own.
+                let mut reasoning = buffer.take_reasoning(&origin);
                 let mut output = buffer.take_output(&origin);
-                let last = output.pop();
-                for piece in output {
+                let last = [reasoning.pop(), output.pop()];
+                for piece in reasoning.into_iter().chain(output) {
                     append_or_stop(&handle, piece, &stop).await;
                 }
-                return last;
+                return last.into_iter().flatten().collect();
             }
         }
     }

@@ -104,7 +104,7 @@ async fn run_task_in_span(
 ) -> Option<Entry> {
     let Some(spec) = task.spec.take() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        return settle(ctx, handle, None, None, stop).await;
+        return settle(ctx, handle, None, &[], stop).await;
     };
     let started = Kind::PhaseStarted(PhaseStarted {
         index: task.phase_index,
@@ -118,7 +118,7 @@ async fn run_task_in_span(
         Ok(Some(started)) => started,
         Ok(None) => {
             tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            return settle(ctx, handle, None, None, stop).await;
+            return settle(ctx, handle, None, &[], stop).await;
         }
         Err(error) => {
             tracing::warn!(%error, "could not start task; it will be redelivered");
@@ -136,19 +136,19 @@ async fn run_task_in_span(
     if let Some(answer) = cached_answer(ctx, cache_key.as_deref()).await {
         let (result, mut deltas) = from_cache(handle, &task, &spec, answer, delivery);
         // A long answer's text goes out in pieces; the last with the result.
-        let last = deltas.pop();
+        let last: Vec<Kind> = deltas.pop().into_iter().collect();
         for delta in deltas {
             if !matches!(handle.append(delta).await, Ok(true)) {
                 return settle_stopped(ctx, handle, stop).await;
             }
         }
-        return settle(ctx, handle, Some(&result), last.as_ref(), stop).await;
+        return settle(ctx, handle, Some(&result), &last, stop).await;
     }
     if let Some(refusal) = budget.refusal(ctx.prices.prompt_cost_usd(&request)) {
         tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, %refusal, "stopping the run before a call past its cost cap");
         metrics::record_budget_stop(&spec.model);
         let refused = result(handle, &task, &spec, Outcome::Failure(PhaseFailure { reason: refusal }));
-        return settle(ctx, handle, Some(&refused), None, stop).await;
+        return settle(ctx, handle, Some(&refused), &[], stop).await;
     }
     let outcome = call_model(ctx, handle, &task, &spec, request, cache_key, delivery, stop).await;
     if let CallOutcome::Result(result, _) = &outcome
@@ -157,8 +157,8 @@ async fn run_task_in_span(
         metrics::record_tenant_cost(&budget.tenant, success.usage.map_or(0.0, |usage| usage.cost_usd));
     }
     match outcome {
-        CallOutcome::Result(result, final_delta) => {
-            settle(ctx, handle, Some(&result), final_delta.as_deref(), stop).await
+        CallOutcome::Result(result, final_events) => {
+            settle(ctx, handle, Some(&result), &final_events, stop).await
         }
         CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
             let whole = PhaseTask {
@@ -194,7 +194,7 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &Cancell
         return None;
     }
     match handle.is_current().await {
-        Ok(false) => settle(ctx, handle, None, None, stop).await,
+        Ok(false) => settle(ctx, handle, None, &[], stop).await,
         Ok(true) => {
             tracing::info!(workflow_id = %handle.workflow, "task stopped but still needed; leaving it to be redelivered");
             None
@@ -207,8 +207,9 @@ async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &Cancell
 }
 
 enum CallOutcome {
-    /// The result, and the last streamed output not yet in the event log.
-    Result(Box<PhaseResult>, Option<Box<Kind>>),
+    /// The result, and the last streamed text (reasoning, answer) not yet
+    /// in the event log.
+    Result(Box<PhaseResult>, Vec<Kind>),
     /// Cancelled, superseded, taken over, shutting down or failed to load
     /// its inputs: no result to publish.
     Stopped,
@@ -288,7 +289,7 @@ async fn call_model(
         .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
         .await;
     drop(events);
-    let final_delta = forwarder.await.ok().flatten().map(Box::new);
+    let final_events = forwarder.await.unwrap_or_default();
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
         Ok(completion) => {
@@ -308,7 +309,7 @@ async fn call_model(
         _ if stop.is_cancelled() => CallOutcome::Stopped,
         Ok(completion) => CallOutcome::Result(
             Box::new(success(handle, task, spec, completion, started.elapsed())),
-            final_delta,
+            final_events,
         ),
         Err(error) => CallOutcome::Result(
             Box::new(result(
@@ -319,7 +320,7 @@ async fn call_model(
                     reason: error.to_string(),
                 }),
             )),
-            final_delta,
+            final_events,
         ),
     }
 }
@@ -441,7 +442,7 @@ async fn settle(
     ctx: &RunnerContext,
     handle: &TaskHandle,
     result: Option<&PhaseResult>,
-    final_delta: Option<&Kind>,
+    final_events: &[Kind],
     stop: &CancellationToken,
 ) -> Option<Entry> {
     let span = tracing::info_span!("apply_result", workflow_id = %handle.workflow, phase = handle.phase_index);
@@ -454,7 +455,7 @@ async fn settle(
                 transition = Some(transition_for(ctx, handle, result).await?);
             }
             let claim_next = !ctx.stopping.is_cancelled();
-            Ok::<_, LoadError>(handle.settle(transition.as_ref(), final_delta, claim_next).await?)
+            Ok::<_, LoadError>(handle.settle(transition.as_ref(), final_events, claim_next).await?)
         };
         match attempt.instrument(span.clone()).await {
             Ok((settled, next)) => {

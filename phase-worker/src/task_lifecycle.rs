@@ -218,19 +218,16 @@ impl TaskHandle {
     }
 
     /// Applies the result's transition (if any) and acknowledges the task,
-    /// atomically, if the task is still this worker's; with `final_delta`,
-    /// the last streamed output is appended first. With `claim_next`, the
+    /// atomically, if the task is still this worker's; `final_events` (the
+    /// last streamed reasoning and answer text) are appended first. With `claim_next`, the
     /// same step claims the shard's next new task for this worker (the
     /// continuation it should run in this task's slot), if there is one.
     pub async fn settle(
         &self,
         transition: Option<&Transition>,
-        final_delta: Option<&Kind>,
+        final_events: &[Kind],
         claim_next: bool,
     ) -> redis::RedisResult<(Settled, Option<Entry>)> {
-        let delta = final_delta
-            .map(|kind| event(kind.clone()).encode_to_vec())
-            .unwrap_or_default();
         let mut invocation = COMPLETE_TASK.key(self.keys.shard.tasks());
         invocation
             .key(self.keys.state())
@@ -244,7 +241,7 @@ impl TaskHandle {
             .arg(self.attempt)
             .arg(self.keys.channel())
             .arg(self.workflow.to_string())
-            .arg(delta)
+            .arg(final_events.len())
             .arg(transition.map_or("", |t| t.step.as_str()))
             .arg(nexus_pipeline::now_ms());
         match transition {
@@ -262,8 +259,12 @@ impl TaskHandle {
             .arg(FALLBACK_RETENTION_SECS)
             .arg(if claim_next { "1" } else { "0" })
             .arg(transition.map_or(0.0, |t| t.cost_usd));
-        if let Some(gate) = transition.and_then(|t| t.gate.as_ref()) {
-            invocation.arg(&gate.event).arg(gate.deadline_ms).arg(gate.on_timeout);
+        match transition.and_then(|t| t.gate.as_ref()) {
+            Some(gate) => invocation.arg(&gate.event).arg(gate.deadline_ms).arg(gate.on_timeout),
+            None => invocation.arg(&["", "", ""]),
+        };
+        for kind in final_events {
+            invocation.arg(event(kind.clone()).encode_to_vec());
         }
         let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn.clone()).await?;
         let settled = match reply.first().map(Vec::as_slice) {

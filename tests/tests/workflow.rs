@@ -480,17 +480,17 @@ async fn an_orchestrator_subscribes_only_to_the_runs_its_clients_watch() {
 /// An answer that streams in whole within the 100 ms coalescing window is
 /// one delta event per phase, written with the result, even when the window
 /// would have straddled it had it started with the call: the clock starts
-/// at the first byte. The answers here begin 80 ms into the call and take
-/// about 40 ms. Counted in the event stream Redis holds; the deltas still
+/// at the first byte. The answers here begin 90 ms into the call and take
+/// 15 to 30 ms (reasoning first, where the model reasons). Counted in the event stream Redis holds; the deltas still
 /// add up to each phase's stored output.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
     use prost::Message;
     let model = [
         "--first-token-latency-ms",
-        "80",
+        "90",
         "--tokens-per-second",
-        "750",
+        "2000",
         "--reply-words",
         "30",
     ];
@@ -520,4 +520,43 @@ async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
         assert_eq!(pieces.len(), 1, "{}: {} delta events", phase.name, pieces.len());
         assert_eq!(pieces.concat(), phase.output, "{}", phase.name);
     }
+}
+
+/// A phase costs Redis two scripts, one to start it and one to settle it
+/// (record the result, queue the next phase, acknowledge), whatever the
+/// model streamed: its last reasoning and answer text go into the settling
+/// script rather than writes of their own. Counted by Redis: a six-phase
+/// run whose reasoning models stream reasoning is 1 + 6 × 2 script calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_phase_is_two_script_calls_even_with_reasoning() {
+    let stack = Stack::start(1);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut redis).await.unwrap();
+    let id = start(&mut client, "Counted scripts").await;
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(10)).await;
+    assert!(
+        events.iter().any(|event| kind_name(event) == "phase_reasoning_delta"),
+        "the stand-in's reasoning models stream reasoning"
+    );
+
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut redis).await.unwrap();
+    let evalsha = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:"))
+        .expect("script calls counted");
+    let count = |name: &str| -> u64 {
+        evalsha
+            .split(',')
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // A script's first call on a fresh server fails with NOSCRIPT and is
+    // sent again once loaded.
+    let ran = count("calls") - count("failed_calls");
+    assert_eq!(ran, 1 + 6 * 2, "{evalsha}");
 }

@@ -13,17 +13,18 @@
 -- KEYS: 1 shard task stream, 2 state hash, 3 events stream, 4 outputs hash,
 --       5 shard approval gates zset
 -- ARGV: 1 workers group, 2 task entry id, 3 this consumer, 4 phase index,
---       5 attempt, 6 events channel, 7 workflow id, 8 encoded final delta
---       event or "", 9 step: "" (no result, only acknowledge) | "next" |
+--       5 attempt, 6 events channel, 7 workflow id, 8 how many final events
+--       (the last streamed text) end ARGV, 9 step: "" (no result, only acknowledge) | "next" |
 --       "await" | "complete" | "fail", 10 now (ms), 11 phase name, 12 phase output,
 --       13 encoded Phase record, 14 encoded PhaseCompleted event,
 --       15 encoded next PhaseTask ("next") or terminal event, 16 encoded
 --       Rating or "", 17 failure reason ("fail"), 18 retention (s) for runs
 --       that do not carry their own, 19 "1" to claim the shard's next new
 --       task for this consumer (its slot is free now) or "0", 20 what the
---       phase cost (USD), added to the run's spend; for "await": 21 encoded
+--       phase cost (USD), added to the run's spend; 21 encoded
 --       awaiting-approval event, 22 gate deadline (ms), 23 what the timeout
---       does ("approve" | "reject")
+--       does ("approve" | "reject") ("" unless "await"); then the final
+--       events, appended before the step's own
 -- Returns {outcome} or, having claimed a task, {outcome, entry id, payload}.
 -- The outcome is "applied", "settled" (acknowledged, nothing to apply or
 -- the workflow moved on) or "not_ours" (taken over: nothing touched).
@@ -59,13 +60,16 @@ local outcome = 'settled'
 local status = current_status(KEYS[2], ARGV[4], ARGV[5])
 if status then
   local step = ARGV[9]
-  if ARGV[8] ~= '' then
-    if step == '' then
-      append_event(KEYS[2], status, KEYS[3], ARGV[8], ARGV[10], ARGV[6], ARGV[7])
-    else
-      -- The step below wakes the watchers once for both events.
-      redis.call('XADD', KEYS[3], '*', 'm', ARGV[8])
+  local finals = tonumber(ARGV[8])
+  for i = #ARGV - finals + 1, #ARGV do
+    redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
+  end
+  if finals > 0 and step == '' then
+    -- No step follows to move the run on and wake its watchers.
+    if status == 'pending' then
+      redis.call('HSET', KEYS[2], 'status', 'running', 'updated_ms', ARGV[10])
     end
+    redis.call('PUBLISH', ARGV[6], ARGV[7])
   end
   -- The state hash's new fields, written in one HSET with the step's own.
   local recorded = {}
