@@ -53,6 +53,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "always,everysec",
           value_parser = ["always", "everysec", "no"])]
     pub fsync: Vec<String>,
+    /// Workflows (chains) per timed throughput run, instead of 2,000 (60
+    /// with --quick): a longer run to profile the stack under (`perf`).
+    #[arg(long)]
+    pub workflows: Option<usize>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench-results.json")]
     pub out: std::path::PathBuf,

@@ -159,7 +159,7 @@ pub fn throughput(args: Args) -> BoxFuture<'static, anyhow::Result<Value>> {
     Box::pin(async move {
         // --quick: enough for every line to mean something, few enough that
         // CI's debug build runs all four contenders in both modes quickly.
-        let runs = args.count(2_000, 60);
+        let runs = args.workflows.unwrap_or(args.count(2_000, 60));
         let warmup = args.count(200, 10);
         let repeat = args.repeat();
         let contenders = available_contenders(&args).await;

@@ -31,8 +31,8 @@ use nexus_pipeline::keys::{LEGACY_EVENTS_CHANNEL, WorkflowKeys, events_channel, 
 use nexus_pipeline::stream::entry_of;
 use nexus_proto::v1::{WorkflowEvent, workflow_event::Kind};
 use prost::Message;
-use redis::streams::StreamRangeReply;
 use redis::aio::PubSubSink;
+use redis::streams::StreamRangeReply;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -129,7 +129,10 @@ impl WatchHub {
             None => false,
         };
         if sent && tokio::time::timeout(SUBSCRIBE_PATIENCE, subscribed).await.is_err() {
-            tracing::warn!(workflow_id, "subscribing to the workflow's events timed out; reading anyway");
+            tracing::warn!(
+                workflow_id,
+                "subscribing to the workflow's events timed out; reading anyway"
+            );
         }
         feed
     }

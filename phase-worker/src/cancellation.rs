@@ -5,7 +5,10 @@
 //! tokens of the named workflow, which aborts the HTTP request within
 //! milliseconds. A task registers before its start is fenced, so a cancel
 //! that lands between the claim and the start is seen by the fence, and one
-//! after it by the token. Messages published while the subscription was
+//! after it by the token. A task started by the script that claimed it
+//! registers just after its start: a cancel heard in between is remembered
+//! for a while ([`REMEMBER_CANCELS`]) and cancels the token as it registers.
+//! Messages published while the subscription was
 //! down are lost, so every (re)subscription re-checks the status of every
 //! registered workflow. The heartbeat and every event append re-check the
 //! workflow too, as a last resort.
@@ -17,11 +20,17 @@ use nexus_pipeline::keys::{CANCEL_CHANNEL, WorkflowKeys, field, status};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// How long a cancellation is remembered for tasks that register after it.
+const REMEMBER_CANCELS: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 pub struct CancelRegistry {
     running: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    /// Workflows cancelled lately, and when this worker heard it.
+    recent: Mutex<HashMap<String, Instant>>,
     next_id: AtomicU64,
 }
 
@@ -36,6 +45,14 @@ pub struct Registration {
 impl CancelRegistry {
     pub fn register(self: &Arc<Self>, workflow_id: &str, parent: &CancellationToken) -> Registration {
         let token = parent.child_token();
+        if self
+            .recent
+            .lock()
+            .expect("cancel registry lock")
+            .contains_key(workflow_id)
+        {
+            token.cancel();
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().expect("cancel registry lock");
         running
@@ -51,6 +68,12 @@ impl CancelRegistry {
     }
 
     fn cancel(&self, workflow_id: &str) {
+        {
+            let mut recent = self.recent.lock().expect("cancel registry lock");
+            let now = Instant::now();
+            recent.retain(|_, heard| now.duration_since(*heard) < REMEMBER_CANCELS);
+            recent.insert(workflow_id.to_string(), now);
+        }
         let running = self.running.lock().expect("cancel registry lock");
         if let Some(tokens) = running.get(workflow_id) {
             tracing::info!(%workflow_id, calls = tokens.len(), "workflow cancelled; aborting its model calls");
@@ -112,5 +135,23 @@ impl Drop for Registration {
                 running.remove(&self.workflow_id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_heard_before_a_task_registers_cancels_it_on_registering() {
+        let registry = Arc::new(CancelRegistry::default());
+        let parent = CancellationToken::new();
+        let before = registry.register("wf_0_a", &parent);
+        registry.cancel("wf_0_a");
+        assert!(before.token.is_cancelled());
+        let after = registry.register("wf_0_a", &parent);
+        assert!(after.token.is_cancelled(), "registered after the cancel was heard");
+        let other = registry.register("wf_0_b", &parent);
+        assert!(!other.token.is_cancelled());
     }
 }

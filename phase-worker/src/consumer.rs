@@ -7,7 +7,7 @@
 //! dead-letter stream, which fails its workflow with a reason.
 
 use crate::runner::{RunnerContext, dead_letter_reason, run_task};
-use crate::task_lifecycle::{Takeover, TaskHandle, dead_letter_entry};
+use crate::task_lifecycle::{Continuation, Takeover, TaskHandle, dead_letter_entry};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::ShardKeys;
@@ -118,12 +118,12 @@ impl TaskConsumer {
         let shard = handle.workflow.shard();
         let mut next = {
             let _running = RunningGuard::new(&self.running, &handle.entry_id);
-            run_task(&self.ctx, handle, task, delivery).await
+            run_task(&self.ctx, handle, task, delivery, None).await
         };
-        while let Some(entry) = next.take() {
+        while let Some(Continuation { entry, started }) = next.take() {
             let _running = RunningGuard::new(&self.running, &entry.id);
             if let Some((handle, task)) = self.decode(&entry, shard).await {
-                next = run_task(&self.ctx, handle, task, 1).await;
+                next = run_task(&self.ctx, handle, task, 1, started).await;
             }
         }
     }

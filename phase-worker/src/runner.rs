@@ -10,9 +10,8 @@ use crate::model::budget::ModelPrices;
 use crate::model::cache::ResponseCache;
 use crate::model::{ChatMessage, ChatRequest, Completion, ModelClient, ModelError, OutputValidator};
 use crate::rating;
-use crate::task_lifecycle::{Settled, TaskHandle};
+use crate::task_lifecycle::{Continuation, Settled, Started, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
-use nexus_pipeline::stream::Entry;
 use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, completes_run, load_earlier_phases};
 use nexus_proto::internal::{
     CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
@@ -44,13 +43,21 @@ pub struct RunnerContext {
     pub prices: ModelPrices,
 }
 
-/// Runs a task to its end. The claim is heartbeated from the first moment,
-/// and the cancel token registered before the task's start is fenced, so a
-/// cancel that lands at any point reaches the call. Errors talking to Redis
-/// leave the task unacknowledged, so it is reclaimed and run again. Returns
-/// the task claimed for this worker when this one settled, if any: the
-/// caller runs it next, in the same slot.
-pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, delivery: u64) -> Option<Entry> {
+/// Runs a task to its end; `started` when the script that claimed it also
+/// started it. The claim is heartbeated from the first moment, and the
+/// cancel token registered before the task's start is fenced (or, for a
+/// task started when it was claimed, checked against the cancellations
+/// heard meanwhile), so a cancel that lands at any point reaches the call.
+/// Errors talking to Redis leave the task unacknowledged, so it is reclaimed
+/// and run again. Returns the task claimed for this worker when this one
+/// settled, if any: the caller runs it next, in the same slot.
+pub async fn run_task(
+    ctx: &RunnerContext,
+    handle: TaskHandle,
+    task: PhaseTask,
+    delivery: u64,
+    started: Option<Started>,
+) -> Option<Continuation> {
     let span = phase_span(&handle, &task, delivery);
     let task = continued_in(&span, task);
     METRICS.tasks_in_flight.inc();
@@ -59,7 +66,7 @@ pub async fn run_task(ctx: &RunnerContext, handle: TaskHandle, task: PhaseTask, 
     // Shared with the heartbeat and progress tasks rather than copied into each.
     let handle = Arc::new(handle);
     let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
-    let next = run_task_in_span(ctx, &handle, task, delivery, &stop)
+    let next = run_task_in_span(ctx, &handle, task, delivery, started, &stop)
         .instrument(span)
         .await;
     heartbeat.abort();
@@ -100,31 +107,29 @@ async fn run_task_in_span(
     handle: &Arc<TaskHandle>,
     mut task: PhaseTask,
     delivery: u64,
+    started: Option<Started>,
     stop: &CancellationToken,
-) -> Option<Entry> {
+) -> Option<Continuation> {
     let Some(spec) = task.spec.take() else {
         tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
         return settle(ctx, handle, None, &[], stop).await;
     };
-    let started = Kind::PhaseStarted(PhaseStarted {
-        index: task.phase_index,
-        phase: spec.name.clone(),
-        model: spec.model.clone(),
-        delivery: delivery as u32,
-        worker: handle.consumer.clone(),
-        attempt: handle.attempt,
-    });
-    let (inputs, budget) = match handle.start(started, &spec.inputs).await {
-        Ok(Some(started)) => started,
-        Ok(None) => {
-            tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-            return settle(ctx, handle, None, &[], stop).await;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "could not start task; it will be redelivered");
-            return None;
-        }
+    let started = match started {
+        Some(started) => started,
+        None => match start(handle, &spec, delivery).await {
+            Ok(Some(started)) => started,
+            Ok(None) => {
+                tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
+                return settle(ctx, handle, None, &[], stop).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not start task; it will be redelivered");
+                return None;
+            }
+        },
     };
+    let budget = started.budget;
+    let inputs: HashMap<String, String> = spec.inputs.iter().cloned().zip(started.input_values).collect();
     let request = chat_request(&task, &spec, &inputs);
     // The earlier outputs are in the prompt now; not kept through the call.
     drop(inputs);
@@ -157,9 +162,7 @@ async fn run_task_in_span(
         metrics::record_tenant_cost(&budget.tenant, success.usage.map_or(0.0, |usage| usage.cost_usd));
     }
     match outcome {
-        CallOutcome::Result(result, final_events) => {
-            settle(ctx, handle, Some(&result), &final_events, stop).await
-        }
+        CallOutcome::Result(result, final_events) => settle(ctx, handle, Some(&result), &final_events, stop).await,
         CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
             let whole = PhaseTask {
                 spec: Some(spec),
@@ -171,11 +174,24 @@ async fn run_task_in_span(
     }
 }
 
+/// Starts a task claimed by a read (not started when it was claimed).
+async fn start(handle: &TaskHandle, spec: &PhaseSpec, delivery: u64) -> redis::RedisResult<Option<Started>> {
+    let started = Kind::PhaseStarted(PhaseStarted {
+        index: handle.phase_index,
+        phase: spec.name.clone(),
+        model: spec.model.clone(),
+        delivery: delivery as u32,
+        worker: handle.consumer.clone(),
+        attempt: handle.attempt,
+    });
+    handle.start(started, &spec.inputs).await
+}
+
 /// The drain after a stop signal ran out mid-call: the task goes back on the
 /// stream for another worker to take at once, rather than after the
 /// visibility timeout. If Redis cannot be reached it stays pending and is
 /// reclaimed the usual way.
-async fn hand_back(handle: &TaskHandle, task: &PhaseTask) -> Option<Entry> {
+async fn hand_back(handle: &TaskHandle, task: &PhaseTask) -> Option<Continuation> {
     match handle.hand_back(task).await {
         Ok(true) => tracing::info!(workflow_id = %handle.workflow, "shutting down; handed the task back"),
         Ok(false) => tracing::info!(workflow_id = %handle.workflow, "shutting down; the task was no longer needed"),
@@ -188,7 +204,7 @@ async fn hand_back(handle: &TaskHandle, task: &PhaseTask) -> Option<Entry> {
 /// longer needs it (cancelled, finished or moved on). Otherwise (shutdown,
 /// Redis trouble, or another worker took it over) it stays pending, so it is
 /// redelivered rather than lost.
-async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &CancellationToken) -> Option<Entry> {
+async fn settle_stopped(ctx: &RunnerContext, handle: &TaskHandle, stop: &CancellationToken) -> Option<Continuation> {
     if ctx.shutdown.is_cancelled() {
         tracing::info!(workflow_id = %handle.workflow, "shutting down; leaving the task for another worker");
         return None;
@@ -444,7 +460,7 @@ async fn settle(
     result: Option<&PhaseResult>,
     final_events: &[Kind],
     stop: &CancellationToken,
-) -> Option<Entry> {
+) -> Option<Continuation> {
     let span = tracing::info_span!("apply_result", workflow_id = %handle.workflow, phase = handle.phase_index);
     let deadline = Instant::now() + ctx.publish_patience;
     let mut delay = Duration::from_millis(50);

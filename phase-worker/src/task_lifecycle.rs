@@ -9,12 +9,11 @@ use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{ShardKeys, WorkflowKeys, field, status};
 use nexus_pipeline::stream::{Entry, WORKERS_GROUP};
 use nexus_pipeline::transition::event;
-use nexus_pipeline::transition::{ENDING_LUA, Transition};
+use nexus_pipeline::transition::{ENDING_LUA, Transition, started_by};
 use nexus_proto::internal::PhaseTask;
 use nexus_proto::v1::workflow_event::Kind;
 use prost::Message;
 use redis::{Script, ScriptInvocation};
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 /// Scripts that fence a task's writes start with the shared `fence.lua`.
@@ -60,6 +59,38 @@ pub enum Settled {
     Acknowledged,
     /// Another worker holds the task now; nothing was touched.
     NotOurs,
+}
+
+/// A started task: its inputs' values (in the order of its spec's inputs)
+/// and its run's budget.
+pub struct Started {
+    pub input_values: Vec<String>,
+    pub budget: RunBudget,
+}
+
+impl Started {
+    /// From a start reply's tail: cost cap, spent so far, tenant, inputs.
+    fn from_reply(reply: &[Vec<u8>]) -> Option<Self> {
+        let text = |bytes: &Vec<u8>| String::from_utf8_lossy(bytes).into_owned();
+        let [cap, spent, tenant, values @ ..] = reply else {
+            return None;
+        };
+        Some(Self {
+            input_values: values.iter().map(text).collect(),
+            budget: RunBudget {
+                cap_usd: text(cap).parse().unwrap_or_default(),
+                spent_usd: text(spent).parse().unwrap_or_default(),
+                tenant: text(tenant),
+            },
+        })
+    }
+}
+
+/// The task the script that settled the previous one claimed for this
+/// worker, and, when that script could start it too, what starting found.
+pub struct Continuation {
+    pub entry: Entry,
+    pub started: Option<Started>,
 }
 
 /// One claimed task and where it lives.
@@ -109,26 +140,14 @@ impl TaskHandle {
     /// Announces the task as started and loads the phase's inputs and the
     /// run's budget, if the task is still current; `None` means it is stale
     /// (skip it).
-    pub async fn start(
-        &self,
-        started: Kind,
-        inputs: &[String],
-    ) -> redis::RedisResult<Option<(HashMap<String, String>, RunBudget)>> {
+    pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<Started>> {
         let mut invocation = self.event_invocation(&START_TASK, started);
         invocation.key(self.keys.outputs()).arg(inputs);
-        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
-        match reply.as_slice() {
-            [started, cap, spent, tenant, values @ ..] if started == "1" => {
-                let budget = RunBudget {
-                    cap_usd: cap.parse().unwrap_or_default(),
-                    spent_usd: spent.parse().unwrap_or_default(),
-                    tenant: tenant.clone(),
-                };
-                let inputs = inputs.iter().cloned().zip(values.iter().cloned()).collect();
-                Ok(Some((inputs, budget)))
-            }
-            _ => Ok(None),
-        }
+        let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(match reply.split_first() {
+            Some((started, rest)) if started == b"1" => Started::from_reply(rest),
+            _ => None,
+        })
     }
 
     /// Appends an event if the task is still current; `false` means stop.
@@ -227,7 +246,7 @@ impl TaskHandle {
         transition: Option<&Transition>,
         final_events: &[Kind],
         claim_next: bool,
-    ) -> redis::RedisResult<(Settled, Option<Entry>)> {
+    ) -> redis::RedisResult<(Settled, Option<Continuation>)> {
         let mut invocation = COMPLETE_TASK.key(self.keys.shard.tasks());
         invocation
             .key(self.keys.state())
@@ -263,6 +282,9 @@ impl TaskHandle {
             Some(gate) => invocation.arg(&gate.event).arg(gate.deadline_ms).arg(gate.on_timeout),
             None => invocation.arg(&["", "", ""]),
         };
+        invocation
+            .arg(transition.map_or(&[][..], |t| t.next_start.as_slice()))
+            .arg(started_by(&self.consumer));
         for kind in final_events {
             invocation.arg(event(kind.clone()).encode_to_vec());
         }
@@ -273,9 +295,15 @@ impl TaskHandle {
             _ => Settled::NotOurs,
         };
         let next = match reply.as_slice() {
-            [_, id, payload] => Some(Entry {
-                id: String::from_utf8_lossy(id).into_owned(),
-                payload: payload.clone(),
+            [_, id, payload, rest @ ..] => Some(Continuation {
+                entry: Entry {
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    payload: payload.clone(),
+                },
+                started: match rest.split_first() {
+                    Some((started, rest)) if started == b"started" => Started::from_reply(rest),
+                    _ => None,
+                },
             }),
             _ => None,
         };

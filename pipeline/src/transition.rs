@@ -26,8 +26,8 @@ use crate::ids::WorkflowId;
 use crate::keys::{ShardKeys, WorkflowKeys, field};
 use nexus_proto::internal::{PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, PipelineSnapshot, phase_result::Outcome};
 use nexus_proto::v1::{
-    Phase, PhaseAwaitingApproval, PhaseCompleted, PhaseStatus, Rating, Usage, WorkflowCompleted, WorkflowEvent,
-    WorkflowFailed, workflow_event::Kind,
+    Phase, PhaseAwaitingApproval, PhaseCompleted, PhaseStarted, PhaseStatus, Rating, Usage, WorkflowCompleted,
+    WorkflowEvent, WorkflowFailed, workflow_event::Kind,
 };
 use prost::Message;
 use redis::AsyncCommands;
@@ -81,6 +81,55 @@ pub fn phase_task(
         enqueued_at_ms: crate::now_ms(),
         pipeline_id: pipeline_id.to_string(),
     }
+}
+
+/// What the script that claims `task` for a worker needs to start it in the
+/// same step (fence it, append its phase-started event, read its inputs and
+/// the run's budget), saving the worker a round trip per phase; stored with
+/// the task's stream entry (field `s`). Lines: workflow id, phase index,
+/// attempt, input names (comma-separated), then the encoded phase-started
+/// event without its time and worker, which the claiming worker adds (a
+/// protobuf message's encodings concatenate into one message). Empty when
+/// the task has no spec: such a task is started the usual way.
+pub fn start_template(task: &PhaseTask) -> Vec<u8> {
+    let Some(spec) = &task.spec else {
+        return Vec::new();
+    };
+    let mut template = format!(
+        "{}\n{}\n{}\n{}\n",
+        task.workflow_id,
+        task.phase_index,
+        task.attempt,
+        spec.inputs.join(",")
+    )
+    .into_bytes();
+    let started = WorkflowEvent {
+        kind: Some(Kind::PhaseStarted(PhaseStarted {
+            index: task.phase_index,
+            phase: spec.name.clone(),
+            model: spec.model.clone(),
+            delivery: 1,
+            worker: String::new(),
+            attempt: task.attempt,
+        })),
+        ..Default::default()
+    };
+    started.encode(&mut template).expect("a Vec grows as needed");
+    template
+}
+
+/// The rest of a phase-started event that a worker claiming a task with a
+/// [`start_template`] appends to it: the time and the worker's name.
+pub fn started_by(worker: &str) -> Vec<u8> {
+    WorkflowEvent {
+        time: Some(nexus_proto::timestamp_now()),
+        kind: Some(Kind::PhaseStarted(PhaseStarted {
+            worker: worker.to_string(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec()
 }
 
 /// The sum of the phases' usage.
@@ -137,6 +186,8 @@ pub struct Transition {
     pub completed_event: Vec<u8>,
     /// The encoded next `PhaseTask` (next), or the terminal event.
     pub follow_up: Vec<u8>,
+    /// The next task's [`start_template`] (next), else empty.
+    pub next_start: Vec<u8>,
     /// The encoded `Rating` of a rating phase's success, else empty.
     pub rating: Vec<u8>,
     /// Why the run failed (fail only).
@@ -234,6 +285,7 @@ impl Transition {
             record: Vec::new(),
             completed_event: Vec::new(),
             follow_up: failed.encode_to_vec(),
+            next_start: Vec::new(),
             rating: Vec::new(),
             reason,
             cost_usd: 0.0,
@@ -305,15 +357,20 @@ fn success_transition(
     }));
     let gate =
         (spec.await_approval && index + 1 < pipeline.phases.len()).then(|| Gate::after(result.phase_index, spec));
-    let (step, follow_up) = match pipeline.phases.get(index + 1) {
-        Some(next) => (
-            if gate.is_some() { Step::Await } else { Step::Next },
-            phase_task(id, result.phase_index + 1, next, &result.pipeline_id, traceparent).encode_to_vec(),
-        ),
+    let (step, follow_up, next_start) = match pipeline.phases.get(index + 1) {
+        Some(next) => {
+            let task = phase_task(id, result.phase_index + 1, next, &result.pipeline_id, traceparent);
+            let step = if gate.is_some() { Step::Await } else { Step::Next };
+            (step, task.encode_to_vec(), start_template(&task))
+        }
         None => {
             let earlier = earlier.ok_or_else(|| LoadError::Corrupt("the earlier phases were not loaded".into()))?;
             let finished = completion(pipeline, earlier, &record, success);
-            (Step::Complete, event(Kind::Completed(finished)).encode_to_vec())
+            (
+                Step::Complete,
+                event(Kind::Completed(finished)).encode_to_vec(),
+                Vec::new(),
+            )
         }
     };
     Ok(Transition {
@@ -323,6 +380,7 @@ fn success_transition(
         record: record.encode_to_vec(),
         completed_event: completed.encode_to_vec(),
         follow_up,
+        next_start,
         rating: success.rating.as_ref().map(Message::encode_to_vec).unwrap_or_default(),
         reason: String::new(),
         cost_usd: success.usage.map_or(0.0, |usage| usage.cost_usd),
@@ -437,6 +495,49 @@ impl PipelineCache {
 mod tests {
     use super::*;
     use nexus_proto::v1::Usage;
+
+    #[test]
+    fn a_start_template_and_its_worker_part_concatenate_into_the_started_event() {
+        let id = WorkflowId::new(2);
+        let spec = PhaseSpec {
+            name: "feedback".into(),
+            model: "google/gemini-3-pro-preview".into(),
+            inputs: vec!["plan".into(), "analyse".into()],
+            ..Default::default()
+        };
+        let task = PhaseTask {
+            attempt: 3,
+            ..phase_task(&id, 1, &spec, "fp", String::new())
+        };
+        let template = start_template(&task);
+        let text_end = template
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(3)
+            .unwrap()
+            .0
+            + 1;
+        assert_eq!(
+            std::str::from_utf8(&template[..text_end]).unwrap(),
+            format!("{id}\n1\n3\nplan,analyse\n")
+        );
+        let mut stored = template[text_end..].to_vec();
+        stored.extend(started_by("worker-7"));
+        let event = WorkflowEvent::decode(stored.as_slice()).unwrap();
+        assert!(event.time.is_some());
+        assert_eq!(
+            event.kind,
+            Some(Kind::PhaseStarted(PhaseStarted {
+                index: 1,
+                phase: "feedback".into(),
+                model: "google/gemini-3-pro-preview".into(),
+                delivery: 1,
+                worker: "worker-7".into(),
+                attempt: 3,
+            }))
+        );
+    }
 
     fn pipeline(phases: &[&str]) -> PipelineSnapshot {
         PipelineSnapshot {

@@ -19,9 +19,9 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 /// Flushes pending spans when dropped (at the end of `main`).

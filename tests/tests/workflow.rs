@@ -512,7 +512,9 @@ async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
     let mut deltas: Vec<Vec<String>> = vec![Vec::new(); 6];
     for entry in &stored.ids {
         let bytes: Vec<u8> = entry.get("m").unwrap();
-        if let Some(Kind::PhaseOutputDelta(delta)) = nexus_proto::v1::WorkflowEvent::decode(bytes.as_slice()).unwrap().kind {
+        if let Some(Kind::PhaseOutputDelta(delta)) =
+            nexus_proto::v1::WorkflowEvent::decode(bytes.as_slice()).unwrap().kind
+        {
             deltas[delta.index as usize].push(delta.text);
         }
     }
@@ -522,41 +524,70 @@ async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
     }
 }
 
-/// A phase costs Redis two scripts, one to start it and one to settle it
-/// (record the result, queue the next phase, acknowledge), whatever the
-/// model streamed: its last reasoning and answer text go into the settling
-/// script rather than writes of their own. Counted by Redis: a six-phase
-/// run whose reasoning models stream reasoning is 1 + 6 × 2 script calls.
+/// A phase costs Redis one script once the worker is busy: the script that
+/// settles a phase (records it, queues the next, acknowledges) also claims
+/// and starts the next task, and writes the last streamed reasoning and
+/// answer text. Only a task taken by a read has a start script of its own.
+/// Seen in Redis's MONITOR feed: for a six-phase run whose reasoning models
+/// stream reasoning, 1 start script, 6 settle scripts, no event appended
+/// by a script of its own.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_phase_is_two_script_calls_even_with_reasoning() {
-    let stack = Stack::start(1);
+async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
+    use futures::StreamExt;
+    let instant = [
+        "--first-token-latency-ms",
+        "0",
+        "--tokens-per-second",
+        "0",
+        "--reply-words",
+        "20",
+    ];
+    let stack = Stack::start_with(1, 1, &instant);
     let mut client = connect(&stack.endpoint()).await;
-    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut redis).await.unwrap();
+    // A first run loads every script, so none is sent twice (NOSCRIPT) below.
+    let warm_up = start(&mut client, "Loads the scripts").await;
+    wait_terminal(&mut client, &warm_up, Duration::from_secs(60)).await;
+
+    let monitor = stack.redis.client().get_async_monitor().await.unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let feed = tokio::spawn(async move {
+        let mut messages = monitor.into_on_message::<String>();
+        while let Some(line) = messages.next().await {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
     let id = start(&mut client, "Counted scripts").await;
     let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
     assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    feed.abort();
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(10)).await;
     assert!(
         events.iter().any(|event| kind_name(event) == "phase_reasoning_delta"),
         "the stand-in's reasoning models stream reasoning"
     );
 
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut redis).await.unwrap();
-    let evalsha = stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:"))
-        .expect("script calls counted");
-    let count = |name: &str| -> u64 {
-        evalsha
-            .split(',')
-            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    // A script's first call on a fresh server fails with NOSCRIPT and is
-    // sent again once loaded.
-    let ran = count("calls") - count("failed_calls");
-    assert_eq!(ran, 1 + 6 * 2, "{evalsha}");
+    let state_key = nexus_pipeline::keys::WorkflowKeys::new(&nexus_pipeline::ids::WorkflowId::parse(&id).unwrap())
+        .state()
+        .to_string();
+    let (mut starts, mut settles, mut others) = (0, 0, Vec::new());
+    while let Ok(line) = lines.try_recv() {
+        // `<time> [<db> <client>] "EVALSHA" "<sha>" "<keys>" "<first key>" ...`
+        let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).take(4).collect();
+        match quoted.as_slice() {
+            ["EVALSHA", _, "3", key] if *key == state_key => starts += 1,
+            ["EVALSHA", _, "5", key] if key.ends_with(":tasks") => settles += 1,
+            // An event appended on its own (create_workflow has 7 keys).
+            ["EVALSHA", _, "2", key] if *key == state_key => others.push(line.clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (starts, settles),
+        (1, 6),
+        "start and settle scripts; other writes: {others:?}"
+    );
+    assert!(others.is_empty(), "no write of its own for streamed text: {others:?}");
 }

@@ -25,7 +25,7 @@ use crate::validation::{ValidStart, plan_as_text};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, shard_for};
 use nexus_pipeline::keys::{CANCEL_CHANNEL, WorkflowKeys};
-use nexus_pipeline::transition::{PipelineCache, phase_task};
+use nexus_pipeline::transition::{PipelineCache, phase_task, start_template};
 use nexus_proto::v1::{Workflow, WorkflowAccepted, WorkflowCancelled, workflow_event::Kind};
 use prost::Message;
 use std::sync::Arc;
@@ -139,6 +139,7 @@ impl WorkflowStore {
             .arg(keys.channel())
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
+            .arg(start_template(&first_task))
             .arg(seed.state.len() + usize::from(!request.tenant.is_empty()));
         for (name, value) in &seed.state {
             invocation.arg(name).arg(value);

@@ -23,15 +23,74 @@
 --       task for this consumer (its slot is free now) or "0", 20 what the
 --       phase cost (USD), added to the run's spend; 21 encoded
 --       awaiting-approval event, 22 gate deadline (ms), 23 what the timeout
---       does ("approve" | "reject") ("" unless "await"); then the final
---       events, appended before the step's own
--- Returns {outcome} or, having claimed a task, {outcome, entry id, payload}.
+--       does ("approve" | "reject") ("" unless "await"), 24 the next
+--       task's start template ("next"; see below), 25 the rest of a
+--       phase-started event for a task claimed here (its time and this
+--       worker); then the final events, appended before the step's own
+-- Returns {outcome}, or having claimed a task {outcome, entry id, payload},
+-- or having also started it {outcome, entry id, payload, "started", cost
+-- cap, spent, tenant, input values...}.
 -- The outcome is "applied", "settled" (acknowledged, nothing to apply or
 -- the workflow moved on) or "not_ours" (taken over: nothing touched).
 --
 -- Claiming here is what a read loop would do next (the oldest task no
 -- consumer has been given, fair to every workflow), minus its round trip:
 -- when the task just queued is the next one, the worker starts it at once.
+-- A claimed task whose entry carries a start template (field `s`:
+-- workflow id, phase, attempt and input names, a line each, then its
+-- phase-started event without time and worker) is also started here, as
+-- start_task.lua would: fenced, its event appended, its inputs and its
+-- run's budget read. That saves the worker another round trip per phase.
+-- The claimed task's keys are derived from its id the way the key layout
+-- (pipeline/src/keys.rs) spells them; they share the stream's hash tag, so
+-- on a cluster they are in this script's slot.
+
+-- The start template's parts: id, phase, attempt, input names, event.
+local function parse_template(template)
+  local parts = {}
+  local at = 1
+  for i = 1, 4 do
+    local line_end = string.find(template, '\n', at, true)
+    if not line_end then
+      return nil
+    end
+    parts[i] = string.sub(template, at, line_end - 1)
+    at = line_end + 1
+  end
+  parts[5] = string.sub(template, at)
+  return parts
+end
+
+-- Starts a claimed task from its template; nil when it is stale (the
+-- worker then finds that out the usual way) or the template is unusable.
+local function start_claimed(template)
+  local parts = parse_template(template)
+  if not parts then
+    return nil
+  end
+  local workflow_id = parts[1]
+  local state_key = string.match(KEYS[1], '^(.-):tasks$') .. ':wf:' .. workflow_id
+  local status, state = current_status(state_key, parts[2], parts[3], 'budget_usd', 'spent_usd', 'tenant')
+  if not status then
+    return nil
+  end
+  append_event(state_key, status, state_key .. ':events', parts[5] .. ARGV[25], ARGV[10],
+    'nexus:events:' .. workflow_id, workflow_id)
+  -- Counted for poison detection, as in start_task.lua.
+  redis.call('HINCRBY', state_key, 'starts', 1)
+  local started = {'started', state[4] or '0', state[5] or '0', state[6] or ''}
+  if parts[4] ~= '' then
+    local names = {}
+    for name in string.gmatch(parts[4], '[^,]+') do
+      names[#names + 1] = name
+    end
+    local values = redis.call('HMGET', state_key .. ':outputs', unpack(names))
+    for i = 1, #names do
+      started[#started + 1] = values[i] or ''
+    end
+  end
+  return started
+end
 
 local function claim_next(outcome)
   if ARGV[19] ~= '1' then
@@ -42,13 +101,22 @@ local function claim_next(outcome)
     return {outcome}
   end
   local entry = read[1][2][1]
-  local payload = ''
+  local payload, template = '', nil
   for i = 1, #entry[2], 2 do
     if entry[2][i] == 'm' then
       payload = entry[2][i + 1]
+    elseif entry[2][i] == 's' then
+      template = entry[2][i + 1]
     end
   end
-  return {outcome, entry[1], payload}
+  local reply = {outcome, entry[1], payload}
+  local started = template and start_claimed(template)
+  if started then
+    for i = 1, #started do
+      reply[#reply + 1] = started[i]
+    end
+  end
+  return reply
 end
 
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
@@ -88,7 +156,11 @@ if status then
   if step == 'next' then
     redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
       'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], unpack(recorded))
-    redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
+    if ARGV[24] ~= '' then
+      redis.call('XADD', KEYS[1], '*', 'm', ARGV[15], 's', ARGV[24])
+    else
+      redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
+    end
     redis.call('PUBLISH', ARGV[6], ARGV[7])
   elseif step == 'await' then
     -- The next task waits in the state hash, not the stream: no worker holds

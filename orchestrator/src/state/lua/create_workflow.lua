@@ -10,8 +10,9 @@
 --       9 encoded accepted event, 10 encoded first PhaseTask,
 --       11 idempotency key as given, 12 retention (s), 13 events channel,
 --       14 encoded RunChoices (models per role, instructions), 15 the run's
---       cost cap in USD (0: none), which workers check each call against;
---       then, for a fork, what it starts with (all optional, each a count
+--       cost cap in USD (0: none), which workers check each call against,
+--       16 the first task's start template (see complete_task.lua), stored
+--       with its entry; then, for a fork, what it starts with (all optional, each a count
 --       followed by its items): state hash field/value pairs (they override
 --       the defaults above, 'phase' among them), outputs hash name/text
 --       pairs (the copied phases' outputs), and events (the copied phases'
@@ -38,7 +39,7 @@ if ARGV[2] == '1' then
 end
 
 -- The fork's sections: a count, then that many items (pairs count twice).
-local at = 16
+local at = 17
 local function section(per_item)
   local count = tonumber(ARGV[at] or '0')
   local items = {}
@@ -71,6 +72,6 @@ for _, copied in ipairs(copied_events) do
   redis.call('XADD', KEYS[2], '*', 'm', copied)
 end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('XADD', KEYS[5], '*', 'm', ARGV[10])
+redis.call('XADD', KEYS[5], '*', 'm', ARGV[10], 's', ARGV[16])
 redis.call('PUBLISH', ARGV[13], ARGV[1])
 return {1, ARGV[1]}
