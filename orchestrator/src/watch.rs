@@ -292,7 +292,10 @@ impl SubscriptionManager {
 }
 
 /// Starts streaming a workflow's events into a channel; the receiver is the
-/// gRPC response stream. Fails fast when the workflow does not exist.
+/// gRPC response stream. Fails fast when the workflow does not exist. The
+/// workflow's channel is subscribed (alongside the first read) before the
+/// stream opens, so once a client sees it open, live events reach it
+/// without waiting for a subscription.
 pub async fn watch(
     hub: Arc<WatchHub>,
     conn: Connection,
@@ -302,16 +305,19 @@ pub async fn watch(
     slot: WatchSlot,
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
     let keys = WorkflowKeys::new(&id);
-    let (status, last): (Option<String>, StreamRangeReply) = redis::pipe()
+    let workflow_id = id.to_string();
+    let mut first_read = redis::pipe();
+    first_read
         .hget(keys.state(), field::STATUS)
         .cmd("XREVRANGE")
         .arg(keys.events())
         .arg("+")
         .arg("-")
         .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn.clone())
-        .await?;
+        .arg(1);
+    let mut reader = conn.clone();
+    let (feed, read) = tokio::join!(hub.subscribe(&workflow_id), first_read.query_async(&mut reader));
+    let (status, last): (Option<String>, StreamRangeReply) = read?;
     let Some(status) = status else {
         return Err(ApiError::NotFound(id.to_string()));
     };
@@ -326,6 +332,7 @@ pub async fn watch(
     let (sender, receiver) = mpsc::channel(64);
     let watcher = Watcher {
         hub,
+        feed,
         conn,
         id,
         events_key: keys.events(),
@@ -340,6 +347,8 @@ pub async fn watch(
 
 struct Watcher {
     hub: Arc<WatchHub>,
+    /// The workflow's live feed, subscribed before the stream opened.
+    feed: Arc<Feed>,
     conn: Connection,
     id: WorkflowId,
     events_key: String,
@@ -359,7 +368,7 @@ impl Watcher {
     }
 
     async fn stream_events(&mut self) {
-        let feed = self.hub.subscribe(&self.id.to_string()).await;
+        let feed = self.feed.clone();
         let mut failing_since: Option<tokio::time::Instant> = None;
         // Only a watch that finds nothing on its first read can be at or
         // past the end already; later, the terminal event itself ends it.

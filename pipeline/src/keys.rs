@@ -7,7 +7,8 @@
 //! state transition is one atomic script; shards spread load across masters.
 //!
 //! ```text
-//! nexus:{nx0}:tasks              stream  phase tasks        (group "workers")
+//! nexus:{nx0}:tasks              stream  phase tasks        (group "workers"): field m, the
+//!                                        PhaseTask; field s, its start template (transition.rs)
 //! nexus:{nx0}:deadletter         stream  tasks delivered too often, or undecodable
 //! nexus:{nx0}:index              zset    workflow id -> created ms
 //! nexus:{nx0}:idem:<key>         string  idempotency key -> workflow id

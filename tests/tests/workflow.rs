@@ -446,13 +446,14 @@ async fn an_orchestrator_subscribes_only_to_the_runs_its_clients_watch() {
     assert_eq!(channel_subscribers(&mut redis, &[&unwatched, &watched]).await, [0, 0]);
 
     let mut stream = open_watch(&mut client, &watched, "").await;
-    let first = stream.message().await.unwrap().expect("the accepted event");
-    assert_eq!(kind_name(&first), "accepted");
+    // Subscribed by the time the stream is open, before any event arrives.
     assert_eq!(
         channel_subscribers(&mut redis, &[&unwatched, &watched]).await,
         [0, 1],
         "subscribed to the watched run only"
     );
+    let first = stream.message().await.unwrap().expect("the accepted event");
+    assert_eq!(kind_name(&first), "accepted");
     // Live through the subscription: the slow model's phase completes after
     // the watch began, and its event arrives.
     let live = tokio::time::timeout(Duration::from_secs(30), async {
