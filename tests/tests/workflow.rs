@@ -481,19 +481,21 @@ async fn an_orchestrator_subscribes_only_to_the_runs_its_clients_watch() {
 /// An answer that streams in whole within the 100 ms coalescing window is
 /// one delta event per phase, written with the result, even when the window
 /// would have straddled it had it started with the call: the clock starts
-/// at the first byte. The answers here begin 90 ms into the call and take
-/// 15 to 30 ms (reasoning first, where the model reasons). Counted in the event stream Redis holds; the deltas still
+/// at the first byte. The answers here begin 95 ms into the call and take
+/// 10 to 20 ms (reasoning first, where the model reasons), so a beat from
+/// the call's start splits them and a clock from their first byte has
+/// 80 ms to spare. Counted in the event stream Redis holds; the deltas still
 /// add up to each phase's stored output.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
     use prost::Message;
     let model = [
         "--first-token-latency-ms",
-        "90",
+        "95",
         "--tokens-per-second",
         "2000",
         "--reply-words",
-        "30",
+        "20",
     ];
     let stack = Stack::start_with(1, 1, &model);
     let mut client = connect(&stack.endpoint()).await;

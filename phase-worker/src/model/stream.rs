@@ -159,6 +159,31 @@ impl Reply {
     }
 }
 
+/// The text of the chunks that arrived in one read of the body, forwarded as
+/// one event of each kind: a fast model's whole answer is often a single
+/// read of many chunks, and one event per chunk cost a channel hop and a
+/// wake-up of the progress task each.
+#[derive(Default)]
+struct ReadText {
+    reasoning: String,
+    text: String,
+}
+
+impl ReadText {
+    /// Sends what was gathered (reasoning first, as it came first) and
+    /// empties it.
+    async fn forward(&mut self, try_number: u32, events: &mpsc::Sender<ModelEvent>) {
+        if !self.reasoning.is_empty() {
+            let text = std::mem::take(&mut self.reasoning);
+            let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
+        }
+        if !self.text.is_empty() {
+            let text = std::mem::take(&mut self.text);
+            let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+        }
+    }
+}
+
 /// Whether a `finish_reason` says the answer was cut short.
 pub(super) fn is_truncation(finish_reason: &str) -> bool {
     matches!(finish_reason, "length" | "content_filter")
@@ -177,6 +202,7 @@ impl ModelClient {
         let mut decoder = SseDecoder::default();
         let mut payloads = Vec::new();
         let mut reply = Reply::default();
+        let mut read = ReadText::default();
         while let Some(bytes) = self.next_bytes(&mut body, reply.started, first_token_due).await? {
             decoder
                 .push(&bytes, &mut payloads)
@@ -186,6 +212,7 @@ impl ModelClient {
                 let data = match parse_data(&payload).or_else(|_| parse_data(&self.redact_text(payload))) {
                     Ok(data) => data,
                     Err(error) => {
+                        read.forward(try_number, events).await;
                         // The try has failed; what follows (the provider's end of the
                         // stream) is read so the connection can be reused.
                         drain(body).await;
@@ -193,17 +220,19 @@ impl ModelClient {
                     }
                 };
                 let Data::Chunk(mut chunk) = data else {
+                    read.forward(try_number, events).await;
                     reply.done = true;
                     drain(body).await;
                     return Ok(reply);
                 };
                 if let Some(text) = chunk.reasoning_text.take() {
-                    let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
+                    read.reasoning.push_str(&text);
                 }
                 if let Some(text) = reply.apply(chunk) {
-                    let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+                    read.text.push_str(&text);
                 }
             }
+            read.forward(try_number, events).await;
         }
         Ok(reply)
     }
