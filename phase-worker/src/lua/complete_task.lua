@@ -1,9 +1,10 @@
--- Settles a task: appends the last streamed output, applies the phase's
+-- Settles a task: appends the last streamed text, applies the phase's
 -- result (records it, then queues the next phase, completes the run or
 -- fails it) and acknowledges the task, all in one step. So a task is never
 -- acknowledged without its result applied, a result is applied at most once
 -- (the fence), and the next phase is queued in the same fsync'd write that
--- records this one: one round trip from a model's answer to the next task.
+-- records this one: one round trip from a model's answer to the next task,
+-- which this step also claims and, usually, starts (below).
 --
 -- Only the consumer that holds the task may settle it: a worker whose task
 -- was taken over (a new attempt) touches nothing, so it can neither apply a
