@@ -39,9 +39,9 @@
 -- when the task just queued is the next one, the worker starts it at once.
 -- A claimed task whose entry carries a start template (field `s`:
 -- workflow id, phase, attempt and input names, a line each, then its
--- phase-started event without time and worker) is also started here, as
--- start_task.lua would: fenced, its event appended, its inputs and its
--- run's budget read. That saves the worker another round trip per phase.
+-- phase-started event without time and worker) is also started here,
+-- with fence.lua's start_current: fenced, its event appended, its
+-- inputs and its run's budget read. That saves the worker another round trip per phase.
 -- The claimed task's keys are derived from its id the way the key layout
 -- (pipeline/src/keys.rs) spells them; they share the stream's hash tag, so
 -- on a cluster they are in this script's slot.
@@ -62,8 +62,9 @@ local function parse_template(template)
   return parts
 end
 
--- Starts a claimed task from its template; nil when it is stale (the
--- worker then finds that out the usual way) or the template is unusable.
+-- Starts a claimed task from its template (start_current); nil when it is
+-- stale (the worker then finds that out the usual way) or the template is
+-- unusable.
 local function start_claimed(template)
   local parts = parse_template(template)
   if not parts then
@@ -71,24 +72,14 @@ local function start_claimed(template)
   end
   local workflow_id = parts[1]
   local state_key = string.match(KEYS[1], '^(.-):tasks$') .. ':wf:' .. workflow_id
-  local status, state = current_status(state_key, parts[2], parts[3], 'budget_usd', 'spent_usd', 'tenant')
-  if not status then
-    return nil
+  local inputs = {}
+  for name in string.gmatch(parts[4], '[^,]+') do
+    inputs[#inputs + 1] = name
   end
-  append_event(state_key, status, state_key .. ':events', parts[5] .. ARGV[25], ARGV[10],
-    'nexus:events:' .. workflow_id, workflow_id)
-  -- Counted for poison detection, as in start_task.lua.
-  redis.call('HINCRBY', state_key, 'starts', 1)
-  local started = {'started', state[4] or '0', state[5] or '0', state[6] or ''}
-  if parts[4] ~= '' then
-    local names = {}
-    for name in string.gmatch(parts[4], '[^,]+') do
-      names[#names + 1] = name
-    end
-    local values = redis.call('HMGET', state_key .. ':outputs', unpack(names))
-    for i = 1, #names do
-      started[#started + 1] = values[i] or ''
-    end
+  local started = start_current(state_key, state_key .. ':events', state_key .. ':outputs', parts[2], parts[3],
+    parts[5] .. ARGV[25], ARGV[10], 'nexus:events:' .. workflow_id, workflow_id, inputs)
+  if started then
+    table.insert(started, 1, 'started')
   end
   return started
 end
@@ -131,14 +122,12 @@ if status then
   local step = ARGV[9]
   local finals = tonumber(ARGV[8])
   for i = #ARGV - finals + 1, #ARGV do
-    redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
-  end
-  if finals > 0 and step == '' then
-    -- No step follows to move the run on and wake its watchers.
-    if status == 'pending' then
-      redis.call('HSET', KEYS[2], 'status', 'running', 'updated_ms', ARGV[10])
+    if step == '' and i == #ARGV then
+      -- No step follows to move the run on and wake its watchers.
+      append_event(KEYS[2], status, KEYS[3], ARGV[i], ARGV[10], ARGV[6], ARGV[7])
+    else
+      redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
     end
-    redis.call('PUBLISH', ARGV[6], ARGV[7])
   end
   -- The state hash's new fields, written in one HSET with the step's own.
   local recorded = {}

@@ -23,3 +23,26 @@ local function append_event(state_key, status, events_key, event, now, channel, 
   redis.call('PUBLISH', channel, workflow_id)
 end
 
+
+-- Starts a task if it is still current: appends its phase-started event,
+-- counts the start (for poison detection; reset when the run moves to its
+-- next phase) and returns {cost cap (USD, "0" for none), spent so far
+-- (USD), tenant ("" for none), input values...}; nil when it is stale.
+-- start_task.lua and the claim in complete_task.lua both start this way.
+local function start_current(state_key, events_key, outputs_key, phase, attempt, event, now, channel,
+    workflow_id, inputs)
+  local status, state = current_status(state_key, phase, attempt, 'budget_usd', 'spent_usd', 'tenant')
+  if not status then
+    return nil
+  end
+  append_event(state_key, status, events_key, event, now, channel, workflow_id)
+  redis.call('HINCRBY', state_key, 'starts', 1)
+  local started = {state[4] or '0', state[5] or '0', state[6] or ''}
+  if #inputs > 0 then
+    local values = redis.call('HMGET', outputs_key, unpack(inputs))
+    for i = 1, #inputs do
+      started[#started + 1] = values[i] or ''
+    end
+  end
+  return started
+end
