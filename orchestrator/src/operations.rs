@@ -19,6 +19,7 @@ use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::{WorkflowId, shard_for};
 use nexus_pipeline::keys::ShardKeys;
 use nexus_pipeline::stream::{PAYLOAD_FIELD, WORKERS_GROUP};
+use nexus_pipeline::transition::task_phase_name;
 use nexus_proto::internal::PhaseTask;
 use nexus_proto::v1::operations_service_server::OperationsService;
 use nexus_proto::v1::{
@@ -80,7 +81,7 @@ impl StoredDeadLetter {
 
     fn phase_name(&self) -> &str {
         match &self.task {
-            Ok((_, task)) => task.spec.as_ref().map_or("", |spec| spec.name.as_str()),
+            Ok((_, task)) => task_phase_name(task),
             Err(_) => "",
         }
     }
@@ -109,7 +110,7 @@ fn decode_task(payload: &[u8]) -> Result<(WorkflowId, PhaseTask), String> {
     let task = PhaseTask::decode(payload).map_err(|error| format!("the task cannot be decoded ({error})"))?;
     let id =
         WorkflowId::parse(&task.workflow_id).map_err(|error| format!("the task names no valid workflow ({error})"))?;
-    if task.spec.as_ref().is_none_or(|spec| spec.name.is_empty()) {
+    if task_phase_name(&task).is_empty() {
         return Err("the task names no phase".to_string());
     }
     Ok((id, task))

@@ -307,7 +307,7 @@ impl TaskConsumer {
     async fn dead_letter(&self, handle: &TaskHandle, task: &PhaseTask, entry: &Entry, deliveries: u64) {
         tracing::warn!(workflow_id = %handle.workflow, phase = task.phase_index, deliveries, "task delivered too often; dead-lettering it");
         crate::metrics::METRICS.tasks_dead_lettered.inc();
-        let phase = task.spec.as_ref().map_or("", |spec| spec.name.as_str());
+        let phase = nexus_pipeline::transition::task_phase_name(task);
         let reason = format!("phase {phase} failed: {}", dead_letter_reason(deliveries));
         match handle.dead_letter(&entry.payload, phase, deliveries, &reason).await {
             Ok(true) => crate::metrics::record_applied(nexus_pipeline::transition::Step::Fail),

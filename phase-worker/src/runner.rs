@@ -14,7 +14,8 @@ use crate::task_lifecycle::{Continuation, Settled, Started, TaskHandle};
 use nexus_pipeline::definition::render_prompt;
 use nexus_pipeline::transition::{LoadError, PipelineCache, Step, Transition, completes_run, load_earlier_phases};
 use nexus_proto::internal::{
-    CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, phase_result::Outcome,
+    CachedAnswer, OutputKind, PhaseFailure, PhaseResult, PhaseSpec, PhaseSuccess, PhaseTask, PipelineSnapshot,
+    phase_result::Outcome,
 };
 use nexus_proto::v1::{PhaseStarted, Usage, workflow_event::Kind};
 use std::collections::HashMap;
@@ -54,11 +55,19 @@ pub struct RunnerContext {
 pub async fn run_task(
     ctx: &RunnerContext,
     handle: TaskHandle,
-    task: PhaseTask,
+    mut task: PhaseTask,
     delivery: u64,
     started: Option<Started>,
 ) -> Option<Continuation> {
-    let span = phase_span(&handle, &task, delivery);
+    let spec = match task_phase(ctx, &handle, &mut task).await {
+        Ok(spec) => spec,
+        Err(LoadError::Storage(error)) => {
+            tracing::warn!(%error, "could not read the task's pipeline; it will be redelivered");
+            return None;
+        }
+        Err(LoadError::Corrupt(why)) => return fail_unrunnable(ctx, &handle, &task, &why).await,
+    };
+    let span = phase_span(&handle, &task, &spec, delivery);
     let task = continued_in(&span, task);
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
@@ -66,7 +75,7 @@ pub async fn run_task(
     // Shared with the heartbeat and progress tasks rather than copied into each.
     let handle = Arc::new(handle);
     let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
-    let next = run_task_in_span(ctx, &handle, task, delivery, started, &stop)
+    let next = run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop)
         .instrument(span)
         .await;
     heartbeat.abort();
@@ -74,16 +83,69 @@ pub async fn run_task(
     next
 }
 
+/// A task's phase: carried by the task (tasks of version 1) or, as tasks
+/// are written now, named in the run's pipeline snapshot, which the worker
+/// caches: a lookup, not a copy per task.
+enum TaskPhase {
+    Carried(Box<PhaseSpec>),
+    InSnapshot(Arc<PipelineSnapshot>, usize),
+}
+
+impl std::ops::Deref for TaskPhase {
+    type Target = PhaseSpec;
+
+    fn deref(&self) -> &PhaseSpec {
+        match self {
+            TaskPhase::Carried(spec) => spec,
+            TaskPhase::InSnapshot(pipeline, index) => &pipeline.phases[*index],
+        }
+    }
+}
+
+/// The phase `task` runs; an error when its pipeline cannot be read
+/// (`Storage`) or does not have the phase (`Corrupt`).
+async fn task_phase(ctx: &RunnerContext, handle: &TaskHandle, task: &mut PhaseTask) -> Result<TaskPhase, LoadError> {
+    if let Some(spec) = task.spec.take() {
+        return Ok(TaskPhase::Carried(Box::new(spec)));
+    }
+    let mut conn = handle.conn.clone();
+    let pipeline = ctx
+        .pipelines
+        .get(&mut conn, handle.workflow.shard(), &task.pipeline_id)
+        .await?;
+    let index = task.phase_index as usize;
+    if index >= pipeline.phases.len() {
+        let phases = pipeline.phases.len();
+        return Err(LoadError::Corrupt(format!(
+            "a task for phase {index} of a {phases}-phase pipeline"
+        )));
+    }
+    Ok(TaskPhase::InSnapshot(pipeline, index))
+}
+
+/// A task whose phase cannot be known fails its run with the reason, like
+/// a result whose pipeline cannot be read (no delivery can fix it).
+async fn fail_unrunnable(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    why: &str,
+) -> Option<Continuation> {
+    tracing::error!(workflow_id = %handle.workflow, %why, "cannot run a phase task; failing the workflow");
+    let reason = format!("its stored data is corrupt ({why})");
+    let failed = phase_result(handle, task, "", Outcome::Failure(PhaseFailure { reason }));
+    settle(ctx, handle, Some(&failed), &[], &CancellationToken::new()).await
+}
+
 /// The span of one delivery of a task: a child of the span that scheduled
 /// the phase, named by the task.
-fn phase_span(handle: &TaskHandle, task: &PhaseTask, delivery: u64) -> tracing::Span {
-    let spec = task.spec.as_ref();
+fn phase_span(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, delivery: u64) -> tracing::Span {
     let span = tracing::info_span!(
         "phase",
         workflow_id = %handle.workflow,
         phase = task.phase_index,
-        phase_name = spec.map_or("", |spec| spec.name.as_str()),
-        model = spec.map_or("", |spec| spec.model.as_str()),
+        phase_name = spec.name.as_str(),
+        model = spec.model.as_str(),
         attempt = handle.attempt,
         delivery,
     );
@@ -105,15 +167,12 @@ fn continued_in(span: &tracing::Span, task: PhaseTask) -> PhaseTask {
 async fn run_task_in_span(
     ctx: &RunnerContext,
     handle: &Arc<TaskHandle>,
-    mut task: PhaseTask,
+    task: PhaseTask,
+    spec: TaskPhase,
     delivery: u64,
     started: Option<Started>,
     stop: &CancellationToken,
 ) -> Option<Continuation> {
-    let Some(spec) = task.spec.take() else {
-        tracing::error!(workflow_id = %handle.workflow, "task without a phase spec; acknowledging it");
-        return settle(ctx, handle, None, &[], stop).await;
-    };
     let started = match started {
         Some(started) => started,
         None => match start(handle, &spec, delivery).await {
@@ -164,9 +223,12 @@ async fn run_task_in_span(
     match outcome {
         CallOutcome::Result(result, final_events) => settle(ctx, handle, Some(&result), &final_events, stop).await,
         CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
-            let whole = PhaseTask {
-                spec: Some(spec),
-                ..task
+            let whole = match spec {
+                TaskPhase::Carried(spec) => PhaseTask {
+                    spec: Some(*spec),
+                    ..task
+                },
+                TaskPhase::InSnapshot(..) => task,
             };
             hand_back(handle, &whole).await
         }
@@ -433,6 +495,11 @@ fn success(
 }
 
 fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outcome) -> PhaseResult {
+    phase_result(handle, task, &spec.model, outcome)
+}
+
+/// A result of `task` as this worker's attempt; `model` is the one asked.
+fn phase_result(handle: &TaskHandle, task: &PhaseTask, model: &str, outcome: Outcome) -> PhaseResult {
     PhaseResult {
         version: nexus_proto::STREAM_MESSAGE_VERSION,
         workflow_id: task.workflow_id.clone(),
@@ -441,7 +508,7 @@ fn result(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, outcome: Outc
         outcome: Some(outcome),
         worker: handle.consumer.clone(),
         traceparent: task.traceparent.clone(),
-        model: spec.model.clone(),
+        model: model.to_string(),
         published_at_ms: nexus_pipeline::now_ms(),
         published_at_us: nexus_proto::unix_micros(),
         pipeline_id: task.pipeline_id.clone(),

@@ -61,9 +61,11 @@ pub fn event(kind: Kind) -> WorkflowEvent {
     }
 }
 
-/// The task message for one phase of a workflow. `traceparent` is the
-/// trace context of the span scheduling the phase (`create_workflow` or
-/// `apply_result`), so the worker's span of the phase is that span's child.
+/// The task message for one phase of a workflow: it names the phase in the
+/// run's pipeline snapshot (`pipeline_id`, stored before any task names it)
+/// rather than carrying it. `traceparent` is the trace context of the span
+/// scheduling the phase (`create_workflow` or `apply_result`), so the
+/// worker's span of the phase is that span's child.
 pub fn phase_task(
     id: &WorkflowId,
     phase_index: u32,
@@ -76,10 +78,19 @@ pub fn phase_task(
         workflow_id: id.to_string(),
         phase_index,
         attempt: 1,
-        spec: Some(spec.clone()),
+        spec: None,
         traceparent,
         enqueued_at_ms: crate::now_ms(),
         pipeline_id: pipeline_id.to_string(),
+        phase_name: spec.name.clone(),
+    }
+}
+
+/// The name of a task's phase, whichever version wrote it.
+pub fn task_phase_name(task: &PhaseTask) -> &str {
+    match &task.spec {
+        Some(spec) => &spec.name,
+        None => &task.phase_name,
     }
 }
 
@@ -89,12 +100,9 @@ pub fn phase_task(
 /// the task's stream entry (field `s`). Lines: workflow id, phase index,
 /// attempt, input names (comma-separated), then the encoded phase-started
 /// event without its time and worker, which the claiming worker adds (a
-/// protobuf message's encodings concatenate into one message). Empty when
-/// the task has no spec: such a task is started the usual way.
-pub fn start_template(task: &PhaseTask) -> Vec<u8> {
-    let Some(spec) = &task.spec else {
-        return Vec::new();
-    };
+/// protobuf message's encodings concatenate into one message). `spec` is
+/// the task's phase.
+pub fn start_template(task: &PhaseTask, spec: &PhaseSpec) -> Vec<u8> {
     let mut template = format!(
         "{}\n{}\n{}\n{}\n",
         task.workflow_id,
@@ -361,7 +369,7 @@ fn success_transition(
         Some(next) => {
             let task = phase_task(id, result.phase_index + 1, next, &result.pipeline_id, traceparent);
             let step = if gate.is_some() { Step::Await } else { Step::Next };
-            (step, task.encode_to_vec(), start_template(&task))
+            (step, task.encode_to_vec(), start_template(&task, next))
         }
         None => {
             let earlier = earlier.ok_or_else(|| LoadError::Corrupt("the earlier phases were not loaded".into()))?;
@@ -509,7 +517,7 @@ mod tests {
             attempt: 3,
             ..phase_task(&id, 1, &spec, "fp", String::new())
         };
-        let template = start_template(&task);
+        let template = start_template(&task, &spec);
         let text_end = template
             .iter()
             .enumerate()
@@ -579,7 +587,8 @@ mod tests {
         assert_eq!(transition.step, Step::Next);
         let next = PhaseTask::decode(transition.follow_up.as_slice()).unwrap();
         assert_eq!((next.phase_index, next.attempt), (1, 1));
-        assert_eq!(next.spec.unwrap().name, "b");
+        assert_eq!(next.spec, None, "the phase is named, not carried");
+        assert_eq!((next.phase_name.as_str(), next.pipeline_id.as_str()), ("b", "fp"));
         assert_eq!(transition.output, "out a");
     }
 

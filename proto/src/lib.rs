@@ -31,8 +31,11 @@ pub use generated::nexus::v1;
 /// stream messages are left out.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nexus_public_descriptor.bin"));
 
-/// Version stamped on every stream message this build writes.
-pub const STREAM_MESSAGE_VERSION: u32 = 1;
+/// Version stamped on every stream message this build writes. 2: phase
+/// tasks name their phase in the run's pipeline snapshot instead of
+/// carrying it (a worker of version 1 would find no phase in them, so it
+/// leaves them to a newer one).
+pub const STREAM_MESSAGE_VERSION: u32 = 2;
 
 /// A protobuf timestamp from milliseconds since the Unix epoch, the unit
 /// Nexus stores in Redis.

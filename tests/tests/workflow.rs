@@ -594,3 +594,74 @@ async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
     );
     assert!(others.is_empty(), "no write of its own for streamed text: {others:?}");
 }
+
+/// A queued task names its phase in the run's stored pipeline instead of
+/// carrying the phase (prompts and all), so the stream, the AOF and every
+/// claim carry a few dozen bytes per task; a worker started later runs the
+/// phase with the stored prompts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_task_names_its_phase_in_the_stored_pipeline_instead_of_carrying_it() {
+    use nexus_proto::internal::{PhaseTask, PipelineSnapshot};
+    use prost::Message;
+    let mut stack = Stack::start(0);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Waits for a worker").await;
+
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("nexus:{nx0}:tasks")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
+    let payload = match tasks.ids[0].map.get("m") {
+        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+        other => panic!("task payload: {other:?}"),
+    };
+    let task = PhaseTask::decode(payload.as_slice()).unwrap();
+    assert_eq!(task.workflow_id, id);
+    assert_eq!((task.phase_index, task.phase_name.as_str()), (0, "analyse"));
+    assert_eq!(task.spec, None, "the task carries no phase");
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(format!("nexus:{{nx0}}:pipeline:{}", task.pipeline_id))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let pipeline = PipelineSnapshot::decode(stored.as_slice()).unwrap();
+    let analyse = &pipeline.phases[0];
+    assert!(
+        payload.len() < 256 && payload.len() * 2 < analyse.encoded_len(),
+        "a task of {} bytes for a phase of {}",
+        payload.len(),
+        analyse.encoded_len()
+    );
+
+    stack
+        .workers
+        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    let first = &requests[0];
+    let system = &analyse.system_prompt;
+    let tail: String = system
+        .chars()
+        .skip(system.chars().count().saturating_sub(160))
+        .collect();
+    assert!(!tail.is_empty());
+    assert_eq!(first["system_tail"], tail.as_str(), "the stored system prompt: {first}");
+    let template_opening: String = analyse
+        .prompt_template
+        .split("{{")
+        .next()
+        .unwrap()
+        .chars()
+        .take(40)
+        .collect();
+    assert!(
+        !template_opening.is_empty() && first["prompt_excerpt"].as_str().unwrap().starts_with(&template_opening),
+        "the prompt is the stored template's: {first}"
+    );
+}

@@ -139,7 +139,7 @@ impl WorkflowStore {
             .arg(keys.channel())
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
-            .arg(start_template(&first_task))
+            .arg(start_template(&first_task, &snapshot.phases[first as usize]))
             .arg(seed.state.len() + usize::from(!request.tenant.is_empty()));
         for (name, value) in &seed.state {
             invocation.arg(name).arg(value);

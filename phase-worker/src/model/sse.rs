@@ -14,6 +14,36 @@
 //!   `retry` and unknown fields are ignored; one space after the colon is not part of the
 //!   value; a leading byte-order mark is skipped;
 //! - an event not ended by a blank line when the body ends is discarded.
+//!
+//! The events a read completes go into one [`SseEvents`] buffer that the reader clears and
+//! reuses, so a reply of hundreds of chunks costs no allocation per chunk here.
+
+/// The data of the events decoded so far, end to end in one string.
+#[derive(Debug, Default)]
+pub(super) struct SseEvents {
+    text: String,
+    /// Where each event's data ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl SseEvents {
+    fn push(&mut self, data: &str) {
+        self.text.push_str(data);
+        self.ends.push(self.text.len());
+    }
+
+    /// Each event's data, in order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(start, &end)| &self.text[start..end])
+    }
+
+    /// Forgets the events, keeping the memory for the next read's.
+    pub(super) fn clear(&mut self) {
+        self.text.clear();
+        self.ends.clear();
+    }
+}
 
 /// Decodes one stream. Feed it each chunk with [`SseDecoder::push`].
 #[derive(Debug, Default)]
@@ -34,7 +64,7 @@ pub(super) struct NotUtf8;
 
 impl SseDecoder {
     /// Decodes `chunk`, appending the data of every event it completes to `events`.
-    pub(super) fn push(&mut self, mut chunk: &[u8], events: &mut Vec<String>) -> Result<(), NotUtf8> {
+    pub(super) fn push(&mut self, mut chunk: &[u8], events: &mut SseEvents) -> Result<(), NotUtf8> {
         if std::mem::take(&mut self.after_cr) && chunk.first() == Some(&b'\n') {
             chunk = &chunk[1..];
         }
@@ -56,14 +86,15 @@ impl SseDecoder {
         Ok(())
     }
 
-    fn line(&mut self, line: &[u8], events: &mut Vec<String>) -> Result<(), NotUtf8> {
+    fn line(&mut self, line: &[u8], events: &mut SseEvents) -> Result<(), NotUtf8> {
         let mut line = std::str::from_utf8(line).map_err(|_| NotUtf8)?;
         if !std::mem::replace(&mut self.seen_first_line, true) {
             line = line.strip_prefix('\u{feff}').unwrap_or(line);
         }
         if line.is_empty() {
             if std::mem::take(&mut self.has_data) {
-                events.push(std::mem::take(&mut self.data));
+                events.push(&self.data);
+                self.data.clear();
             }
             return Ok(());
         }
@@ -88,11 +119,11 @@ mod tests {
     /// The events `chunks` decode to.
     fn decode(chunks: &[&[u8]]) -> Result<Vec<String>, NotUtf8> {
         let mut decoder = SseDecoder::default();
-        let mut events = Vec::new();
+        let mut events = SseEvents::default();
         for chunk in chunks {
             decoder.push(chunk, &mut events)?;
         }
-        Ok(events)
+        Ok(events.iter().map(str::to_string).collect())
     }
 
     #[test]
@@ -132,6 +163,17 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(decode(&[b"data\n\n"]).unwrap(), [""]);
+    }
+
+    #[test]
+    fn clearing_the_events_between_reads_keeps_an_event_still_arriving() {
+        let mut decoder = SseDecoder::default();
+        let mut events = SseEvents::default();
+        decoder.push(b"data: one\n\ndata: tw", &mut events).unwrap();
+        assert_eq!(events.iter().collect::<Vec<_>>(), ["one"]);
+        events.clear();
+        decoder.push(b"o\ndata: three\n\n", &mut events).unwrap();
+        assert_eq!(events.iter().collect::<Vec<_>>(), ["two\nthree"]);
     }
 
     #[test]

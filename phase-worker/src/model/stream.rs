@@ -8,6 +8,7 @@
 //! answer, but they are the model's first tokens: they stop the first-token clock. Their count
 //! comes with the usage chunk.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 use super::call::{Completion, ModelEvent, Usage};
 use super::client::ModelClient;
 use super::error::{ModelError, UNKNOWN_ERROR_CODE, bounded_message, excerpt};
-use super::sse::SseDecoder;
+use super::sse::{SseDecoder, SseEvents};
 use super::wire::{WireChunk, WireDelta};
 
 const DONE_MARKER: &str = "[DONE]";
@@ -55,28 +56,29 @@ async fn drain<S: Stream + Unpin>(mut body: S) {
 
 /// What one SSE `data:` payload says.
 #[derive(Debug, PartialEq)]
-enum Data {
+enum Data<'a> {
     Done,
-    Chunk(Chunk),
+    Chunk(Chunk<'a>),
 }
 
+/// One chunk's news; its text borrows from the payload.
 #[derive(Debug, Default, PartialEq)]
-struct Chunk {
-    content: Option<String>,
+struct Chunk<'a> {
+    content: Option<Cow<'a, str>>,
     /// The model that answered, as the chunk names it.
-    model: Option<String>,
+    model: Option<Cow<'a, str>>,
     /// The chunk carried reasoning: the model is thinking, not silent.
     reasoning: bool,
     /// Its reasoning as text, when it came as text (structured or
     /// encrypted reasoning has none to show).
-    reasoning_text: Option<String>,
-    finish_reason: Option<String>,
+    reasoning_text: Option<Cow<'a, str>>,
+    finish_reason: Option<Cow<'a, str>>,
     usage: Option<Usage>,
 }
 
 /// Parses one `data:` payload. An `error` object is a failed try even though the HTTP status
 /// was 200: OpenRouter reports failures after the stream started this way.
-fn parse_data(data: &str) -> Result<Data, ModelError> {
+fn parse_data(data: &str) -> Result<Data<'_>, ModelError> {
     if data.trim() == DONE_MARKER {
         return Ok(Data::Done);
     }
@@ -91,14 +93,13 @@ fn parse_data(data: &str) -> Result<Data, ModelError> {
     }
     let choice = wire.choices.into_iter().next();
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
+    let reasoning = delta.as_ref().is_some_and(WireDelta::has_reasoning);
+    let (content, reasoning_text) = delta.map_or((None, None), |d| (d.content, d.reasoning));
     Ok(Data::Chunk(Chunk {
         model: wire.model.filter(|model| !model.is_empty()),
-        reasoning: delta.as_ref().is_some_and(WireDelta::has_reasoning),
-        reasoning_text: delta
-            .as_ref()
-            .and_then(|d| d.reasoning.clone())
-            .filter(|text| !text.is_empty()),
-        content: delta.and_then(|d| d.content).filter(|text| !text.is_empty()),
+        reasoning,
+        reasoning_text: reasoning_text.filter(|text| !text.is_empty()),
+        content: content.filter(|text| !text.is_empty()),
         finish_reason,
         usage: wire.usage.map(Usage::from),
     }))
@@ -119,13 +120,13 @@ pub(super) struct Reply {
 
 impl Reply {
     /// Folds a chunk in and returns its new answer text, if any; reasoning is not answer text.
-    fn apply(&mut self, chunk: Chunk) -> Option<String> {
+    fn apply<'a>(&mut self, chunk: Chunk<'a>) -> Option<Cow<'a, str>> {
         self.started |= chunk.reasoning;
         if self.model.is_none() {
-            self.model = chunk.model;
+            self.model = chunk.model.map(Cow::into_owned);
         }
-        if chunk.finish_reason.is_some() {
-            self.finish_reason = chunk.finish_reason;
+        if let Some(finish_reason) = chunk.finish_reason {
+            self.finish_reason = Some(finish_reason.into_owned());
         }
         if chunk.usage.is_some() {
             self.usage = chunk.usage;
@@ -200,18 +201,18 @@ impl ModelClient {
     ) -> Result<Reply, ModelError> {
         let mut body = Box::pin(idle_guarded(response.bytes_stream(), self.config.idle_timeout));
         let mut decoder = SseDecoder::default();
-        let mut payloads = Vec::new();
+        let mut payloads = SseEvents::default();
         let mut reply = Reply::default();
         let mut read = ReadText::default();
         while let Some(bytes) = self.next_bytes(&mut body, reply.started, first_token_due).await? {
             decoder
                 .push(&bytes, &mut payloads)
                 .map_err(|_| ModelError::Malformed("stream is not UTF-8".into()))?;
-            for payload in payloads.drain(..) {
-                // A failed parse quotes the provider's text: quote it scrubbed.
-                let data = match parse_data(&payload).or_else(|_| parse_data(&self.redact_text(payload))) {
+            for payload in payloads.iter() {
+                let data = match parse_data(payload) {
                     Ok(data) => data,
-                    Err(error) => {
+                    Err(_) => {
+                        let error = self.scrubbed_parse_error(payload);
                         read.forward(try_number, events).await;
                         // The try has failed; what follows (the provider's end of the
                         // stream) is read so the connection can be reused.
@@ -232,9 +233,18 @@ impl ModelClient {
                     read.text.push_str(&text);
                 }
             }
+            payloads.clear();
             read.forward(try_number, events).await;
         }
         Ok(reply)
+    }
+
+    /// Why a payload does not parse, quoting the provider's text scrubbed of the key.
+    fn scrubbed_parse_error(&self, payload: &str) -> ModelError {
+        match parse_data(&self.redact_text(payload.to_owned())) {
+            Err(error) => error,
+            Ok(_) => ModelError::Malformed("chunk is not valid JSON".into()),
+        }
     }
 
     /// The body's next bytes; until the first token (content or reasoning) arrives, also
@@ -266,7 +276,7 @@ impl ModelClient {
 mod tests {
     use super::*;
 
-    fn chunk(data: &str) -> Chunk {
+    fn chunk(data: &str) -> Chunk<'_> {
         match parse_data(data).expect("chunk parses") {
             Data::Chunk(chunk) => chunk,
             Data::Done => panic!("expected a chunk, got [DONE]"),

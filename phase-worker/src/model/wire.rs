@@ -5,6 +5,8 @@
 //! `null`, codes sent as strings) are absorbed here, by lenient serde types, and never reach
 //! callers.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -76,14 +78,16 @@ impl WireError {
     }
 }
 
-/// One streamed `data:` payload other than `[DONE]`.
+/// One streamed `data:` payload other than `[DONE]`. Its strings borrow from the payload
+/// where they can (no escapes in them): a reply is one chunk per few words, and a `String`
+/// per field per chunk was a good part of the worker's allocations.
 #[derive(Deserialize)]
-pub(super) struct WireChunk {
+pub(super) struct WireChunk<'a> {
     /// The model that answered (OpenRouter may route to another than asked).
-    #[serde(default)]
-    pub(super) model: Option<String>,
-    #[serde(default)]
-    pub(super) choices: Vec<WireChoice>,
+    #[serde(default, borrow)]
+    pub(super) model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub(super) choices: Vec<WireChoice<'a>>,
     #[serde(default)]
     pub(super) usage: Option<WireUsage>,
     #[serde(default)]
@@ -91,25 +95,25 @@ pub(super) struct WireChunk {
 }
 
 #[derive(Deserialize)]
-pub(super) struct WireChoice {
-    #[serde(default)]
-    pub(super) delta: Option<WireDelta>,
-    #[serde(default)]
-    pub(super) finish_reason: Option<String>,
+pub(super) struct WireChoice<'a> {
+    #[serde(default, borrow)]
+    pub(super) delta: Option<WireDelta<'a>>,
+    #[serde(default, borrow)]
+    pub(super) finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-pub(super) struct WireDelta {
-    #[serde(default)]
-    pub(super) content: Option<String>,
-    #[serde(default)]
-    pub(super) reasoning: Option<String>,
+pub(super) struct WireDelta<'a> {
+    #[serde(default, borrow)]
+    pub(super) content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub(super) reasoning: Option<Cow<'a, str>>,
     /// Structured reasoning; only whether there is any matters here.
     #[serde(default)]
     reasoning_details: Option<Value>,
 }
 
-impl WireDelta {
+impl WireDelta<'_> {
     /// Whether the delta carries any reasoning, as text or as structured details.
     pub(super) fn has_reasoning(&self) -> bool {
         let text = self.reasoning.as_deref().is_some_and(|text| !text.is_empty());
