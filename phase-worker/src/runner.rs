@@ -72,15 +72,23 @@ pub async fn run_task(
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
     let stop = registration.token.clone();
-    // Shared with the heartbeat and progress tasks rather than copied into each.
+    // Shared with the heartbeat and the progress forwarder rather than copied into each.
     let handle = Arc::new(handle);
-    let heartbeat = tokio::spawn(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone()));
-    let next = run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop)
-        .instrument(span)
-        .await;
-    heartbeat.abort();
+    let work = run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop).instrument(span);
+    let next = with_heartbeat(work, keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone())).await;
     METRICS.tasks_in_flight.dec();
     next
+}
+
+/// Runs `work` with `heartbeat` beside it in the same task until `work`
+/// ends (a spawned heartbeat per call cost a task's allocation, scheduling
+/// and abort for every phase). A heartbeat that ends first (the claim was
+/// lost, and it cancelled the call) leaves `work` to finish alone.
+async fn with_heartbeat<T>(work: impl Future<Output = T>, heartbeat: impl Future<Output = ()>) -> T {
+    match futures::future::select(std::pin::pin!(work), std::pin::pin!(heartbeat)).await {
+        futures::future::Either::Left((done, _heartbeat)) => done,
+        futures::future::Either::Right(((), work)) => work.await,
+    }
 }
 
 /// A task's phase: carried by the task (tasks of version 1) or, as tasks
@@ -349,25 +357,28 @@ async fn call_model(
     stop: &CancellationToken,
 ) -> CallOutcome {
     let (events, receiver) = mpsc::channel(256);
-    let forwarder = tokio::spawn(crate::progress::forward_events(
+    // The forwarder runs beside the call in this task, not in one of its
+    // own, and ends when the call is done and drops its sender.
+    let forwarder = crate::progress::forward_events(
         handle.clone(),
         spec.name.clone(),
         metrics::retries_counter(&spec.model),
         delivery,
         receiver,
         stop.clone(),
-    ));
+    );
     let started = Instant::now();
     let validator: Option<&OutputValidator> = match spec.output() {
         OutputKind::Rating => Some(&validate_rating),
         _ => None,
     };
-    let answer = ctx
-        .client
-        .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
-        .await;
-    drop(events);
-    let final_events = forwarder.await.unwrap_or_default();
+    let call = async {
+        let events = events;
+        ctx.client
+            .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
+            .await
+    };
+    let (answer, final_events) = tokio::join!(call, forwarder);
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
         Ok(completion) => {
