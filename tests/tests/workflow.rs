@@ -595,41 +595,55 @@ async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
     assert!(others.is_empty(), "no write of its own for streamed text: {others:?}");
 }
 
+/// The one task queued on shard 0: its entry id and payload.
+async fn queued_task(redis: &mut redis::aio::MultiplexedConnection) -> (String, Vec<u8>) {
+    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("nexus:{nx0}:tasks")
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await
+        .unwrap();
+    assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
+    match tasks.ids[0].map.get("m") {
+        Some(redis::Value::BulkString(bytes)) => (tasks.ids[0].id.clone(), bytes.clone()),
+        other => panic!("task payload: {other:?}"),
+    }
+}
+
+/// The pipeline snapshot a task names, as stored.
+async fn stored_pipeline(
+    redis: &mut redis::aio::MultiplexedConnection,
+    task: &nexus_proto::internal::PhaseTask,
+) -> nexus_proto::internal::PipelineSnapshot {
+    use prost::Message;
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(format!("nexus:{{nx0}}:pipeline:{}", task.pipeline_id))
+        .query_async(redis)
+        .await
+        .unwrap();
+    nexus_proto::internal::PipelineSnapshot::decode(stored.as_slice()).unwrap()
+}
+
 /// A queued task names its phase in the run's stored pipeline instead of
 /// carrying the phase (prompts and all), so the stream, the AOF and every
 /// claim carry a few dozen bytes per task; a worker started later runs the
 /// phase with the stored prompts.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queued_task_names_its_phase_in_the_stored_pipeline_instead_of_carrying_it() {
-    use nexus_proto::internal::{PhaseTask, PipelineSnapshot};
+    use nexus_proto::internal::PhaseTask;
     use prost::Message;
     let mut stack = Stack::start(0);
     let mut client = connect(&stack.endpoint()).await;
     let id = start(&mut client, "Waits for a worker").await;
 
     let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("nexus:{nx0}:tasks")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
-    let payload = match tasks.ids[0].map.get("m") {
-        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
-        other => panic!("task payload: {other:?}"),
-    };
+    let (_, payload) = queued_task(&mut redis).await;
     let task = PhaseTask::decode(payload.as_slice()).unwrap();
     assert_eq!(task.workflow_id, id);
     assert_eq!((task.phase_index, task.phase_name.as_str()), (0, "analyse"));
     assert_eq!(task.spec, None, "the task carries no phase");
-    let stored: Vec<u8> = redis::cmd("GET")
-        .arg(format!("nexus:{{nx0}}:pipeline:{}", task.pipeline_id))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let pipeline = PipelineSnapshot::decode(stored.as_slice()).unwrap();
+    let pipeline = stored_pipeline(&mut redis, &task).await;
     let analyse = &pipeline.phases[0];
     assert!(
         payload.len() < 256 && payload.len() * 2 < analyse.encoded_len(),
@@ -663,5 +677,53 @@ async fn a_queued_task_names_its_phase_in_the_stored_pipeline_instead_of_carryin
     assert!(
         !template_opening.is_empty() && first["prompt_excerpt"].as_str().unwrap().starts_with(&template_opening),
         "the prompt is the stored template's: {first}"
+    );
+}
+
+/// A task queued by a build whose tasks carried their phase (stream message
+/// version 1) still runs after an upgrade, with the phase it carries.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_carries_its_phase_from_an_older_build_still_runs() {
+    use nexus_proto::internal::PhaseTask;
+    use prost::Message;
+    let mut stack = Stack::start(0);
+    let mut client = connect(&stack.endpoint()).await;
+    let id = start(&mut client, "Queued by an older build").await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let (entry_id, payload) = queued_task(&mut redis).await;
+    let task = PhaseTask::decode(payload.as_slice()).unwrap();
+    let mut spec = stored_pipeline(&mut redis, &task).await.phases[0].clone();
+    spec.system_prompt = "CARRIED SYSTEM PROMPT".into();
+    let old = PhaseTask {
+        version: 1,
+        spec: Some(spec),
+        phase_name: String::new(),
+        ..task
+    };
+    let _: () = redis::pipe()
+        .cmd("XDEL")
+        .arg("nexus:{nx0}:tasks")
+        .arg(&entry_id)
+        .ignore()
+        .cmd("XADD")
+        .arg("nexus:{nx0}:tasks")
+        .arg("*")
+        .arg("m")
+        .arg(old.encode_to_vec())
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    stack
+        .workers
+        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
+    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    assert_eq!(requests.len(), 6);
+    assert_eq!(
+        requests[0]["system_tail"], "CARRIED SYSTEM PROMPT",
+        "the first phase ran as the task carried it"
     );
 }
