@@ -74,21 +74,23 @@ pub async fn run_task(
     let stop = registration.token.clone();
     // Shared with the heartbeat and the progress forwarder rather than copied into each.
     let handle = Arc::new(handle);
-    let work = run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop).instrument(span);
-    let next = with_heartbeat(work, keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone())).await;
+    // The heartbeat runs beside the work in this task until the work ends
+    // (a spawned heartbeat per call cost a task's allocation, scheduling and
+    // abort every phase); one that ends first (the claim was lost, and it
+    // cancelled the call) leaves the work to finish alone. Both futures are
+    // built in place: passed into a function, they would be stored twice
+    // (rust-lang/rust#62958), a few KB per call in flight.
+    let next = match futures::future::select(
+        std::pin::pin!(run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop).instrument(span)),
+        std::pin::pin!(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone())),
+    )
+    .await
+    {
+        futures::future::Either::Left((next, _heartbeat)) => next,
+        futures::future::Either::Right(((), work)) => work.await,
+    };
     METRICS.tasks_in_flight.dec();
     next
-}
-
-/// Runs `work` with `heartbeat` beside it in the same task until `work`
-/// ends (a spawned heartbeat per call cost a task's allocation, scheduling
-/// and abort for every phase). A heartbeat that ends first (the claim was
-/// lost, and it cancelled the call) leaves `work` to finish alone.
-async fn with_heartbeat<T>(work: impl Future<Output = T>, heartbeat: impl Future<Output = ()>) -> T {
-    match futures::future::select(std::pin::pin!(work), std::pin::pin!(heartbeat)).await {
-        futures::future::Either::Left((done, _heartbeat)) => done,
-        futures::future::Either::Right(((), work)) => work.await,
-    }
 }
 
 /// A task's phase: carried by the task (tasks of version 1) or, as tasks
@@ -357,28 +359,30 @@ async fn call_model(
     stop: &CancellationToken,
 ) -> CallOutcome {
     let (events, receiver) = mpsc::channel(256);
-    // The forwarder runs beside the call in this task, not in one of its
-    // own, and ends when the call is done and drops its sender.
-    let forwarder = crate::progress::forward_events(
-        handle.clone(),
-        spec.name.clone(),
-        metrics::retries_counter(&spec.model),
-        delivery,
-        receiver,
-        stop.clone(),
-    );
     let started = Instant::now();
     let validator: Option<&OutputValidator> = match spec.output() {
         OutputKind::Rating => Some(&validate_rating),
         _ => None,
     };
-    let call = async {
-        let events = events;
-        ctx.client
-            .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
-            .await
-    };
-    let (answer, final_events) = tokio::join!(call, forwarder);
+    // The forwarder runs beside the call in this task, not in one of its
+    // own, and ends when the call is done and drops its sender. Both are
+    // built in place (see `run_task`).
+    let (answer, final_events) = tokio::join!(
+        async {
+            let events = events;
+            ctx.client
+                .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
+                .await
+        },
+        crate::progress::forward_events(
+            handle.clone(),
+            spec.name.clone(),
+            metrics::retries_counter(&spec.model),
+            delivery,
+            receiver,
+            stop.clone(),
+        )
+    );
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
         Ok(completion) => {
