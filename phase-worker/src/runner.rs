@@ -365,24 +365,22 @@ async fn call_model(
         _ => None,
     };
     // The forwarder runs beside the call in this task, not in one of its
-    // own, and ends when the call is done and drops its sender. Both are
-    // built in place (see `run_task`).
-    let (answer, final_events) = tokio::join!(
-        async {
-            let events = events;
-            ctx.client
-                .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
-                .await
-        },
-        crate::progress::forward_events(
-            handle.clone(),
-            spec.name.clone(),
-            metrics::retries_counter(&spec.model),
-            delivery,
-            receiver,
-            stop.clone(),
-        )
+    // own, and ends when the call is done and drops its sender.
+    let forwarder = crate::progress::forward_events(
+        handle.clone(),
+        spec.name.clone(),
+        metrics::retries_counter(&spec.model),
+        delivery,
+        receiver,
+        stop.clone(),
     );
+    let call = async {
+        let events = events;
+        ctx.client
+            .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
+            .await
+    };
+    let (answer, final_events) = tokio::join!(call, forwarder);
     let seconds = started.elapsed().as_secs_f64();
     match &answer {
         Ok(completion) => {
