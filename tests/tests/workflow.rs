@@ -595,34 +595,69 @@ async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
     assert!(others.is_empty(), "no write of its own for streamed text: {others:?}");
 }
 
-/// The one task queued on shard 0: its entry id and payload.
-async fn queued_task(redis: &mut redis::aio::MultiplexedConnection) -> (String, Vec<u8>) {
-    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("nexus:{nx0}:tasks")
-        .arg("-")
-        .arg("+")
-        .query_async(redis)
-        .await
-        .unwrap();
-    assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
-    match tasks.ids[0].map.get("m") {
-        Some(redis::Value::BulkString(bytes)) => (tasks.ids[0].id.clone(), bytes.clone()),
-        other => panic!("task payload: {other:?}"),
-    }
+/// A run started while no worker runs, and its first task as queued.
+struct QueuedRun {
+    stack: Stack,
+    client: Client,
+    id: String,
+    redis: redis::aio::MultiplexedConnection,
+    entry_id: String,
+    payload: Vec<u8>,
+    task: nexus_proto::internal::PhaseTask,
 }
 
-/// The pipeline snapshot a task names, as stored.
-async fn stored_pipeline(
-    redis: &mut redis::aio::MultiplexedConnection,
-    task: &nexus_proto::internal::PhaseTask,
-) -> nexus_proto::internal::PipelineSnapshot {
-    use prost::Message;
-    let stored: Vec<u8> = redis::cmd("GET")
-        .arg(format!("nexus:{{nx0}}:pipeline:{}", task.pipeline_id))
-        .query_async(redis)
-        .await
-        .unwrap();
-    nexus_proto::internal::PipelineSnapshot::decode(stored.as_slice()).unwrap()
+impl QueuedRun {
+    async fn start(name: &str) -> Self {
+        use prost::Message;
+        let stack = Stack::start(0);
+        let mut client = connect(&stack.endpoint()).await;
+        let id = start(&mut client, name).await;
+        let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+        let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg("nexus:{nx0}:tasks")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
+        let payload = match tasks.ids[0].map.get("m") {
+            Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+            other => panic!("task payload: {other:?}"),
+        };
+        Self {
+            entry_id: tasks.ids[0].id.clone(),
+            task: nexus_proto::internal::PhaseTask::decode(payload.as_slice()).unwrap(),
+            payload,
+            stack,
+            client,
+            id,
+            redis,
+        }
+    }
+
+    /// The pipeline snapshot the task names, as stored.
+    async fn stored_pipeline(&mut self) -> nexus_proto::internal::PipelineSnapshot {
+        use prost::Message;
+        let stored: Vec<u8> = redis::cmd("GET")
+            .arg(format!("nexus:{{nx0}}:pipeline:{}", self.task.pipeline_id))
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+        nexus_proto::internal::PipelineSnapshot::decode(stored.as_slice()).unwrap()
+    }
+
+    /// Starts a worker, waits for the run to complete and returns the
+    /// stand-in's ledger of calls.
+    async fn complete_with_a_worker(&mut self) -> Vec<serde_json::Value> {
+        let stack = &mut self.stack;
+        stack
+            .workers
+            .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
+        let workflow = wait_terminal(&mut self.client, &self.id, Duration::from_secs(60)).await;
+        assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+        ModelControl::new(&stack.model.base_url()).requests().await
+    }
 }
 
 /// A queued task names its phase in the run's stored pipeline instead of
@@ -631,33 +666,22 @@ async fn stored_pipeline(
 /// phase with the stored prompts.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queued_task_names_its_phase_in_the_stored_pipeline_instead_of_carrying_it() {
-    use nexus_proto::internal::PhaseTask;
     use prost::Message;
-    let mut stack = Stack::start(0);
-    let mut client = connect(&stack.endpoint()).await;
-    let id = start(&mut client, "Waits for a worker").await;
-
-    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let (_, payload) = queued_task(&mut redis).await;
-    let task = PhaseTask::decode(payload.as_slice()).unwrap();
-    assert_eq!(task.workflow_id, id);
+    let mut run = QueuedRun::start("Waits for a worker").await;
+    let task = &run.task;
+    assert_eq!(task.workflow_id, run.id);
     assert_eq!((task.phase_index, task.phase_name.as_str()), (0, "analyse"));
     assert_eq!(task.spec, None, "the task carries no phase");
-    let pipeline = stored_pipeline(&mut redis, &task).await;
+    let pipeline = run.stored_pipeline().await;
     let analyse = &pipeline.phases[0];
+    let size = run.payload.len();
     assert!(
-        payload.len() < 256 && payload.len() * 2 < analyse.encoded_len(),
-        "a task of {} bytes for a phase of {}",
-        payload.len(),
+        size < 256 && size * 2 < analyse.encoded_len(),
+        "a task of {size} bytes for a phase of {}",
         analyse.encoded_len()
     );
 
-    stack
-        .workers
-        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
-    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
-    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
-    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    let requests = run.complete_with_a_worker().await;
     let first = &requests[0];
     let system = &analyse.system_prompt;
     let tail: String = system
@@ -686,24 +710,19 @@ async fn a_queued_task_names_its_phase_in_the_stored_pipeline_instead_of_carryin
 async fn a_task_that_carries_its_phase_from_an_older_build_still_runs() {
     use nexus_proto::internal::PhaseTask;
     use prost::Message;
-    let mut stack = Stack::start(0);
-    let mut client = connect(&stack.endpoint()).await;
-    let id = start(&mut client, "Queued by an older build").await;
-    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let (entry_id, payload) = queued_task(&mut redis).await;
-    let task = PhaseTask::decode(payload.as_slice()).unwrap();
-    let mut spec = stored_pipeline(&mut redis, &task).await.phases[0].clone();
+    let mut run = QueuedRun::start("Queued by an older build").await;
+    let mut spec = run.stored_pipeline().await.phases[0].clone();
     spec.system_prompt = "CARRIED SYSTEM PROMPT".into();
     let old = PhaseTask {
         version: 1,
         spec: Some(spec),
         phase_name: String::new(),
-        ..task
+        ..run.task.clone()
     };
     let _: () = redis::pipe()
         .cmd("XDEL")
         .arg("nexus:{nx0}:tasks")
-        .arg(&entry_id)
+        .arg(&run.entry_id)
         .ignore()
         .cmd("XADD")
         .arg("nexus:{nx0}:tasks")
@@ -711,16 +730,11 @@ async fn a_task_that_carries_its_phase_from_an_older_build_still_runs() {
         .arg("m")
         .arg(old.encode_to_vec())
         .ignore()
-        .query_async(&mut redis)
+        .query_async(&mut run.redis)
         .await
         .unwrap();
 
-    stack
-        .workers
-        .push(Worker::start(&stack.redis.url(), &stack.model.base_url(), &[]));
-    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
-    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
-    let requests = ModelControl::new(&stack.model.base_url()).requests().await;
+    let requests = run.complete_with_a_worker().await;
     assert_eq!(requests.len(), 6);
     assert_eq!(
         requests[0]["system_tail"], "CARRIED SYSTEM PROMPT",
