@@ -259,3 +259,23 @@ pub fn phase_of(event: &WorkflowEvent) -> Option<u32> {
         _ => None,
     }
 }
+
+/// The entries of shard 0's task stream, read with XRANGE: each entry's id
+/// and its task payload (field `m`).
+pub async fn shard0_task_entries(redis: &mut redis::aio::MultiplexedConnection) -> Vec<(String, Vec<u8>)> {
+    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("nexus:{nx0}:tasks")
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await
+        .unwrap();
+    tasks
+        .ids
+        .into_iter()
+        .map(|entry| match entry.map.get("m") {
+            Some(redis::Value::BulkString(bytes)) => (entry.id.clone(), bytes.clone()),
+            other => panic!("task payload: {other:?}"),
+        })
+        .collect()
+}

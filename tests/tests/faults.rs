@@ -120,17 +120,7 @@ async fn duplicate_delivery_of_a_task_records_its_result_once() {
 
     // Deliver the running task a second time, as a reclaim race would.
     let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("nexus:{nx0}:tasks")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let payload = match tasks.ids[0].map.get("m") {
-        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
-        other => panic!("task payload: {other:?}"),
-    };
+    let (_, payload) = shard0_task_entries(&mut redis).await.remove(0);
     let _: String = redis::cmd("XADD")
         .arg("nexus:{nx0}:tasks")
         .arg("*")

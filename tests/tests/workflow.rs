@@ -613,20 +613,11 @@ impl QueuedRun {
         let mut client = connect(&stack.endpoint()).await;
         let id = start(&mut client, name).await;
         let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-        let tasks: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg("nexus:{nx0}:tasks")
-            .arg("-")
-            .arg("+")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        assert_eq!(tasks.ids.len(), 1, "the run's first task waits in the stream");
-        let payload = match tasks.ids[0].map.get("m") {
-            Some(redis::Value::BulkString(bytes)) => bytes.clone(),
-            other => panic!("task payload: {other:?}"),
-        };
+        let mut tasks = shard0_task_entries(&mut redis).await;
+        assert_eq!(tasks.len(), 1, "the run's first task waits in the stream");
+        let (entry_id, payload) = tasks.remove(0);
         Self {
-            entry_id: tasks.ids[0].id.clone(),
+            entry_id,
             task: nexus_proto::internal::PhaseTask::decode(payload.as_slice()).unwrap(),
             payload,
             stack,
