@@ -54,9 +54,8 @@ redis_args=(--port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appe
 if [ -n "$redis" ]; then counted redis redis-server "${redis_args[@]}"; else
   redis-server "${redis_args[@]}" >"$dir/redis.log" 2>&1 & pids+=($!); fi
 wait_for "$dir/redis.log" "Ready to accept connections"
-"$bin/stand-in-model" --listen "127.0.0.1:$((port + 1))" --first-token-latency-ms 0 --tokens-per-second 0 \
-  --reply-words 8 >"$dir/stand-in.log" 2>&1 &
-pids+=($!)
+counted stand-in "$bin/stand-in-model" --listen "127.0.0.1:$((port + 1))" --first-token-latency-ms 0 \
+  --tokens-per-second 0 --reply-words 8
 counted orchestrator "$bin/orchestrator" --listen "127.0.0.1:$((port + 2))"
 counted worker "$bin/phase-worker" --consumer-name counted
 wait_for "$dir/orchestrator.log" "orchestrator listening on"
@@ -68,10 +67,12 @@ run() { # count
       --watch >/dev/null || { echo "workflow $n failed" >&2; exit 1; }
   done
 }
-measured=(orchestrator worker); [ -n "$redis" ] && measured+=(redis)
+measured=(orchestrator worker); [ -n "$redis" ] && measured+=(redis); measured+=(stand-in)
 run 5
 for pid in "${counted_pids[@]}"; do callgrind_control -z "$pid" >/dev/null 2>&1; done
+redis-cli -p "$port" CONFIG RESETSTAT >/dev/null
 run "$runs"
+commandstats=$(redis-cli -p "$port" INFO commandstats)
 for pid in "${counted_pids[@]}"; do callgrind_control -d "$pid" >/dev/null 2>&1; done
 sleep 1
 phases=$((runs * 6))
@@ -81,5 +82,8 @@ for name in "${measured[@]}"; do
   total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
   printf '  %-13s %9d   (profile: callgrind_annotate --inclusive=yes %s)\n' "$name" $((total / phases)) "$dump"
 done
+echo "  redis calls per phase (INFO commandstats, script-internal calls included):"
+echo "$commandstats" | awk -F'[:=,]' -v phases="$phases" '/^cmdstat_/ {
+  sub("cmdstat_", "", $1); printf "    %-22s %6.2f\n", $1, $3 / phases }' | sort -k2 -rn
 aof_bytes=$(cat "$dir"/appendonlydir/*.incr.aof | wc -c)
 echo "  AOF           $((aof_bytes / (runs + 5))) bytes per workflow"

@@ -32,21 +32,20 @@ impl Framing {
         self.rough
     }
 
-    /// A `data:` event carrying a JSON chunk. Smooth framing serializes it straight into the
-    /// write (no intermediate `Value`): most of the stand-in's time goes here.
-    pub(crate) fn json<T: serde::Serialize>(&mut self, chunk: &T) -> Vec<Bytes> {
+    /// A `data:` event carrying a JSON chunk (its text). Rough framing pretty-prints every
+    /// other one over several `data:` lines.
+    pub(crate) fn json(&mut self, chunk: &str) -> Vec<Bytes> {
         if !self.rough {
-            let mut frame = b"data: ".to_vec();
-            serde_json::to_writer(&mut frame, chunk).expect("chunks serialize");
-            frame.extend_from_slice(b"\n\n");
+            let mut frame = Vec::new();
+            smooth_event(chunk, &mut frame);
             return vec![Bytes::from(frame)];
         }
-        let chunk = serde_json::to_value(chunk).expect("chunks serialize");
         self.events += 1;
-        let payload = if self.events.is_multiple_of(2) {
-            serde_json::to_string_pretty(&chunk).unwrap_or_else(|_| chunk.to_string())
-        } else {
-            chunk.to_string()
+        let payload = match serde_json::from_str::<serde_json::Value>(chunk) {
+            Ok(value) if self.events.is_multiple_of(2) => {
+                serde_json::to_string_pretty(&value).unwrap_or_else(|_| chunk.to_owned())
+            }
+            _ => chunk.to_owned(),
         };
         self.rough_data(&payload)
     }
@@ -80,6 +79,13 @@ impl Framing {
         writes.extend(split(&event));
         writes
     }
+}
+
+/// A smooth `data:` event, appended to `out`: where an unpaced stream gathers its writes.
+pub(crate) fn smooth_event(payload: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(payload.as_bytes());
+    out.extend_from_slice(b"\n\n");
 }
 
 fn smooth(frame: &str) -> Vec<Bytes> {
@@ -119,7 +125,7 @@ mod tests {
     #[test]
     fn smooth_framing_is_one_write_per_event() {
         let mut framing = Framing::new(false);
-        let writes = framing.json(&json!({"a": 1}));
+        let writes = framing.json(&json!({"a": 1}).to_string());
         assert_eq!(writes, [Bytes::from("data: {\"a\":1}\n\n")]);
         assert_eq!(framing.keepalive(), [Bytes::from(": OPENROUTER PROCESSING\n\n")]);
     }
@@ -129,7 +135,7 @@ mod tests {
         let mut framing = Framing::new(true);
         let chunk = json!({"choices": [{"delta": {"content": " word — with a dash"}}]});
         for _ in 0..6 {
-            let writes = framing.json(&chunk);
+            let writes = framing.json(&chunk.to_string());
             assert!(writes.len() >= 3, "{writes:?}");
             assert_eq!(writes.last().unwrap(), &Bytes::from("\n"), "the last CRLF is split");
             let text = joined(&writes);
@@ -146,7 +152,9 @@ mod tests {
     #[test]
     fn rough_framing_varies_data_lines_and_comments_between_events() {
         let mut framing = Framing::new(true);
-        let events: Vec<String> = (0..3).map(|_| joined(&framing.json(&json!({"a": [1, 2]})))).collect();
+        let events: Vec<String> = (0..3)
+            .map(|_| joined(&framing.json(&json!({"a": [1, 2]}).to_string())))
+            .collect();
         assert_eq!(events[0].matches("data:").count(), 1);
         assert!(events[1].matches("data:").count() > 1, "{:?}", events[1]);
         assert!(events[2].starts_with(": OPENROUTER PROCESSING\r\n\r\n"));

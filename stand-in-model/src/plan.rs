@@ -1,6 +1,7 @@
 //! What one chat request will produce, decided up front from the request, the config and the
 //! fault it drew: the deltas, the usage, the timing. The HTTP layers then only play it out.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -47,15 +48,16 @@ struct Message {
 }
 
 impl Message {
-    fn text(&self) -> String {
+    fn text(&self) -> Cow<'_, str> {
         match &self.content {
-            Value::String(text) => text.clone(),
+            Value::String(text) => Cow::Borrowed(text),
             Value::Array(parts) => parts
                 .iter()
                 .filter_map(|part| part.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
-                .join(" "),
-            _ => String::new(),
+                .join(" ")
+                .into(),
+            _ => Cow::Borrowed(""),
         }
     }
 }
@@ -89,7 +91,7 @@ impl ChatBody {
         enabled.unwrap_or(reasoning.contains_key("effort") || reasoning.contains_key("max_tokens"))
     }
 
-    fn last_user_text(&self) -> String {
+    fn last_user_text(&self) -> Cow<'_, str> {
         let last = self.messages.iter().rev().find(|m| m.role == "user");
         last.map(Message::text).unwrap_or_default()
     }
@@ -171,11 +173,7 @@ impl Plan {
         let reasoning = reply::reasoning_deltas(&body.model, count);
         let completion_tokens = (chunks.len() + reasoning.len()) as u64;
         Self {
-            meta: Meta {
-                id: format!("gen-standin-{seq}"),
-                model: body.model.clone(),
-                created: unix_now(),
-            },
+            meta: Meta::new(format!("gen-standin-{seq}"), body.model.clone(), unix_now()),
             usage: wire::usage(
                 &body.model,
                 body.prompt_tokens(),

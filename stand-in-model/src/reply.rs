@@ -2,16 +2,18 @@
 //! prompt so different phases visibly differ, and always labelled as the stand-in's so nobody
 //! mistakes demo output for a real model's.
 
-const FALLBACK_WORDS: [&str; 4] = ["stand-in", "reply", "without", "prompt"];
+const FALLBACK_WORDS: &str = "stand-in reply without prompt";
 
-/// Banner plus `words` words cycled from the prompt.
+/// Banner plus `words` words cycled from the prompt. Only the words used are looked at: the
+/// prompt carries the plan and every earlier phase's output.
 pub(crate) fn free_text(model: &str, prompt: &str, words: usize) -> String {
-    let mut source: Vec<&str> = prompt.split_whitespace().collect();
-    if source.is_empty() {
-        source = FALLBACK_WORDS.to_vec();
-    }
+    let source = if prompt.split_whitespace().next().is_some() {
+        prompt
+    } else {
+        FALLBACK_WORDS
+    };
     let mut text = format!("[stand-in model for {model}; not a real LLM]");
-    for word in source.iter().cycle().take(words) {
+    for word in source.split_whitespace().cycle().take(words) {
         text.push(' ');
         text.push_str(word);
     }

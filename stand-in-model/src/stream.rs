@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::faults::Fault;
-use crate::framing::Framing;
+use crate::framing::{self, Framing};
 use crate::plan::Plan;
 use crate::state::Outcome;
 use crate::wire;
@@ -88,7 +88,12 @@ impl Sink {
         }
     }
 
-    async fn send_data<T: serde::Serialize>(&mut self, chunk: &T) -> Result<(), Gone> {
+    /// Sends a JSON chunk; an unpaced smooth stream gathers it without an intermediate write.
+    async fn send_data(&mut self, chunk: &str) -> Result<(), Gone> {
+        if let Some(gathered) = self.gathered.as_mut() {
+            framing::smooth_event(chunk, gathered);
+            return Ok(());
+        }
         let writes = self.framing.json(chunk);
         self.write(writes).await
     }

@@ -1,7 +1,6 @@
 //! The JSON OpenRouter puts on the wire: completion chunks, the final usage chunk, whole
 //! completions and error bodies. Kept in one place so the shapes match the real API docs.
 
-use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Identity shared by every chunk of one generation.
@@ -10,80 +9,87 @@ pub(crate) struct Meta {
     pub id: String,
     pub model: String,
     pub created: u64,
+    /// The chunks' shared fields as JSON (`"id":…,"provider":"Stand-in"`), rendered once:
+    /// a reply is a chunk per word, and serializing these strings again for each was most of
+    /// the stand-in's work, work the engine it benchmarks then had to share two cores with.
+    chunk_head: String,
 }
 
-/// One content delta, typed rather than a `json!` value: it is the chunk sent most often, and
-/// serializing a struct costs a fraction of building and printing a map.
-#[derive(Serialize)]
-pub(crate) struct ContentChunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    provider: &'static str,
-    choices: [ContentChoice<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct ContentChoice<'a> {
-    index: u32,
-    delta: ContentDelta<'a>,
-    finish_reason: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct ContentDelta<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-pub(crate) fn content_chunk<'a>(meta: &'a Meta, text: &'a str, finish_reason: Option<&'a str>) -> ContentChunk<'a> {
-    ContentChunk {
-        id: &meta.id,
-        object: "chat.completion.chunk",
-        created: meta.created,
-        model: &meta.model,
-        provider: "Stand-in",
-        choices: [ContentChoice {
-            index: 0,
-            delta: ContentDelta {
-                role: "assistant",
-                content: text,
-            },
-            finish_reason,
-        }],
+impl Meta {
+    pub(crate) fn new(id: String, model: String, created: u64) -> Self {
+        let mut chunk_head = String::from("\"id\":");
+        push_json_str(&mut chunk_head, &id);
+        chunk_head.push_str(",\"object\":\"chat.completion.chunk\",\"created\":");
+        chunk_head.push_str(&created.to_string());
+        chunk_head.push_str(",\"model\":");
+        push_json_str(&mut chunk_head, &model);
+        chunk_head.push_str(",\"provider\":\"Stand-in\"");
+        Self {
+            id,
+            model,
+            created,
+            chunk_head,
+        }
     }
+
+    /// `{` and the shared fields, with room for the rest of a chunk.
+    fn open_chunk(&self, rest: usize) -> String {
+        let mut chunk = String::with_capacity(self.chunk_head.len() + rest + 64);
+        chunk.push('{');
+        chunk.push_str(&self.chunk_head);
+        chunk
+    }
+}
+
+/// `text` as a JSON string literal, appended.
+fn push_json_str(out: &mut String, text: &str) {
+    let literal = serde_json::to_string(text).expect("a string serializes");
+    out.push_str(&literal);
+}
+
+/// One content delta, as JSON text; the last one carries the finish reason.
+pub(crate) fn content_chunk(meta: &Meta, text: &str, finish_reason: Option<&str>) -> String {
+    let mut chunk = meta.open_chunk(text.len());
+    chunk.push_str(",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":");
+    push_json_str(&mut chunk, text);
+    chunk.push_str("},\"finish_reason\":");
+    match finish_reason {
+        Some(reason) => push_json_str(&mut chunk, reason),
+        None => chunk.push_str("null"),
+    }
+    chunk.push_str("}]}");
+    chunk
 }
 
 /// A thinking model's thoughts: `delta.reasoning` (and its structured twin
 /// `delta.reasoning_details`) with no content, as OpenRouter streams them before the answer.
-pub(crate) fn reasoning_chunk(meta: &Meta, text: &str) -> Value {
-    let details = json!([{"type": "reasoning.text", "text": text, "format": "unknown", "index": 0}]);
-    json!({
-        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-        "model": meta.model, "provider": "Stand-in",
-        "choices": [{"index": 0,
-                     "delta": {"role": "assistant", "content": null, "reasoning": text,
-                               "reasoning_details": details},
-                     "finish_reason": null}],
-    })
+pub(crate) fn reasoning_chunk(meta: &Meta, text: &str) -> String {
+    let mut chunk = meta.open_chunk(2 * text.len() + 160);
+    chunk.push_str(",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"reasoning\":");
+    push_json_str(&mut chunk, text);
+    chunk.push_str(",\"reasoning_details\":[{\"type\":\"reasoning.text\",\"text\":");
+    push_json_str(&mut chunk, text);
+    chunk.push_str(",\"format\":\"unknown\",\"index\":0}]},\"finish_reason\":null}]}");
+    chunk
 }
 
 /// The last chunk before `[DONE]`: no choices, only usage.
-pub(crate) fn usage_chunk(meta: &Meta, usage: &Value) -> Value {
-    json!({
-        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-        "model": meta.model, "provider": "Stand-in", "choices": [], "usage": usage,
-    })
+pub(crate) fn usage_chunk(meta: &Meta, usage: &Value) -> String {
+    let mut chunk = meta.open_chunk(256);
+    chunk.push_str(",\"choices\":[],\"usage\":");
+    chunk.push_str(&usage.to_string());
+    chunk.push('}');
+    chunk
 }
 
 /// How OpenRouter reports a failure after the 200 status has gone out.
-pub(crate) fn error_chunk(meta: &Meta, code: u16, message: &str) -> Value {
+pub(crate) fn error_chunk(meta: &Meta, code: u16, message: &str) -> String {
     json!({
         "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
         "model": meta.model, "error": {"code": code, "message": message},
         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
     })
+    .to_string()
 }
 
 /// A whole answer; `reasoning` goes in `message.reasoning`, as OpenRouter puts it.
@@ -138,6 +144,50 @@ fn usd_per_million_tokens(model: &str) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meta() -> Meta {
+        Meta::new("gen-standin-7".into(), "vendor/model \"quoted\"".into(), 1_700_000_000)
+    }
+
+    fn parsed(chunk: &str) -> Value {
+        serde_json::from_str(chunk).expect("a rendered chunk is JSON")
+    }
+
+    /// The chunks are rendered by hand for speed; they must still be exactly OpenRouter's shape.
+    #[test]
+    fn rendered_chunks_are_the_json_openrouter_sends() {
+        let meta = meta();
+        let shared = json!({"id": "gen-standin-7", "object": "chat.completion.chunk",
+            "created": 1_700_000_000u64, "model": "vendor/model \"quoted\"", "provider": "Stand-in"});
+        let with = |extra: Value| {
+            let mut expected = shared.clone();
+            expected
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            expected
+        };
+        let content = content_chunk(&meta, " word \u{2014} \"with\" a\nbreak", None);
+        let delta = json!({"role": "assistant", "content": " word \u{2014} \"with\" a\nbreak"});
+        assert_eq!(
+            parsed(&content),
+            with(json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}))
+        );
+        let last = parsed(&content_chunk(&meta, "end", Some("stop")));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        let thought = "step 1 \u{2014} weighing\u{2026}";
+        let details = json!([{"type": "reasoning.text", "text": thought, "format": "unknown", "index": 0}]);
+        let delta = json!({"role": "assistant", "content": null, "reasoning": thought, "reasoning_details": details});
+        assert_eq!(
+            parsed(&reasoning_chunk(&meta, thought)),
+            with(json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}))
+        );
+        let usage = usage("google/x", 10, 5, 1);
+        assert_eq!(
+            parsed(&usage_chunk(&meta, &usage)),
+            with(json!({"choices": [], "usage": usage}))
+        );
+    }
 
     #[test]
     fn cost_follows_the_price_table() {
