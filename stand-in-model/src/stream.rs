@@ -1,12 +1,15 @@
 //! Plays a [`Plan`] out as an SSE body, the way OpenRouter streams: keep-alive comments while
 //! "processing", reasoning deltas when the model thinks, one `data:` chunk per word, a usage
 //! chunk, `[DONE]`, and any scripted mid-stream fault. How each event looks on the wire, smooth
-//! or rough, is `framing`'s business. A spawned task writes into a small channel that feeds the
-//! body, so it notices at once when the client hangs up (the channel closes) and stops
-//! generating. An unpaced smooth stream ("as fast as the connection takes it") is gathered
-//! between pauses and written at once, as a fast provider's bytes arrive in few TCP segments.
+//! or rough, is `framing`'s business. A plan with timing or a fault is played by a spawned task
+//! that writes into a small channel feeding the body, so it notices at once when the client
+//! hangs up (the channel closes) and stops generating. An unpaced smooth stream ("as fast as
+//! the connection takes it") is gathered between pauses and written at once, as a fast
+//! provider's bytes arrive in few TCP segments; one that never pauses is one body.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -31,17 +34,15 @@ const DONE: &str = "[DONE]";
 /// TCP segments instead of being coalesced into one.
 const WRITE_GAP: Duration = Duration::from_millis(1);
 
-/// Starts the producer and returns the streaming response.
+/// The streaming response: played at once into one body when the plan never waits, else by a
+/// producer task that writes as the plan's timing says.
 pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
     let generation_id = plan.meta.id.clone();
-    let sink = Sink {
-        tx,
-        framing: Framing::new(plan.rough),
-        gathered: (!plan.rough && plan.token_interval.is_none()).then(Vec::new),
+    let body = if plays_at_once(&plan) {
+        whole_body(plan, outcome)
+    } else {
+        produced_body(plan, outcome)
     };
-    tokio::spawn(produce(plan, sink, outcome));
-    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
     (
         [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
         [("x-generation-id", generation_id)],
@@ -50,12 +51,50 @@ pub(crate) fn respond(plan: Plan, outcome: Outcome) -> Response {
         .into_response()
 }
 
+/// Whether the plan has nothing to wait for: no latency, no pacing, no fault, smooth framing.
+fn plays_at_once(plan: &Plan) -> bool {
+    let thinks_at_once = plan.reasoning.is_empty() || plan.reasoning_interval.is_zero();
+    !plan.rough
+        && plan.fault.is_none()
+        && plan.token_interval.is_none()
+        && plan.first_token_latency.is_zero()
+        && thinks_at_once
+}
+
+/// A plan that never waits, played into one buffer and sent as one body. The client reads the
+/// same bytes as from the producer task, and the stand-in (which shares the machine with the
+/// engine it benchmarks) spends no task, channel and wake-ups per request on it.
+fn whole_body(plan: Plan, outcome: Outcome) -> Body {
+    let mut sink = Sink {
+        tx: None,
+        framing: Framing::new(false),
+        gathered: Some(Vec::new()),
+    };
+    let played = std::pin::pin!(play(&plan, &mut sink)).poll(&mut Context::from_waker(Waker::noop()));
+    debug_assert!(played.is_ready(), "a plan that plays at once never waits");
+    outcome.settle(plan.outcome_label());
+    Body::from(sink.gathered.unwrap_or_default())
+}
+
+/// A producer task writes into a small channel that feeds the body.
+fn produced_body(plan: Plan, outcome: Outcome) -> Body {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let sink = Sink {
+        tx: Some(tx),
+        framing: Framing::new(plan.rough),
+        gathered: (!plan.rough && plan.token_interval.is_none()).then(Vec::new),
+    };
+    tokio::spawn(produce(plan, sink, outcome));
+    Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
+}
+
 /// The client went away.
 struct Gone;
 
 /// The writing end of the body.
 struct Sink {
-    tx: mpsc::Sender<Bytes>,
+    /// `None` while playing a whole body: everything stays gathered.
+    tx: Option<mpsc::Sender<Bytes>>,
     framing: Framing,
     /// Writes not sent yet, for an unpaced smooth stream; `None` sends each write at once.
     gathered: Option<Vec<u8>>,
@@ -72,17 +111,27 @@ impl Sink {
             if index > 0 && self.framing.is_rough() {
                 self.pause(WRITE_GAP).await?;
             }
-            self.tx.send(bytes).await.map_err(|_| Gone)?;
+            self.send(bytes).await?;
         }
         Ok(())
     }
 
+    async fn send(&self, bytes: Bytes) -> Result<(), Gone> {
+        match &self.tx {
+            Some(tx) => tx.send(bytes).await.map_err(|_| Gone),
+            None => Err(Gone),
+        }
+    }
+
     /// Sends what was gathered, if anything.
     async fn flush(&mut self) -> Result<(), Gone> {
+        if self.tx.is_none() {
+            return Ok(());
+        }
         match self.gathered.as_mut().filter(|gathered| !gathered.is_empty()) {
             Some(gathered) => {
                 let bytes = Bytes::from(std::mem::take(gathered));
-                self.tx.send(bytes).await.map_err(|_| Gone)
+                self.send(bytes).await
             }
             None => Ok(()),
         }
@@ -111,9 +160,12 @@ impl Sink {
     /// Waits, but gives up as soon as the client hangs up. What was gathered goes out first.
     async fn pause(&mut self, wait: Duration) -> Result<(), Gone> {
         self.flush().await?;
+        let Some(tx) = &self.tx else {
+            return Err(Gone);
+        };
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
-            () = self.tx.closed() => Err(Gone),
+            () = tx.closed() => Err(Gone),
         }
     }
 }

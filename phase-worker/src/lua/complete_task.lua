@@ -111,71 +111,88 @@ local function claim_next(outcome)
   return reply
 end
 
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if not pending[1] or pending[1][2] ~= ARGV[3] then
-  return claim_next('not_ours')
+-- Whether this consumer still holds the task's entry.
+local function holds_entry()
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+  return pending[1] ~= nil and pending[1][2] == ARGV[3]
 end
 
-local outcome = 'settled'
-local status = current_status(KEYS[2], ARGV[4], ARGV[5])
-if status then
-  local step = ARGV[9]
-  local finals = tonumber(ARGV[8])
-  for i = #ARGV - finals + 1, #ARGV do
-    if step == '' and i == #ARGV then
-      -- No step follows to move the run on and wake its watchers.
-      append_event(KEYS[2], status, KEYS[3], ARGV[i], ARGV[10], ARGV[6], ARGV[7])
-    else
-      redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
-    end
+local status, state = current_status(KEYS[2], ARGV[4], ARGV[5], 'spent_usd')
+if not status then
+  -- Stale: cancelled, finished, moved on, or taken over as a new attempt.
+  -- Only the holder may acknowledge the entry; a worker it was taken from
+  -- touches nothing.
+  if not holds_entry() then
+    return claim_next('not_ours')
   end
-  -- The state hash's new fields, written in one HSET with the step's own.
-  local recorded = {}
-  if step ~= '' and step ~= 'fail' then
-    redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
-    recorded = {'phase:' .. ARGV[4], ARGV[13]}
-    redis.call('XADD', KEYS[3], '*', 'm', ARGV[14])
-    if ARGV[16] ~= '' then
-      recorded[3] = 'rating'
-      recorded[4] = ARGV[16]
-    end
-    if tonumber(ARGV[20]) > 0 then
-      redis.call('HINCRBYFLOAT', KEYS[2], 'spent_usd', ARGV[20])
-    end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return claim_next('settled')
+end
+-- Current, so the entry is still this consumer's: a takeover (take_over.lua)
+-- moves the entry and bumps the attempt in one step, and a workflow's
+-- (phase, attempt) never comes back (phases only advance; the attempt
+-- starts at 1 in each). No XPENDING is needed on this path, the usual one.
+local step = ARGV[9]
+local finals = tonumber(ARGV[8])
+for i = #ARGV - finals + 1, #ARGV do
+  if step == '' and i == #ARGV then
+    -- No step follows to move the run on and wake its watchers.
+    append_event(KEYS[2], status, KEYS[3], ARGV[i], ARGV[10], ARGV[6], ARGV[7])
+  else
+    redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
   end
-  if step == 'next' then
-    redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
-      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], unpack(recorded))
-    if ARGV[24] ~= '' then
-      redis.call('XADD', KEYS[1], '*', 'm', ARGV[15], 's', ARGV[24])
-    else
-      redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
-    end
-    redis.call('PUBLISH', ARGV[6], ARGV[7])
-  elseif step == 'await' then
-    -- The next task waits in the state hash, not the stream: no worker holds
-    -- the run while a person decides (ApproveStep queues it).
-    redis.call('HSET', KEYS[2], 'status', 'awaiting_approval', 'phase', tonumber(ARGV[4]) + 1,
-      'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], 'gate', ARGV[4], 'gate_task', ARGV[15],
-      'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23], unpack(recorded))
-    redis.call('XADD', KEYS[3], '*', 'm', ARGV[21])
-    redis.call('ZADD', KEYS[5], ARGV[22], ARGV[7])
-    redis.call('PUBLISH', ARGV[6], ARGV[7])
-  elseif step == 'complete' then
-    local fields = {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1}
-    for i = 1, #recorded do
-      fields[#fields + 1] = recorded[i]
-    end
-    end_workflow(KEYS[2], KEYS[3], KEYS[4], fields,
-      ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
-  elseif step == 'fail' then
-    end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'failed', 'reason', ARGV[17]},
-      ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
+end
+-- The state hash's new fields, written in one HSET with the step's own.
+local recorded = {}
+if step ~= '' and step ~= 'fail' then
+  redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
+  recorded = {'phase:' .. ARGV[4], ARGV[13]}
+  redis.call('XADD', KEYS[3], '*', 'm', ARGV[14])
+  if ARGV[16] ~= '' then
+    recorded[#recorded + 1] = 'rating'
+    recorded[#recorded + 1] = ARGV[16]
   end
-  if step ~= '' then
-    outcome = 'applied'
+  local cost = tonumber(ARGV[20])
+  if cost > 0 then
+    -- The run's spend, summed here rather than by HINCRBYFLOAT: one
+    -- command fewer, and 14 significant digits are plenty for dollars.
+    recorded[#recorded + 1] = 'spent_usd'
+    recorded[#recorded + 1] = tostring((tonumber(state[4]) or 0) + cost)
   end
+end
+if step == 'next' then
+  redis.call('HSET', KEYS[2], 'status', 'running', 'phase', tonumber(ARGV[4]) + 1,
+    'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], unpack(recorded))
+  if ARGV[24] ~= '' then
+    redis.call('XADD', KEYS[1], '*', 'm', ARGV[15], 's', ARGV[24])
+  else
+    redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
+  end
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+elseif step == 'await' then
+  -- The next task waits in the state hash, not the stream: no worker holds
+  -- the run while a person decides (ApproveStep queues it).
+  redis.call('HSET', KEYS[2], 'status', 'awaiting_approval', 'phase', tonumber(ARGV[4]) + 1,
+    'attempt', '1', 'starts', '0', 'updated_ms', ARGV[10], 'gate', ARGV[4], 'gate_task', ARGV[15],
+    'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23], unpack(recorded))
+  redis.call('XADD', KEYS[3], '*', 'm', ARGV[21])
+  redis.call('ZADD', KEYS[5], ARGV[22], ARGV[7])
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+elseif step == 'complete' then
+  local fields = {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1}
+  for i = 1, #recorded do
+    fields[#fields + 1] = recorded[i]
+  end
+  end_workflow(KEYS[2], KEYS[3], KEYS[4], fields,
+    ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
+elseif step == 'fail' then
+  end_workflow(KEYS[2], KEYS[3], KEYS[4], {'status', 'failed', 'reason', ARGV[17]},
+    ARGV[15], ARGV[18], ARGV[10], ARGV[6], ARGV[7])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-return claim_next(outcome)
+if step ~= '' then
+  return claim_next('applied')
+end
+return claim_next('settled')
