@@ -1,10 +1,10 @@
 //! What one chat request will produce, decided up front from the request, the config and the
 //! fault it drew: the deltas, the usage, the timing. The HTTP layers then only play it out.
 
-use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::config::StandInConfig;
@@ -42,23 +42,78 @@ const ASKED_REASONING_DELTAS: usize = 2;
 struct Message {
     #[serde(default)]
     role: String,
-    /// A string, or OpenAI's array of `{"type": "text", "text": ...}` parts.
     #[serde(default)]
-    content: Value,
+    content: MessageText,
 }
 
 impl Message {
-    fn text(&self) -> Cow<'_, str> {
-        match &self.content {
-            Value::String(text) => Cow::Borrowed(text),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|part| part.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join(" ")
-                .into(),
-            _ => Cow::Borrowed(""),
+    fn text(&self) -> &str {
+        &self.content.0
+    }
+}
+
+/// A message's text: a string, or the text parts of OpenAI's array of
+/// `{"type": "text", "text": ...}` parts joined with spaces; empty for anything else. Read
+/// straight from the body, without a `Value` per message (the prompts are most of the bytes).
+#[derive(Debug, Default)]
+struct MessageText(String);
+
+impl<'de> Deserialize<'de> for MessageText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MessageTextVisitor)
+    }
+}
+
+struct MessageTextVisitor;
+
+impl<'de> Visitor<'de> for MessageTextVisitor {
+    type Value = MessageText;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a string or an array of content parts")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<MessageText, E> {
+        Ok(MessageText(text.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<MessageText, E> {
+        Ok(MessageText(text))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut parts: A) -> Result<MessageText, A::Error> {
+        let mut texts = Vec::new();
+        while let Some(part) = parts.next_element::<Value>()? {
+            if let Some(text) = part.get("text").and_then(Value::as_str) {
+                texts.push(text.to_owned());
+            }
         }
+        Ok(MessageText(texts.join(" ")))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessageText, A::Error> {
+        while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+        Ok(MessageText::default())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<MessageText, E> {
+        Ok(MessageText::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<MessageText, E> {
+        Ok(MessageText::default())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<MessageText, E> {
+        Ok(MessageText::default())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<MessageText, E> {
+        Ok(MessageText::default())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<MessageText, E> {
+        Ok(MessageText::default())
     }
 }
 
@@ -91,9 +146,9 @@ impl ChatBody {
         enabled.unwrap_or(reasoning.contains_key("effort") || reasoning.contains_key("max_tokens"))
     }
 
-    fn last_user_text(&self) -> Cow<'_, str> {
+    fn last_user_text(&self) -> &str {
         let last = self.messages.iter().rev().find(|m| m.role == "user");
-        last.map(Message::text).unwrap_or_default()
+        last.map_or("", Message::text)
     }
 
     /// About four characters per token, like the real tokenizers on English.
@@ -132,7 +187,7 @@ pub(crate) struct Plan {
     pub reasoning_interval: Duration,
     pub chunks: Vec<String>,
     pub finish_reason: String,
-    pub usage: Value,
+    pub usage: wire::Usage,
     pub first_token_latency: Duration,
     pub token_interval: Option<Duration>,
     pub keepalive_comments: bool,
@@ -227,4 +282,29 @@ fn reply_text(body: &ChatBody, config: &StandInConfig, fault: Option<&Fault>) ->
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(messages: Value) -> ChatBody {
+        serde_json::from_value(serde_json::json!({"model": "m", "messages": messages})).expect("a request body")
+    }
+
+    #[test]
+    fn message_text_is_the_string_or_the_text_parts_and_empty_for_anything_else() {
+        let parts = serde_json::json!([{"type": "text", "text": "first"}, {"type": "image_url"}, {"type": "text", "text": "second"}]);
+        let body = body(serde_json::json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": 42},
+            {"role": "user", "content": {"unexpected": true}},
+            {"role": "user", "content": null},
+            {"role": "user", "content": parts},
+        ]));
+        let texts: Vec<&str> = body.messages.iter().map(Message::text).collect();
+        assert_eq!(texts, ["be brief", "", "", "", "first second"]);
+        assert_eq!(body.last_user_text(), "first second");
+        assert!(serde_json::from_value::<ChatBody>(serde_json::json!({"model": "m", "messages": "no"})).is_err());
+    }
 }

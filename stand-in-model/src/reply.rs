@@ -55,7 +55,14 @@ pub(crate) const BAD_JSON_OUTPUT: &str = "not json at all (stand-in)";
 pub(crate) fn chunks(text: &str) -> Vec<String> {
     text.split(' ')
         .enumerate()
-        .map(|(i, word)| if i == 0 { word.to_owned() } else { format!(" {word}") })
+        .map(|(i, word)| {
+            let mut chunk = String::with_capacity(word.len() + 1);
+            if i > 0 {
+                chunk.push(' ');
+            }
+            chunk.push_str(word);
+            chunk
+        })
         .collect()
 }
 

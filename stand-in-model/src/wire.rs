@@ -1,6 +1,7 @@
 //! The JSON OpenRouter puts on the wire: completion chunks, the final usage chunk, whole
 //! completions and error bodies. Kept in one place so the shapes match the real API docs.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Identity shared by every chunk of one generation.
@@ -74,10 +75,10 @@ pub(crate) fn reasoning_chunk(meta: &Meta, text: &str) -> String {
 }
 
 /// The last chunk before `[DONE]`: no choices, only usage.
-pub(crate) fn usage_chunk(meta: &Meta, usage: &Value) -> String {
+pub(crate) fn usage_chunk(meta: &Meta, usage: &Usage) -> String {
     let mut chunk = meta.open_chunk(256);
     chunk.push_str(",\"choices\":[],\"usage\":");
-    chunk.push_str(&usage.to_string());
+    chunk.push_str(&serde_json::to_string(usage).expect("usage serializes"));
     chunk.push('}');
     chunk
 }
@@ -93,7 +94,7 @@ pub(crate) fn error_chunk(meta: &Meta, code: u16, message: &str) -> String {
 }
 
 /// A whole answer; `reasoning` goes in `message.reasoning`, as OpenRouter puts it.
-pub(crate) fn completion(meta: &Meta, text: &str, reasoning: &str, finish_reason: &str, usage: &Value) -> Value {
+pub(crate) fn completion(meta: &Meta, text: &str, reasoning: &str, finish_reason: &str, usage: &Usage) -> Value {
     let mut message = json!({"role": "assistant", "content": text});
     if !reasoning.is_empty() {
         message["reasoning"] = json!(reasoning);
@@ -115,20 +116,49 @@ pub(crate) fn error_body(status: u16, message: &str, scripted: bool) -> Value {
     json!({ "error": error })
 }
 
+/// Usage as OpenRouter reports it, typed so the usage chunk serializes without building a map.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost: f64,
+    cost_details: CostDetails,
+    prompt_tokens_details: PromptTokensDetails,
+    completion_tokens_details: CompletionTokensDetails,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct CostDetails {
+    upstream_inference_cost: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct CompletionTokensDetails {
+    reasoning_tokens: u64,
+}
+
 /// Usage with cost from a small built-in price table, so cost accounting can be tested.
 /// Reasoning tokens are output tokens: they are part of `completion_tokens` and billed.
-pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64, reasoning_tokens: u64) -> Value {
+pub(crate) fn usage(model: &str, prompt_tokens: u64, completion_tokens: u64, reasoning_tokens: u64) -> Usage {
     let (input, output) = usd_per_million_tokens(model);
     let cost = (prompt_tokens as f64 * input + completion_tokens as f64 * output) / 1e6;
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "cost": cost,
-        "cost_details": {"upstream_inference_cost": cost},
-        "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-    })
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        cost,
+        cost_details: CostDetails {
+            upstream_inference_cost: cost,
+        },
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
+        completion_tokens_details: CompletionTokensDetails { reasoning_tokens },
+    }
 }
 
 fn usd_per_million_tokens(model: &str) -> (f64, f64) {
@@ -183,16 +213,22 @@ mod tests {
             with(json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}))
         );
         let usage = usage("google/x", 10, 5, 1);
+        let expected = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+            "cost": usage.cost, "cost_details": {"upstream_inference_cost": usage.cost},
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 1}});
         assert_eq!(
             parsed(&usage_chunk(&meta, &usage)),
-            with(json!({"choices": [], "usage": usage}))
+            with(json!({"choices": [], "usage": expected}))
         );
     }
 
     #[test]
     fn cost_follows_the_price_table() {
-        let usage = usage("anthropic/claude", 1_000_000, 1_000_000, 0);
+        let usage = serde_json::to_value(usage("anthropic/claude", 1_000_000, 1_000_000, 0)).unwrap();
         assert_eq!(usage["cost"].as_f64(), Some(18.0));
         assert_eq!(usage["total_tokens"].as_u64(), Some(2_000_000));
+        assert_eq!(usage["cost_details"]["upstream_inference_cost"].as_f64(), Some(18.0));
+        assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"].as_u64(), Some(0));
     }
 }
