@@ -199,7 +199,7 @@ impl Plan {
     pub(crate) fn new(body: &ChatBody, config: &StandInConfig, seq: u64, fault: Option<Fault>) -> Self {
         let mut chunks = match &fault {
             Some(Fault::Long { bytes, chunk_bytes }) if !body.structured() => reply::pieces(
-                &reply::long_text(&body.model, &body.last_user_text(), *bytes),
+                &reply::long_text(&body.model, body.last_user_text(), *bytes),
                 *chunk_bytes,
             ),
             _ => reply::chunks(&reply_text(body, config, fault.as_ref())),
@@ -275,8 +275,8 @@ fn reply_text(body: &ChatBody, config: &StandInConfig, fault: Option<&Fault>) ->
     let prompt = body.last_user_text();
     match (body.structured(), fault) {
         (true, Some(Fault::BadJsonOutput)) => reply::BAD_JSON_OUTPUT.to_owned(),
-        (true, _) => reply::structured_text(&body.model, &prompt),
-        (false, _) => reply::free_text(&body.model, &prompt, config.reply_words),
+        (true, _) => reply::structured_text(&body.model, prompt),
+        (false, _) => reply::free_text(&body.model, prompt, config.reply_words),
     }
 }
 
