@@ -306,6 +306,10 @@ mod tests {
         assert!(details_only.reasoning);
         let empty = chunk(r#"{"choices":[{"delta":{"content":"Hi","reasoning":"","reasoning_details":null}}]}"#);
         assert!(!empty.reasoning);
+        let no_items = chunk(r#"{"choices":[{"delta":{"content":"Hi","reasoning_details":[]}}]}"#);
+        assert!(!no_items.reasoning);
+        let an_object = chunk(r#"{"choices":[{"delta":{"content":"","reasoning_details":{"type":"x"}}}]}"#);
+        assert!(an_object.reasoning);
 
         let mut reply = Reply::default();
         assert_eq!(reply.apply(thinking), None);

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -110,19 +111,73 @@ pub(super) struct WireDelta<'a> {
     pub(super) reasoning: Option<Cow<'a, str>>,
     /// Structured reasoning; only whether there is any matters here.
     #[serde(default)]
-    reasoning_details: Option<Value>,
+    reasoning_details: AnyDetails,
 }
 
 impl WireDelta<'_> {
     /// Whether the delta carries any reasoning, as text or as structured details.
     pub(super) fn has_reasoning(&self) -> bool {
         let text = self.reasoning.as_deref().is_some_and(|text| !text.is_empty());
-        let details = match &self.reasoning_details {
-            Some(Value::Array(items)) => !items.is_empty(),
-            Some(Value::Null) | None => false,
-            Some(_) => true,
-        };
-        text || details
+        text || self.reasoning_details.0
+    }
+}
+
+/// Whether a value holds anything: a non-empty array, or any value but `null`. Its content is
+/// skipped, not built: a thinking model sends details with every reasoning delta, and a
+/// `Value` of maps for each was a good part of parsing them.
+#[derive(Default)]
+struct AnyDetails(bool);
+
+impl<'de> Deserialize<'de> for AnyDetails {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(AnyDetailsVisitor)
+    }
+}
+
+struct AnyDetailsVisitor;
+
+impl<'de> Visitor<'de> for AnyDetailsVisitor {
+    type Value = AnyDetails;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<AnyDetails, A::Error> {
+        let mut any = false;
+        while items.next_element::<IgnoredAny>()?.is_some() {
+            any = true;
+        }
+        Ok(AnyDetails(any))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyDetails, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(AnyDetails(true))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(false))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(true))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(true))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(true))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(true))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<AnyDetails, E> {
+        Ok(AnyDetails(true))
     }
 }
 
