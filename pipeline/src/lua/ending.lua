@@ -11,19 +11,19 @@
 -- a worker that ends a run needs no retention setting of its own; `ttl` only
 -- serves runs created before that field existed.
 local function end_workflow(state_key, events_key, outputs_key, fields, event, ttl, now, channel, workflow_id)
-  ttl = redis.call('HGET', state_key, 'retention_s') or ttl
+  local stored = redis.call('HMGET', state_key, 'retention_s', 'tenant', 'idem_key')
+  ttl = stored[1] or ttl
+  local tenant, idempotency_record = stored[2], stored[3]
   redis.call('HSET', state_key, 'updated_ms', now, unpack(fields))
   redis.call('XADD', events_key, '*', 'm', event)
   redis.call('EXPIRE', state_key, ttl)
   redis.call('EXPIRE', events_key, ttl)
   redis.call('EXPIRE', outputs_key, ttl)
-  local tenant = redis.call('HGET', state_key, 'tenant')
   if tenant and tenant ~= '' then
     -- The shard's set of the tenant's runs in flight (create_workflow.lua).
     local shard = string.match(state_key, '^(.-):wf:')
     redis.call('SREM', shard .. ':tenant:' .. tenant .. ':running', workflow_id)
   end
-  local idempotency_record = redis.call('HGET', state_key, 'idem_key')
   if idempotency_record and idempotency_record ~= '' then
     redis.call('EXPIRE', idempotency_record, ttl)
   end

@@ -63,7 +63,12 @@ redis.call('HSET', KEYS[1],
 redis.call('HSET', KEYS[3], 'plan', ARGV[6], unpack(copied_outputs))
 -- A tenant's runs in flight, per shard (ending a run removes it): what the
 -- tenant's limit on runs in flight counts.
-local tenant = redis.call('HGET', KEYS[1], 'tenant')
+local tenant = nil
+for i = 1, #extra_state - 1, 2 do
+  if extra_state[i] == 'tenant' then
+    tenant = extra_state[i + 1]
+  end
+end
 if tenant and tenant ~= '' then
   redis.call('SADD', string.gsub(KEYS[4], ':index$', ':tenant:' .. tenant .. ':running'), ARGV[1])
 end
