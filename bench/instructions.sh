@@ -11,11 +11,14 @@
 # Starts redis-server (AOF, appendfsync always), the stand-in answering at
 # once with 8 words (the throughput figure's model), one orchestrator and
 # one worker (NEXUS_THREADS=1, the response cache off, as in the bench),
-# the measured processes under callgrind; runs 5 workflows to warm up, zeroes
-# the counters, runs N more (default 20) one after another with
-# `nexus start --watch`, and divides each process's count by the phases.
+# the measured processes under callgrind (the stand-in always, Redis with
+# --redis); runs 5 workflows to warm up, zeroes the counters, runs N more
+# (default 20) one after another with `nexus start --watch`, and divides each
+# process's count by the phases. Also prints Redis calls per phase (INFO
+# commandstats, calls inside scripts included) and AOF bytes per workflow.
 # One run at a time: this measures the work per phase, not batching under
-# load. The orchestrator's figure includes serving the CLI's start and watch.
+# load. The orchestrator's figure includes serving the CLI's start and watch;
+# the stand-in's is not the engine's, but it shares the machine with it.
 # To compare two builds, copy one's target/release binaries aside and pass
 # --bin for each.
 set -euo pipefail
