@@ -265,3 +265,44 @@ async fn fault_mid_stream(plan: &Plan, sink: &mut Sink) -> Result<bool, Gone> {
         _ => Ok(true),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StandInConfig;
+    use crate::plan::ChatBody;
+    use crate::state::Shared;
+
+    /// The one-body shortcut must send exactly what the producer task streams for the same plan.
+    #[tokio::test]
+    async fn a_plan_played_at_once_sends_the_bytes_the_producer_task_streams() {
+        let config = StandInConfig {
+            first_token_latency: Duration::ZERO,
+            tokens_per_second: 0.0,
+            reply_words: 5,
+            ..StandInConfig::default()
+        };
+        let request = serde_json::json!({"model": "vendor/m", "stream": true, "reasoning": {"effort": "low"},
+            "messages": [{"role": "user", "content": "plan a shop"}]});
+        let body: ChatBody = serde_json::from_value(request).expect("a request body");
+        let shared = Shared::new(config.clone());
+        let at_once = Plan::new(&body, &config, 7, None);
+        let mut produced = Plan::new(&body, &config, 7, None);
+        produced.meta = at_once.meta.clone();
+        assert!(plays_at_once(&at_once));
+
+        let whole = whole_body(at_once, shared.record(body.record()));
+        let streamed = produced_body(produced, shared.record(body.record()));
+        let whole = axum::body::to_bytes(whole, usize::MAX).await.expect("the whole body");
+        let streamed = axum::body::to_bytes(streamed, usize::MAX)
+            .await
+            .expect("the streamed body");
+        assert_eq!(whole, streamed);
+        let text = String::from_utf8(whole.to_vec()).expect("UTF-8");
+        assert!(text.starts_with(": OPENROUTER PROCESSING\n\n"), "{text}");
+        assert!(text.contains("\"reasoning\":") && text.contains("\"usage\":"), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let outcomes: Vec<String> = shared.requests().into_iter().map(|r| r.outcome).collect();
+        assert_eq!(outcomes, ["ok", "ok"]);
+    }
+}
