@@ -411,3 +411,39 @@ async fn a_minute_of_reasoning_does_not_trip_the_default_60_s_idle_timeout() {
     assert!(phase.usage.unwrap().reasoning_tokens > 1000, "{:?}", phase.usage);
     assert_eq!(calls_seen(&model).await, 1);
 }
+
+/// The spend Redis holds for a run is the sum of what each phase cost, not
+/// the last phase's cost (the settle adds each phase's cost to the stored
+/// spend in the same write that records the phase).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_stored_spend_is_the_sum_of_its_phases_costs() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(FAST_MODEL);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let started = client
+        .start_workflow(StartWorkflowRequest {
+            no_cache: true,
+            ..choices("", &[], "")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = started.workflow_id;
+    let run = wait_terminal(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.status(), WorkflowStatus::Completed);
+    let costs: Vec<f64> = run.phases.iter().map(|p| p.usage.unwrap().cost_usd).collect();
+    assert_eq!(costs.len(), 6);
+    assert!(costs.iter().all(|cost| *cost > 0.0), "{costs:?}");
+
+    let mut conn = redis.client().get_connection().unwrap();
+    let shard = id.split('_').nth(1).unwrap();
+    let stored: String = redis::Commands::hget(&mut conn, format!("nexus:{{nx{shard}}}:wf:{id}"), "spent_usd").unwrap();
+    let stored: f64 = stored.parse().unwrap();
+    let sum: f64 = costs.iter().sum();
+    assert!(
+        (stored - sum).abs() < 1e-9,
+        "Redis holds {stored}, the phases cost {sum} ({costs:?})"
+    );
+}
