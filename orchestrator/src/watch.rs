@@ -14,14 +14,18 @@
 //! cursor.
 //!
 //! A watcher's first read comes after its workflow's subscription is
-//! confirmed, so an event appended in between is either in that read or
-//! announced after it. A workflow's channel is unsubscribed a little after
+//! confirmed and after the run is marked watched (`open_watch`), so an
+//! event appended in between is either in that read or announced after it.
+//! Only marked runs are announced at all: the scripts that append a run's
+//! events skip the PUBLISH until somebody has watched it, so a run nobody
+//! watches costs Redis no pub/sub work either (on a cluster, a PUBLISH
+//! travels to every node). A workflow's channel is unsubscribed a little after
 //! its last local watcher left ([`UNSUBSCRIBE_EVERY`]); subscribing and
 //! that sweep take turns on one lock, so a sweep never drops the channel of
 //! a watcher that just arrived.
 
 use crate::errors::ApiError;
-use crate::state::is_terminal;
+use crate::state::{is_terminal, open_watch};
 use crate::tenants::WatchSlot;
 use crate::validation::parse_cursor;
 use futures::StreamExt;
@@ -306,22 +310,12 @@ pub async fn watch(
 ) -> Result<mpsc::Receiver<Result<WorkflowEvent, Status>>, ApiError> {
     let keys = WorkflowKeys::new(&id);
     let workflow_id = id.to_string();
-    let mut first_read = redis::pipe();
-    first_read
-        .hget(keys.state(), field::STATUS)
-        .cmd("XREVRANGE")
-        .arg(keys.events())
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1);
     let mut reader = conn.clone();
-    let (feed, read) = tokio::join!(hub.subscribe(&workflow_id), first_read.query_async(&mut reader));
-    let (status, last): (Option<String>, StreamRangeReply) = read?;
-    let Some(status) = status else {
+    let (feed, opened) = tokio::join!(hub.subscribe(&workflow_id), open_watch(&mut reader, &keys));
+    let Some((status, last)) = opened? else {
         return Err(ApiError::NotFound(id.to_string()));
     };
-    let last = last.ids.first().and_then(|entry| parse_cursor(&entry.id));
+    let last = parse_cursor(&last);
     if !status::is_terminal(&status) && !after_cursor.is_empty() && parse_cursor(&after_cursor) > last {
         // Resuming past the end of a running workflow would wait on events
         // the client can never have seen: the cursor is not from here.

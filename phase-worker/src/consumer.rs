@@ -105,7 +105,10 @@ impl TaskConsumer {
     fn spawn_new(self: Arc<Self>, entry: Entry, shard: u16, slot: OwnedSemaphorePermit) {
         tokio::spawn(async move {
             if let Some((handle, task)) = self.decode(&entry, shard).await {
-                self.run(handle, task, 1, slot).await;
+                // Boxed: the run's future is large (a model call, a Redis
+                // script, the heartbeat), and a spawned future is moved a
+                // few times on its way into its task; a box is moved once.
+                Box::pin(self.run(handle, task, 1, slot)).await;
             }
         });
     }
@@ -277,7 +280,7 @@ impl TaskConsumer {
                             .await;
                     } else {
                         let this = self.clone();
-                        tokio::spawn(async move { this.run(handle, task, deliveries, slot).await });
+                        tokio::spawn(Box::pin(async move { this.run(handle, task, deliveries, slot).await }));
                     }
                 }
                 Takeover::Stale => {

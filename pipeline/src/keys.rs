@@ -192,6 +192,9 @@ pub mod field {
     pub const FORK_PHASE: &str = "fork_phase";
     /// The tenant a run belongs to; empty or absent without tenants.
     pub const TENANT: &str = "tenant";
+    /// "1" once anybody watched the run: only then do its scripts PUBLISH
+    /// its new events (orchestrator/src/state/lua/watch_workflow.lua).
+    pub const WATCHED: &str = "watched";
     /// `phase:<index>` holds the encoded `nexus.v1.Phase` once it completed.
     pub fn phase_record(index: u32) -> String {
         format!("phase:{index}")

@@ -403,7 +403,16 @@ async fn redis_over_tls_with_an_acl_user_runs_a_workflow_and_its_password_is_in_
     ]);
     let url = format!("rediss://nexus:{PASSWORD}@127.0.0.1:{tls_port}");
     let env = [("NEXUS_REDIS_CA_FILE", text(&ca.pem)), ("RUST_LOG", "debug")];
-    let model = StandIn::start(FAST_MODEL);
+    // Each phase's answer starts 300 ms into its call, so the run is still
+    // going when the watch below opens: only watched runs are announced.
+    let model = StandIn::start(&[
+        "--first-token-latency-ms",
+        "300",
+        "--tokens-per-second",
+        "2000",
+        "--reply-words",
+        "30",
+    ]);
     let orchestrator = Orchestrator::start(&url, &env);
     let worker = Worker::start(&url, &model.base_url(), &env);
 
@@ -421,8 +430,8 @@ async fn redis_over_tls_with_an_acl_user_runs_a_workflow_and_its_password_is_in_
 
     let mut client = connect(&orchestrator.endpoint()).await;
     let id = start(&mut client, "Redis over TLS").await;
-    let workflow = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
-    assert_eq!(workflow.status(), WorkflowStatus::Completed, "{}", workflow.reason);
+    let events = watch_until_end(&mut client, &id, "", Duration::from_secs(60)).await;
+    assert_eq!(events.last().map(kind_name), Some("completed"), "{events:?}");
     let heard = tokio::time::timeout(Duration::from_secs(5), async {
         let mut messages = notifications.on_message();
         while let Some(message) = messages.next().await {

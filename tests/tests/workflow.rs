@@ -478,6 +478,71 @@ async fn an_orchestrator_subscribes_only_to_the_runs_its_clients_watch() {
     assert!(unsubscribed.is_ok(), "still subscribed 15 s after the watcher left");
 }
 
+/// A run nobody watches is not announced: its events are stored, but no
+/// PUBLISH goes out for them. A watched run is announced from the moment
+/// its watch opens, and the watch receives every stored event. Heard by a
+/// subscriber of every run's channel, and compared with XRANGE.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_watched_runs_are_announced_and_their_watch_misses_nothing() {
+    use futures::StreamExt;
+    // Answers stream over about 200 ms, so deltas are appended mid-call too.
+    let model = [
+        "--first-token-latency-ms",
+        "20",
+        "--tokens-per-second",
+        "200",
+        "--reply-words",
+        "40",
+    ];
+    let stack = Stack::start_with(1, 1, &model);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut notifications = stack.redis.client().get_async_pubsub().await.unwrap();
+    notifications.psubscribe("nexus:events:*").await.unwrap();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let counting = heard.clone();
+    let listener = tokio::spawn(async move {
+        let mut messages = notifications.into_on_message();
+        while let Some(message) = messages.next().await {
+            let id: String = message.get_payload().unwrap();
+            *counting.lock().unwrap().entry(id).or_default() += 1;
+        }
+    });
+
+    let unwatched = start(&mut client, "Nobody watches this").await;
+    let finished = wait_terminal(&mut client, &unwatched, Duration::from_secs(60)).await;
+    assert_eq!(finished.status(), WorkflowStatus::Completed, "{}", finished.reason);
+    let watched = start(&mut client, "Somebody watches this").await;
+    let received = watch_until_end(&mut client, &watched, "", Duration::from_secs(60)).await;
+    assert_eq!(received.last().map(kind_name), Some("completed"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    listener.abort();
+
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let stored = |id: &str| {
+        redis::cmd("XRANGE")
+            .arg(format!("nexus:{{nx0}}:wf:{id}:events"))
+            .arg("-")
+            .arg("+")
+            .clone()
+    };
+    let unwatched_events: redis::streams::StreamRangeReply = stored(&unwatched).query_async(&mut redis).await.unwrap();
+    let watched_events: redis::streams::StreamRangeReply = stored(&watched).query_async(&mut redis).await.unwrap();
+    let received: Vec<String> = received.iter().map(|event| event.cursor.clone()).collect();
+    let stored: Vec<String> = watched_events.ids.into_iter().map(|entry| entry.id).collect();
+    assert_eq!(received, stored, "the watch received exactly the stored events");
+    let heard = heard.lock().unwrap().clone();
+    assert!(unwatched_events.ids.len() > 12, "the unwatched run stored its events");
+    assert_eq!(
+        heard.get(&unwatched),
+        None,
+        "the unwatched run was announced: {heard:?}"
+    );
+    assert!(
+        heard.get(&watched).copied().unwrap_or(0) > 6,
+        "the watched run's phases were announced: {heard:?}"
+    );
+}
+
 /// An answer that streams in whole within the 100 ms coalescing window is
 /// one delta event per phase, written with the result, even when the window
 /// would have straddled it had it started with the call: the clock starts

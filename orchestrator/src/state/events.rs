@@ -13,3 +13,20 @@ pub fn is_terminal(event: &WorkflowEvent) -> bool {
         Some(Kind::Completed(_) | Kind::Failed(_) | Kind::Cancelled(_))
     )
 }
+
+/// Opens a watch of a workflow: its status and its last event's id ("" for
+/// none), or `None` when it does not exist. A run still going is marked
+/// watched first, so its new events are announced from then on
+/// (`watch_workflow.lua`); a watcher must read the events only after this.
+pub async fn open_watch(
+    conn: &mut nexus_pipeline::connection::Connection,
+    keys: &nexus_pipeline::keys::WorkflowKeys,
+) -> redis::RedisResult<Option<(String, String)>> {
+    let reply: Vec<String> = super::scripts::WATCH_WORKFLOW
+        .key(keys.state())
+        .key(keys.events())
+        .invoke_async(conn)
+        .await?;
+    let mut reply = reply.into_iter();
+    Ok(reply.next().map(|status| (status, reply.next().unwrap_or_default())))
+}

@@ -17,7 +17,7 @@ mod view;
 
 pub use gates::{Approval, MAX_EDITED_OUTPUT_BYTES, expire_gates};
 
-pub use events::{event, is_terminal};
+pub use events::{event, is_terminal, open_watch};
 
 use crate::catalog::PipelineCatalog;
 use crate::errors::ApiError;
@@ -136,7 +136,7 @@ impl WorkflowStore {
             .arg(first_task.encode_to_vec())
             .arg(request.idempotency_key.unwrap_or_default())
             .arg(self.retention_secs)
-            .arg(keys.channel())
+            .arg("") // unused: nobody can watch a run before it exists
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
             .arg(start_template(&first_task, &snapshot.phases[first as usize]))

@@ -11,6 +11,7 @@ fn ending(body: &str) -> Script {
 }
 
 pub static CREATE_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create_workflow.lua")));
+pub static WATCH_WORKFLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/watch_workflow.lua")));
 pub static CANCEL_WORKFLOW: LazyLock<Script> = LazyLock::new(|| ending(include_str!("lua/cancel_workflow.lua")));
 /// The gate scripts start with `gate.lua`, their shared fence.
 const GATE_LUA: &str = include_str!("lua/gate.lua");

@@ -8,9 +8,9 @@
 -- Returns 1 when appended, 0 when the task is stale (cancelled, finished or
 -- moved on): the caller should stop working on it.
 
-local status = current_status(KEYS[1], ARGV[1], ARGV[2])
+local status, state = current_status(KEYS[1], ARGV[1], ARGV[2])
 if not status then
   return 0
 end
-append_event(KEYS[1], status, KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+append_event(KEYS[1], state, KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return 1

@@ -138,7 +138,7 @@ local finals = tonumber(ARGV[8])
 for i = #ARGV - finals + 1, #ARGV do
   if step == '' and i == #ARGV then
     -- No step follows to move the run on and wake its watchers.
-    append_event(KEYS[2], status, KEYS[3], ARGV[i], ARGV[10], ARGV[6], ARGV[7])
+    append_event(KEYS[2], state, KEYS[3], ARGV[i], ARGV[10], ARGV[6], ARGV[7])
   else
     redis.call('XADD', KEYS[3], '*', 'm', ARGV[i])
   end
@@ -158,7 +158,7 @@ if step ~= '' and step ~= 'fail' then
     -- The run's spend, summed here rather than by HINCRBYFLOAT: one
     -- command fewer, and 14 significant digits are plenty for dollars.
     recorded[#recorded + 1] = 'spent_usd'
-    recorded[#recorded + 1] = tostring((tonumber(state[4]) or 0) + cost)
+    recorded[#recorded + 1] = tostring((tonumber(state[5]) or 0) + cost)
   end
 end
 if step == 'next' then
@@ -169,7 +169,7 @@ if step == 'next' then
   else
     redis.call('XADD', KEYS[1], '*', 'm', ARGV[15])
   end
-  redis.call('PUBLISH', ARGV[6], ARGV[7])
+  notify_watchers(state, ARGV[6], ARGV[7])
 elseif step == 'await' then
   -- The next task waits in the state hash, not the stream: no worker holds
   -- the run while a person decides (ApproveStep queues it).
@@ -178,7 +178,7 @@ elseif step == 'await' then
     'gate_deadline_ms', ARGV[22], 'gate_on_timeout', ARGV[23], unpack(recorded))
   redis.call('XADD', KEYS[3], '*', 'm', ARGV[21])
   redis.call('ZADD', KEYS[5], ARGV[22], ARGV[7])
-  redis.call('PUBLISH', ARGV[6], ARGV[7])
+  notify_watchers(state, ARGV[6], ARGV[7])
 elseif step == 'complete' then
   local fields = {'status', 'completed', 'phase', tonumber(ARGV[4]) + 1}
   for i = 1, #recorded do

@@ -2,25 +2,38 @@
 -- text: the fence every write of a task passes, and the event append.
 
 -- The workflow's status when it is still waiting for this task (pending or
--- running, at this phase and attempt), else nil. Further field names are
--- read in the same HMGET: their values follow in the second result, from
--- index 4 on.
+-- running, at this phase and attempt), else nil. The second result holds
+-- the fields read: status, phase, attempt, `watched` (set once anybody
+-- watches the run: see notify_watchers), then the values of any further
+-- field names given, from index 5 on.
 local function current_status(state_key, phase, attempt, ...)
-  local state = redis.call('HMGET', state_key, 'status', 'phase', 'attempt', ...)
+  local state = redis.call('HMGET', state_key, 'status', 'phase', 'attempt', 'watched', ...)
   if (state[1] == 'pending' or state[1] == 'running') and state[2] == phase and state[3] == attempt then
     return state[1], state
   end
   return nil
 end
 
--- Appends an event for a current task and wakes its watchers; the first
--- append moves a pending workflow to running.
-local function append_event(state_key, status, events_key, event, now, channel, workflow_id)
-  if status == 'pending' then
+-- Wakes the run's watchers, if it has ever had any. An orchestrator marks
+-- a run `watched` before a watcher's first read (watch.rs), so an event
+-- appended after that read is announced, and one appended before it is in
+-- it; a run nobody watches is spared the PUBLISH on every event (on a
+-- cluster, a message to every node).
+local function notify_watchers(state, channel, workflow_id)
+  if state[4] then
+    redis.call('PUBLISH', channel, workflow_id)
+  end
+end
+
+-- Appends an event for a current task (state: current_status's second
+-- result) and wakes its watchers; the first append moves a pending
+-- workflow to running.
+local function append_event(state_key, state, events_key, event, now, channel, workflow_id)
+  if state[1] == 'pending' then
     redis.call('HSET', state_key, 'status', 'running', 'updated_ms', now)
   end
   redis.call('XADD', events_key, '*', 'm', event)
-  redis.call('PUBLISH', channel, workflow_id)
+  notify_watchers(state, channel, workflow_id)
 end
 
 
@@ -35,9 +48,9 @@ local function start_current(state_key, events_key, outputs_key, phase, attempt,
   if not status then
     return nil
   end
-  append_event(state_key, status, events_key, event, now, channel, workflow_id)
+  append_event(state_key, state, events_key, event, now, channel, workflow_id)
   redis.call('HINCRBY', state_key, 'starts', 1)
-  local started = {state[4] or '0', state[5] or '0', state[6] or ''}
+  local started = {state[5] or '0', state[6] or '0', state[7] or ''}
   if #inputs > 0 then
     local values = redis.call('HMGET', outputs_key, unpack(inputs))
     for i = 1, #inputs do

@@ -11,7 +11,7 @@
 -- a worker that ends a run needs no retention setting of its own; `ttl` only
 -- serves runs created before that field existed.
 local function end_workflow(state_key, events_key, outputs_key, fields, event, ttl, now, channel, workflow_id)
-  local stored = redis.call('HMGET', state_key, 'retention_s', 'tenant', 'idem_key')
+  local stored = redis.call('HMGET', state_key, 'retention_s', 'tenant', 'idem_key', 'watched')
   ttl = stored[1] or ttl
   local tenant, idempotency_record = stored[2], stored[3]
   redis.call('HSET', state_key, 'updated_ms', now, unpack(fields))
@@ -27,5 +27,7 @@ local function end_workflow(state_key, events_key, outputs_key, fields, event, t
   if idempotency_record and idempotency_record ~= '' then
     redis.call('EXPIRE', idempotency_record, ttl)
   end
-  redis.call('PUBLISH', channel, workflow_id)
+  if stored[4] then
+    redis.call('PUBLISH', channel, workflow_id)
+  end
 end

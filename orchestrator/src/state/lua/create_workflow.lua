@@ -8,7 +8,8 @@
 --       3 plan fingerprint, 4 now (ms), 5 encoded ProjectPlan,
 --       6 plan text for prompts, 7 pipeline fingerprint, 8 encoded PipelineSnapshot,
 --       9 encoded accepted event, 10 encoded first PhaseTask,
---       11 idempotency key as given, 12 retention (s), 13 events channel,
+--       11 idempotency key as given, 12 retention (s), 13 unused (a new run has no
+--       watchers to wake: see watch_workflow.lua),
 --       14 encoded RunChoices (models per role, instructions), 15 the run's
 --       cost cap in USD (0: none), which workers check each call against,
 --       16 the first task's start template (see complete_task.lua), stored
@@ -78,5 +79,4 @@ for _, copied in ipairs(copied_events) do
 end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('XADD', KEYS[5], '*', 'm', ARGV[10], 's', ARGV[16])
-redis.call('PUBLISH', ARGV[13], ARGV[1])
 return {1, ARGV[1]}
