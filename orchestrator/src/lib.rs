@@ -92,7 +92,7 @@ async fn run_until_stopped(config: Config, shutdown: CancellationToken) -> anyho
         .context("connecting to redis")?;
     let store = WorkflowStore::new(conn, config.redis.shards, config.retention_secs, &catalog);
     let hub = Arc::new(watch::WatchHub::new(shutdown.clone()));
-    tokio::spawn(hub.clone().listen(config.redis.clone()));
+    tokio::spawn(hub.clone().listen(config.redis.clone(), store.connection()));
     tokio::spawn(state::expire_gates(store.clone(), shutdown.clone()));
     tokio::spawn(housekeeping::run(
         store.connection(),

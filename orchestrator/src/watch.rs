@@ -19,7 +19,9 @@
 //! Only marked runs are announced at all: the scripts that append a run's
 //! events skip the PUBLISH until somebody has watched it, so a run nobody
 //! watches costs Redis no pub/sub work either (on a cluster, a PUBLISH
-//! travels to every node). A workflow's channel is unsubscribed a little after
+//! travels to every node). The mark is Redis state a restore or a failover
+//! can lose, so the hub marks its watched runs again whenever its
+//! connection comes back. A workflow's channel is unsubscribed a little after
 //! its last local watcher left ([`UNSUBSCRIBE_EVERY`]); subscribing and
 //! that sweep take turns on one lock, so a sweep never drops the channel of
 //! a watcher that just arrived.
@@ -183,9 +185,9 @@ impl WatchHub {
 
     /// Listens for event notifications until the process ends, reconnecting
     /// after Redis restarts.
-    pub async fn listen(self: Arc<Self>, redis: RedisArgs) {
+    pub async fn listen(self: Arc<Self>, redis: RedisArgs, conn: Connection) {
         nexus_pipeline::connection::listen_forever("event notifications", || async {
-            let listened = self.listen_once(&redis).await;
+            let listened = self.listen_once(&redis, &conn).await;
             *self.subscribe_requests.lock().expect("watch hub lock") = None;
             self.wake_all();
             listened
@@ -193,7 +195,7 @@ impl WatchHub {
         .await
     }
 
-    async fn listen_once(self: &Arc<Self>, redis: &RedisArgs) -> redis::RedisResult<()> {
+    async fn listen_once(self: &Arc<Self>, redis: &RedisArgs, conn: &Connection) -> redis::RedisResult<()> {
         let client = redis.pubsub_client()?;
         let (mut sink, mut messages) = client.get_async_pubsub().await?.split();
         sink.subscribe(LEGACY_EVENTS_CHANNEL).await?;
@@ -206,6 +208,7 @@ impl WatchHub {
         for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
             sink.subscribe(chunk).await?;
         }
+        mark_watched_again(conn, &workflows).await;
         self.wake_all();
         let manager = SubscriptionManager {
             hub: self.clone(),
@@ -220,6 +223,33 @@ impl WatchHub {
         }
         manager.abort();
         Ok(())
+    }
+}
+
+/// Marks the watched runs again after the notification connection came
+/// back. The mark lives in Redis, so a Redis restored from an older AOF or
+/// a replica promoted before the mark reached it may have lost it, and an
+/// unmarked run is not announced; the wake-up that follows re-reads what
+/// was appended meanwhile.
+async fn mark_watched_again(conn: &Connection, workflows: &HashSet<String>) {
+    let ids: Vec<WorkflowId> = workflows.iter().filter_map(|id| WorkflowId::parse(id).ok()).collect();
+    let mut failed = 0;
+    for chunk in ids.chunks(64) {
+        let marks = chunk.iter().map(|id| {
+            let (mut conn, keys) = (conn.clone(), WorkflowKeys::new(id));
+            async move { open_watch(&mut conn, &keys).await }
+        });
+        failed += futures::future::join_all(marks)
+            .await
+            .iter()
+            .filter(|marked| marked.is_err())
+            .count();
+    }
+    if failed > 0 {
+        tracing::warn!(
+            failed,
+            "could not mark some watched runs again; they are re-marked on the next reconnect"
+        );
     }
 }
 

@@ -10,7 +10,6 @@
 
 use futures::StreamExt;
 use nexus_pipeline::connection::RedisArgs;
-use nexus_proto::v1::WorkflowStatus;
 use nexus_tests::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,

@@ -543,6 +543,73 @@ async fn only_watched_runs_are_announced_and_their_watch_misses_nothing() {
     );
 }
 
+/// The watched mark is state in Redis, so a Redis restored from an older
+/// AOF, or a replica promoted before the mark reached it, can lose it. An
+/// orchestrator marks its watched runs again whenever its notification
+/// connection comes back, so a watch whose mark was lost (deleted here by
+/// hand, then the connection dropped) still hears the rest of the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_watched_mark_is_restored_when_notifications_reconnect() {
+    // A second per phase: the run is still going well after the reconnect.
+    let model = [
+        "--first-token-latency-ms",
+        "1000",
+        "--tokens-per-second",
+        "2000",
+        "--reply-words",
+        "10",
+    ];
+    let stack = Stack::start_with(1, 1, &model);
+    let mut client = connect(&stack.endpoint()).await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let id = start(&mut client, "Lost mark").await;
+    let state = format!("nexus:{{nx0}}:wf:{id}");
+    let mark = redis::cmd("HGET").arg(&state).arg("watched").clone();
+    let mut stream = open_watch(&mut client, &id, "").await;
+    let marked: Option<String> = mark.query_async(&mut redis).await.unwrap();
+    assert_eq!(marked.as_deref(), Some("1"), "opening the watch marked the run");
+
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&state)
+        .arg("watched")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "the orchestrator's notification connection dropped");
+    let remarked = tokio::time::timeout(Duration::from_secs(10), async {
+        while mark.query_async::<Option<String>>(&mut redis).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(remarked.is_ok(), "the run was not marked again after the reconnect");
+
+    let mut received = Vec::new();
+    let to_the_end = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(event) = stream.message().await.unwrap() {
+            received.push(event.cursor);
+        }
+    })
+    .await;
+    assert!(to_the_end.is_ok(), "the watch stalled after the reconnect");
+    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{state}:events"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let stored: Vec<String> = stored.ids.into_iter().map(|entry| entry.id).collect();
+    assert_eq!(received, stored, "the watch received exactly the stored events");
+}
+
 /// An answer that streams in whole within the 100 ms coalescing window is
 /// one delta event per phase, written with the result, even when the window
 /// would have straddled it had it started with the call: the clock starts

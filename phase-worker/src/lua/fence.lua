@@ -20,7 +20,7 @@ end
 -- it; a run nobody watches is spared the PUBLISH on every event (on a
 -- cluster, a message to every node).
 local function notify_watchers(state, channel, workflow_id)
-  if state[4] then
+  if state[4] == '1' then
     redis.call('PUBLISH', channel, workflow_id)
   end
 end

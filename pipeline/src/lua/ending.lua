@@ -27,7 +27,7 @@ local function end_workflow(state_key, events_key, outputs_key, fields, event, t
   if idempotency_record and idempotency_record ~= '' then
     redis.call('EXPIRE', idempotency_record, ttl)
   end
-  if stored[4] then
+  if stored[4] == '1' then
     redis.call('PUBLISH', channel, workflow_id)
   end
 end
