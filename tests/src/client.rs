@@ -279,3 +279,33 @@ pub async fn shard0_task_entries(redis: &mut redis::aio::MultiplexedConnection) 
         })
         .collect()
 }
+
+/// A workflow's events as stored in Redis, in order, each with its stream
+/// entry id as its cursor: the witness that what a client received is
+/// compared with (read with XRANGE, not asked of the service).
+pub fn stored_events(redis: &redis::Client, workflow_id: &str) -> Vec<WorkflowEvent> {
+    use prost::Message;
+    let id = nexus_pipeline::ids::WorkflowId::parse(workflow_id).expect("a workflow id");
+    let mut conn = redis.get_connection().expect("connect to redis");
+    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(nexus_pipeline::keys::WorkflowKeys::new(&id).events())
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .expect("XRANGE the workflow's events");
+    stored
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let payload: Vec<u8> = entry.get("m").expect("an event payload in field m");
+            let mut event = WorkflowEvent::decode(payload.as_slice()).expect("a stored event decodes");
+            event.cursor = entry.id;
+            event
+        })
+        .collect()
+}
+
+/// The cursors of a workflow's stored events, in order (see [`stored_events`]).
+pub fn stored_cursors(redis: &redis::Client, workflow_id: &str) -> Vec<String> {
+    stored_events(redis, workflow_id).into_iter().map(|event| event.cursor).collect()
+}

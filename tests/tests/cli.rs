@@ -108,14 +108,7 @@ async fn the_generated_python_client_starts_watches_and_resumes_without_a_gap() 
     assert!(stdout.contains("disconnected; resuming after"), "{stdout}");
     assert!(stdout.contains("outcome completed"), "{stdout}");
 
-    let mut redis = stack.redis.client().get_connection().unwrap();
-    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("nexus:{{nx0}}:wf:{id}:events"))
-        .arg("-")
-        .arg("+")
-        .query(&mut redis)
-        .unwrap();
-    let stored: Vec<String> = stored.ids.into_iter().map(|entry| entry.id).collect();
+    let stored = stored_cursors(&stack.redis.client(), id);
     assert_eq!(received, stored, "every stored event once, in order, across the resume");
 }
 

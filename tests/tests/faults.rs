@@ -331,15 +331,7 @@ async fn watch_resumes_from_a_cursor_on_another_replica_without_gap_or_duplicate
     assert_eq!(kind_name(held.last().unwrap()), "completed");
 
     // The witness is Redis itself: the event stream as stored.
-    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
-    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("nexus:{{nx0}}:wf:{id}:events"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let stored: Vec<String> = stored.ids.into_iter().map(|entry| entry.id).collect();
+    let stored = stored_cursors(&stack.redis.client(), &id);
     let received: Vec<String> = held.iter().map(|e| e.cursor.clone()).collect();
     assert_eq!(
         received, stored,

@@ -648,23 +648,12 @@ async fn an_idempotency_key_lives_exactly_as_long_as_its_workflow() {
 }
 
 /// The phase-started events of a workflow as stored in Redis: (phase, worker).
-fn stored_phase_starts(conn: &mut redis::Connection, id: &str) -> Vec<(u32, String)> {
-    use prost::Message;
-    let stored: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("nexus:{{nx0}}:wf:{id}:events"))
-        .arg("-")
-        .arg("+")
-        .query(conn)
-        .unwrap();
-    stored
-        .ids
-        .iter()
-        .filter_map(|entry| {
-            let bytes: Vec<u8> = entry.get("m")?;
-            match nexus_proto::v1::WorkflowEvent::decode(bytes.as_slice()).ok()?.kind? {
-                nexus_proto::v1::workflow_event::Kind::PhaseStarted(started) => Some((started.index, started.worker)),
-                _ => None,
-            }
+fn stored_phase_starts(redis: &RedisServer, id: &str) -> Vec<(u32, String)> {
+    stored_events(&redis.client(), id)
+        .into_iter()
+        .filter_map(|event| match event.kind? {
+            nexus_proto::v1::workflow_event::Kind::PhaseStarted(started) => Some((started.index, started.worker)),
+            _ => None,
         })
         .collect()
 }
@@ -700,9 +689,8 @@ async fn a_worker_told_to_stop_finishes_its_calls_and_claims_nothing_more() {
     assert!(took < Duration::from_secs(5), "exited {took:?} after SIGTERM");
     assert_all_completed(&mut client, &ids, Duration::from_secs(60)).await;
 
-    let mut conn = redis_conn(&redis);
     for id in &ids {
-        let starts = stored_phase_starts(&mut conn, id);
+        let starts = stored_phase_starts(&redis, id);
         let phases: Vec<u32> = starts.iter().map(|(phase, _)| *phase).collect();
         assert_eq!(phases, [0, 1, 2, 3, 4, 5], "each phase started once: {starts:?}");
         let first = &starts[0].1;
@@ -755,7 +743,7 @@ async fn a_worker_that_must_stop_mid_call_hands_the_task_back_for_another_to_tak
     );
 
     let mut conn = redis_conn(&redis);
-    let starts = stored_phase_starts(&mut conn, &id);
+    let starts = stored_phase_starts(&redis, &id);
     let first_phase: Vec<&String> = starts.iter().filter(|(phase, _)| *phase == 0).map(|(_, w)| w).collect();
     assert_eq!(
         first_phase.len(),

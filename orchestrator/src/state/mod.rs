@@ -136,7 +136,6 @@ impl WorkflowStore {
             .arg(first_task.encode_to_vec())
             .arg(request.idempotency_key.unwrap_or_default())
             .arg(self.retention_secs)
-            .arg("") // unused: nobody can watch a run before it exists
             .arg(pipeline.choices.encode_to_vec())
             .arg(pipeline.choices.max_cost_usd)
             .arg(start_template(&first_task, &snapshot.phases[first as usize]))

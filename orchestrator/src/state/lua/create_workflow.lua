@@ -8,11 +8,10 @@
 --       3 plan fingerprint, 4 now (ms), 5 encoded ProjectPlan,
 --       6 plan text for prompts, 7 pipeline fingerprint, 8 encoded PipelineSnapshot,
 --       9 encoded accepted event, 10 encoded first PhaseTask,
---       11 idempotency key as given, 12 retention (s), 13 unused (a new run has no
---       watchers to wake: see watch_workflow.lua),
---       14 encoded RunChoices (models per role, instructions), 15 the run's
+--       11 idempotency key as given, 12 retention (s),
+--       13 encoded RunChoices (models per role, instructions), 14 the run's
 --       cost cap in USD (0: none), which workers check each call against,
---       16 the first task's start template (see complete_task.lua), stored
+--       15 the first task's start template (see complete_task.lua), stored
 --       with its entry; then, for a fork, what it starts with (all optional, each a count
 --       followed by its items): state hash field/value pairs (they override
 --       the defaults above, 'phase' among them), outputs hash name/text
@@ -40,7 +39,7 @@ if ARGV[2] == '1' then
 end
 
 -- The fork's sections: a count, then that many items (pairs count twice).
-local at = 17
+local at = 16
 local function section(per_item)
   local count = tonumber(ARGV[at] or '0')
   local items = {}
@@ -59,8 +58,8 @@ redis.call('HSET', KEYS[1],
   'status', 'pending', 'phase', '0', 'attempt', '1',
   'pipeline', ARGV[7], 'plan', ARGV[5], 'plan_fp', ARGV[3],
   'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'idem', ARGV[11],
-  'idem_key', idempotency_record, 'retention_s', ARGV[12], 'choices', ARGV[14],
-  'budget_usd', ARGV[15], 'spent_usd', '0', unpack(extra_state))
+  'idem_key', idempotency_record, 'retention_s', ARGV[12], 'choices', ARGV[13],
+  'budget_usd', ARGV[14], 'spent_usd', '0', unpack(extra_state))
 redis.call('HSET', KEYS[3], 'plan', ARGV[6], unpack(copied_outputs))
 -- A tenant's runs in flight, per shard (ending a run removes it): what the
 -- tenant's limit on runs in flight counts.
@@ -78,5 +77,5 @@ for _, copied in ipairs(copied_events) do
   redis.call('XADD', KEYS[2], '*', 'm', copied)
 end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('XADD', KEYS[5], '*', 'm', ARGV[10], 's', ARGV[16])
+redis.call('XADD', KEYS[5], '*', 'm', ARGV[10], 's', ARGV[15])
 return {1, ARGV[1]}
