@@ -307,5 +307,8 @@ pub fn stored_events(redis: &redis::Client, workflow_id: &str) -> Vec<WorkflowEv
 
 /// The cursors of a workflow's stored events, in order (see [`stored_events`]).
 pub fn stored_cursors(redis: &redis::Client, workflow_id: &str) -> Vec<String> {
-    stored_events(redis, workflow_id).into_iter().map(|event| event.cursor).collect()
+    stored_events(redis, workflow_id)
+        .into_iter()
+        .map(|event| event.cursor)
+        .collect()
 }
