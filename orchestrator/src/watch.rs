@@ -358,6 +358,7 @@ pub async fn watch(
         hub,
         feed,
         conn,
+        workflow_id,
         id,
         events_key: keys.events(),
         cursor: after_cursor,
@@ -374,6 +375,8 @@ struct Watcher {
     /// The workflow's live feed, subscribed before the stream opened.
     feed: Arc<Feed>,
     conn: Connection,
+    /// The id as events carry it, rendered once (not per event).
+    workflow_id: String,
     id: WorkflowId,
     events_key: String,
     cursor: String,
@@ -504,7 +507,7 @@ impl Watcher {
             .filter_map(|entry| {
                 let mut event = WorkflowEvent::decode(entry.payload.as_slice()).ok()?;
                 event.cursor = entry.id;
-                event.workflow_id = self.id.to_string();
+                event.workflow_id = self.workflow_id.clone();
                 Some(event)
             })
             .collect())
