@@ -369,6 +369,16 @@ async fn watch_fan_out(args: &Args, workflows: usize, per_workflow: usize) -> an
     let stack = BenchStack::start(args, 1, &model, &[]);
     let clients = clients(&stack.orchestrator.endpoint(), 16).await;
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let redis_pid = info_number(&stack.redis.client(), "server", "process_id").await? as u32;
+    let groups = [
+        ("orchestrator", vec![stack.orchestrator.process.pid()]),
+        ("worker", stack.workers.iter().map(|w| w.process.pid()).collect()),
+        ("redis", vec![redis_pid]),
+        ("stand-in", vec![stack.model.process.pid()]),
+        ("this client", vec![std::process::id()]),
+    ];
+    let cpu_before = cpu_sample(&groups);
+    let began = Instant::now();
     // Started in waves, as real traffic arrives, not all in one instant:
     // a thousand workflows in lock-step make every phase a burst.
     let mut watches = Vec::new();
@@ -386,6 +396,7 @@ async fn watch_fan_out(args: &Args, workflows: usize, per_workflow: usize) -> an
     }
     let connected_clients = sample_connected_clients(&stack.redis.client()).await?;
     futures::future::join_all(watches).await;
+    let cpu = cpu_us_per(&cpu_before, &cpu_sample(&groups), began.elapsed().as_secs_f64() * 1e4);
     let deliveries: Vec<Delivery> = std::mem::take(&mut *latencies.lock().unwrap());
     let sample: Vec<f64> = deliveries.iter().map(|d| d.total_us as f64 / 1000.0).collect();
     let (p50, p99, max) = percentiles(sample.clone());
@@ -404,12 +415,23 @@ async fn watch_fan_out(args: &Args, workflows: usize, per_workflow: usize) -> an
     println!(
         "watchers: of which stored in Redis -> received (from the event's stream id): p50 {stored_p50:.1} ms, p99 {stored_p99:.1} ms (the rest: created -> stored, the writing script waiting its turn)"
     );
+    let shares: Vec<String> = cpu
+        .iter()
+        .map(|(name, percent)| format!("{name} {percent:.0}%"))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "watchers: CPU over the run, % of one core: {} (of {}% on {cores} cores)",
+        shares.join(", "),
+        cores * 100
+    );
     println!("watchers: redis connected_clients during the run: {connected_clients} (not one per watcher)");
     Ok(
         json!({"streams": streams, "workflows": workflows, "per_workflow": per_workflow, "connections": clients.len(),
               "events": sample.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max,
               "stored_to_received_p50_ms": stored_p50, "stored_to_received_p99_ms": stored_p99,
-              "redis_connected_clients": connected_clients}),
+              "redis_connected_clients": connected_clients,
+              "cpu_percent_of_a_core": cpu.iter().map(|(name, percent)| (name.clone(), json!(percent))).collect::<serde_json::Map<_, _>>()}),
     )
 }
 

@@ -226,7 +226,7 @@ async fn the_tracker_shows_a_run_live_through_a_reload_and_a_blip_exactly_as_sto
     assert_eq!(page["usageRows"], 8, "a usage row per phase, with heading and total");
     assert_eq!(page["listed"], 1, "the run is in the recent runs list");
 
-    let stored_cursors = stored_cursors(&redis.client(), &id);
+    let stored_cursors = stored_cursors(&redis.client(), id);
     let watches = page["watchesAfterBlip"].as_array().expect("watches");
     assert!(
         watches.len() >= 2,

@@ -607,7 +607,6 @@ async fn a_lost_watched_mark_is_restored_when_notifications_reconnect() {
 /// add up to each phase's stored output.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
-    use prost::Message;
     let model = [
         "--first-token-latency-ms",
         "95",
