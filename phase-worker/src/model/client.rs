@@ -20,7 +20,9 @@ use tracing::Instrument;
 use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator};
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, redact_secret, redact_url_text};
-use super::http::{Prepared, build_http_client, endpoint, generation_id, install_crypto_provider, request_headers};
+use super::http::{
+    Prepared, build_http_client, endpoint, generation_id, install_crypto_provider, request_headers, tls_config,
+};
 use super::pacer::Pacer;
 use super::retry::{Backoff, WaitBudget};
 use super::stream::is_truncation;
@@ -57,8 +59,9 @@ impl ModelClient {
     pub fn new(config: ModelClientConfig) -> Result<Self, ModelError> {
         install_crypto_provider();
         let endpoint = endpoint(&config.base_url)?;
+        let tls = tls_config(&config)?;
         let http = (0..config.connections.max(1))
-            .map(|_| build_http_client(&config))
+            .map(|_| build_http_client(&config, &tls))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             http: http.into(),

@@ -5,10 +5,14 @@
 //! Reading a successful response's body is `stream`'s job; this file ends where the status
 //! says the stream has begun.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
@@ -38,24 +42,56 @@ pub fn install_crypto_provider() {
     let _already_installed = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The reqwest client for `config`: its connect timeout, HTTP/2 pings and extra CA roots.
-pub(super) fn build_http_client(config: &ModelClientConfig) -> Result<reqwest::Client, ModelError> {
-    let mut builder = reqwest::Client::builder()
+/// The TLS settings every reqwest client of a worker shares: the platform's roots plus
+/// those of the CA file, ALPN offering HTTP/2 then HTTP/1.1 (as reqwest sets it). Built once:
+/// a worker holds a client per `connections` (one per 100 calls in flight), and each client
+/// building its own loaded and copied the system's roots again, 85 KB and 5 ms apiece (17 MB
+/// and a second of start-up for 20,000 calls in flight). Clones share the verifier and the
+/// session cache.
+pub(super) fn tls_config(config: &ModelClientConfig) -> Result<rustls::ClientConfig, ModelError> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let verifier = match &config.ca_file {
+        None => rustls_platform_verifier::Verifier::new(provider.clone()),
+        Some(path) => rustls_platform_verifier::Verifier::new_with_extra_roots(ca_roots(path)?, provider.clone()),
+    }
+    .map_err(|e| ModelError::Config(format!("TLS roots: {e}")))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .map_err(|e| ModelError::Config(format!("TLS versions: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// The certificates of a CA file (PEM), trusted beside the platform's.
+fn ca_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, ModelError> {
+    let unusable = |why: String| ModelError::Config(format!("model CA file {}: {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unusable(format!("not a PEM certificate bundle ({e})")))?;
+    if roots.is_empty() {
+        return Err(unusable("no PEM certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+/// A reqwest client for `config` on the shared `tls`: its connect timeout and HTTP/2 pings.
+pub(super) fn build_http_client(
+    config: &ModelClientConfig,
+    tls: &rustls::ClientConfig,
+) -> Result<reqwest::Client, ModelError> {
+    reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(H2_PING_INTERVAL)
         .http2_keep_alive_timeout(H2_PING_TIMEOUT)
-        .http2_keep_alive_while_idle(true);
-    if let Some(path) = &config.ca_file {
-        let unusable = |why: String| ModelError::Config(format!("model CA file {}: {why}", path.display()));
-        let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
-        let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(describe_reqwest_error(e)))?;
-        if roots.is_empty() {
-            return Err(unusable("no PEM certificate in it".into()));
-        }
-        builder = builder.tls_certs_merge(roots);
-    }
-    builder
+        .http2_keep_alive_while_idle(true)
+        .tls_backend_preconfigured(tls.clone())
         .build()
         .map_err(|e| ModelError::Config(describe_reqwest_error(e)))
 }
@@ -213,6 +249,34 @@ async fn read_bounded(response: reqwest::Response, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_with_its_path() {
+        let dir = std::env::temp_dir().join(format!("nexus-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let missing = dir.join("missing.pem");
+        for (path, why) in [(&empty, "no PEM certificate in it"), (&missing, "No such file")] {
+            let config = ModelClientConfig {
+                ca_file: Some(path.clone()),
+                ..ModelClientConfig::default()
+            };
+            let error = tls_config(&config).unwrap_err().to_string();
+            assert!(
+                error.contains(&path.display().to_string()) && error.contains(why),
+                "{error}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_shared_tls_config_offers_http2_first() {
+        install_crypto_provider();
+        let tls = tls_config(&ModelClientConfig::default()).unwrap();
+        assert_eq!(tls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
 
     #[test]
     fn headers_carry_the_key_only_when_set() {
