@@ -8,7 +8,7 @@
 //! append is fenced like the task's other writes; a refused one (the run was
 //! cancelled or moved on) stops the call.
 
-use crate::model::ModelEvent;
+use crate::model::{FallbackNotice, ModelEvent, RetryNotice, WaitNotice};
 use crate::task_lifecycle::TaskHandle;
 use nexus_proto::v1::{
     PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseWaiting, workflow_event::Kind,
@@ -83,11 +83,12 @@ pub async fn forward_events(
                     flush(&origin, &mut buffer, &stop).await;
                 }
             }
-            Some(ModelEvent::Retrying {
-                failed_try,
-                reason,
-                delay,
-            }) => {
+            Some(ModelEvent::Retrying(notice)) => {
+                let RetryNotice {
+                    failed_try,
+                    reason,
+                    delay,
+                } = *notice;
                 retries.inc();
                 flush(&origin, &mut buffer, &stop).await;
                 let retrying = Kind::PhaseRetrying(PhaseRetrying {
@@ -99,12 +100,13 @@ pub async fn forward_events(
                 });
                 append_or_stop(&handle, retrying, &stop).await;
             }
-            Some(ModelEvent::FellBack {
-                from,
-                to,
-                reason,
-                tries,
-            }) => {
+            Some(ModelEvent::FellBack(notice)) => {
+                let FallbackNotice {
+                    from,
+                    to,
+                    reason,
+                    tries,
+                } = *notice;
                 flush(&origin, &mut buffer, &stop).await;
                 earlier_tries += tries;
                 let fallback = Kind::PhaseFallback(PhaseFallback {
@@ -116,11 +118,12 @@ pub async fn forward_events(
                 });
                 append_or_stop(&handle, fallback, &stop).await;
             }
-            Some(ModelEvent::Waiting {
-                reason,
-                wait,
-                waited_total,
-            }) => {
+            Some(ModelEvent::Waiting(notice)) => {
+                let WaitNotice {
+                    reason,
+                    wait,
+                    waited_total,
+                } = *notice;
                 flush(&origin, &mut buffer, &stop).await;
                 let waiting = Kind::PhaseWaiting(PhaseWaiting {
                     index: handle.phase_index,

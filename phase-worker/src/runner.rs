@@ -51,11 +51,14 @@ pub struct RunnerContext {
 /// heard meanwhile), so a cancel that lands at any point reaches the call.
 /// Errors talking to Redis leave the task unacknowledged, so it is reclaimed
 /// and run again. Returns the task claimed for this worker when this one
-/// settled, if any: the caller runs it next, in the same slot.
+/// settled, if any: the caller runs it next, in the same slot. The handle
+/// comes shared (the heartbeat and the progress forwarder hold it too) and
+/// the task boxed: every future a value passes through keeps a slot for it
+/// for the whole call, so large ones are passed by pointer.
 pub async fn run_task(
     ctx: &RunnerContext,
-    handle: TaskHandle,
-    mut task: PhaseTask,
+    handle: Arc<TaskHandle>,
+    mut task: Box<PhaseTask>,
     delivery: u64,
     started: Option<Started>,
 ) -> Option<Continuation> {
@@ -73,8 +76,6 @@ pub async fn run_task(
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
     let stop = registration.token.clone();
-    // Shared with the heartbeat and the progress forwarder rather than copied into each.
-    let handle = Arc::new(handle);
     // The heartbeat runs beside the work in this task until the work ends
     // (a spawned heartbeat per call cost a task's allocation, scheduling and
     // abort every phase); one that ends first (the claim was lost, and it
@@ -168,17 +169,17 @@ fn phase_span(handle: &TaskHandle, task: &PhaseTask, spec: &PhaseSpec, delivery:
 /// produces (model requests, its result) descends from that span rather
 /// than from the one that scheduled it. Unchanged when spans are not
 /// exported.
-fn continued_in(span: &tracing::Span, task: PhaseTask) -> PhaseTask {
-    match nexus_runtime::telemetry::traceparent_of(span) {
-        Some(traceparent) => PhaseTask { traceparent, ..task },
-        None => task,
+fn continued_in(span: &tracing::Span, mut task: Box<PhaseTask>) -> Box<PhaseTask> {
+    if let Some(traceparent) = nexus_runtime::telemetry::traceparent_of(span) {
+        task.traceparent = traceparent;
     }
+    task
 }
 
 async fn run_task_in_span(
     ctx: &RunnerContext,
     handle: &Arc<TaskHandle>,
-    task: PhaseTask,
+    task: Box<PhaseTask>,
     spec: TaskPhase,
     delivery: u64,
     started: Option<Started>,
@@ -235,10 +236,10 @@ async fn run_task_in_span(
         CallOutcome::Result(result, final_events) => settle(ctx, handle, Some(&result), &final_events, stop).await,
         CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
             let whole = match spec {
-                TaskPhase::Carried(spec) => PhaseTask {
+                TaskPhase::Carried(spec) => Box::new(PhaseTask {
                     spec: Some(*spec),
-                    ..task
-                },
+                    ..*task
+                }),
                 TaskPhase::InSnapshot(..) => task,
             };
             hand_back(handle, &whole).await

@@ -165,7 +165,7 @@ impl Call {
 
     fn waits(&self) -> Vec<(String, Duration)> {
         let wait = |event: &ModelEvent| match event {
-            ModelEvent::Waiting { reason, wait, .. } => Some((reason.clone(), *wait)),
+            ModelEvent::Waiting(notice) => Some((notice.reason.clone(), notice.wait)),
             _ => None,
         };
         self.events.iter().filter_map(wait).collect()
@@ -173,11 +173,11 @@ impl Call {
 
     fn retries(&self) -> Vec<(String, Duration)> {
         let retry = |event: &ModelEvent| match event {
-            ModelEvent::Retrying { reason, delay, .. } => Some((reason.clone(), *delay)),
+            ModelEvent::Retrying(notice) => Some((notice.reason.clone(), notice.delay)),
             ModelEvent::Delta { .. }
             | ModelEvent::Reasoning { .. }
-            | ModelEvent::FellBack { .. }
-            | ModelEvent::Waiting { .. } => None,
+            | ModelEvent::FellBack(_)
+            | ModelEvent::Waiting(_) => None,
         };
         self.events.iter().filter_map(retry).collect()
     }

@@ -84,6 +84,10 @@ pub struct Completion {
 
 /// Progress reported while a call runs. Deltas of a failed try have already been sent when
 /// its `Retrying` arrives; `try_number` tells the tries apart.
+///
+/// The rare notices are boxed so that an event is as small as a delta (32 bytes, not 80):
+/// every call's channel allocates room for 32 events when it opens, 2.6 KB per call in flight
+/// at 80 bytes each.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelEvent {
     Delta {
@@ -95,26 +99,38 @@ pub enum ModelEvent {
         try_number: u32,
         text: String,
     },
-    Retrying {
-        failed_try: u32,
-        reason: String,
-        delay: Duration,
-    },
-    /// The model failed for good and the call moves on to the next model;
-    /// the next model's tries are numbered after this one's `tries`.
-    FellBack {
-        from: String,
-        to: String,
-        reason: String,
-        tries: u32,
-    },
+    Retrying(Box<RetryNotice>),
+    /// The model failed for good and the call moves on to the next model.
+    FellBack(Box<FallbackNotice>),
     /// The call waits before its next request (the provider's `Retry-After`
     /// or the shared rate limit); not a failed try.
-    Waiting {
-        reason: String,
-        wait: Duration,
-        waited_total: Duration,
-    },
+    Waiting(Box<WaitNotice>),
+}
+
+/// A try failed and the call tries again after `delay`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryNotice {
+    pub failed_try: u32,
+    pub reason: String,
+    pub delay: Duration,
+}
+
+/// The call moves on from model `from` to `to`; the next model's tries are numbered after
+/// this one's `tries`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FallbackNotice {
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub tries: u32,
+}
+
+/// The call waits `wait` before its next request, `waited_total` so far in all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitNotice {
+    pub reason: String,
+    pub wait: Duration,
+    pub waited_total: Duration,
 }
 
 /// Checks the final text of a try (e.g. that structured output parses); an `Err` makes the

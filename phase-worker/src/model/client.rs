@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator};
+use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator, RetryNotice, WaitNotice};
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, redact_secret, redact_url_text};
 use super::http::{
@@ -252,11 +252,11 @@ impl ModelClient {
         tracing::debug!(?wait, ?waited_total, %reason, "model call waiting");
         with_cancel(cancel, async {
             if wait >= ANNOUNCED_WAIT {
-                let event = ModelEvent::Waiting {
+                let event = ModelEvent::Waiting(Box::new(WaitNotice {
                     reason,
                     wait,
                     waited_total,
-                };
+                }));
                 let _receiver_gone = events.send(event).await;
             }
             tokio::time::sleep(wait).await;
@@ -288,11 +288,11 @@ impl ModelClient {
         let delay = backoff.delay(failed_try, error.retry_after(), rand::random());
         let reason = format!("{error}; retrying in {delay:.1?}");
         tracing::warn!(failed_try, %reason, "model try failed");
-        let event = ModelEvent::Retrying {
+        let event = ModelEvent::Retrying(Box::new(RetryNotice {
             failed_try,
             reason,
             delay,
-        };
+        }));
         with_cancel(cancel, async {
             let _receiver_gone = events.send(event).await;
             tokio::time::sleep(delay).await;

@@ -12,7 +12,7 @@
 //! server gets fallbacks too. The model that answered is recorded from the
 //! response's `model` field either way.
 
-use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator};
+use super::call::{ChatRequest, Completion, FallbackNotice, ModelEvent, OutputValidator};
 use super::client::ModelClient;
 use super::error::ModelError;
 use tokio::sync::mpsc;
@@ -51,12 +51,12 @@ impl ModelClient {
             let Some(next) = next else { return Err(error) };
             let tries = error.tries_made();
             tracing::warn!(from = %current.model, to = %next, %error, "falling back to the next model");
-            let fell_back = ModelEvent::FellBack {
+            let fell_back = ModelEvent::FellBack(Box::new(FallbackNotice {
                 from: current.model.clone(),
                 to: next.clone(),
                 reason: error.to_string(),
                 tries,
-            };
+            }));
             let _receiver_gone = events.send(fell_back).await;
             earlier_tries += tries;
             let mut request = fallback_request.take().unwrap_or_else(|| request.clone());

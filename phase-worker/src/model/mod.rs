@@ -50,7 +50,9 @@ mod sse;
 mod stream;
 mod wire;
 
-pub use call::{ChatMessage, ChatRequest, Completion, ModelEvent, OutputValidator, Usage};
+pub use call::{
+    ChatMessage, ChatRequest, Completion, FallbackNotice, ModelEvent, OutputValidator, RetryNotice, Usage, WaitNotice,
+};
 pub use client::ModelClient;
 pub use config::ModelClientConfig;
 pub use error::{ModelError, TimeoutKind, redact_url_text};
