@@ -10,6 +10,7 @@
 
 use crate::model::{FallbackNotice, ModelEvent, RetryNotice, WaitNotice};
 use crate::task_lifecycle::TaskHandle;
+use futures::future::BoxFuture;
 use nexus_proto::v1::{
     PhaseFallback, PhaseOutputDelta, PhaseReasoningDelta, PhaseRetrying, PhaseWaiting, workflow_event::Kind,
 };
@@ -134,17 +135,7 @@ pub async fn forward_events(
                 });
                 append_or_stop(&handle, waiting, &stop).await;
             }
-            None => {
-                // The last piece of each (reasoning, then answer) goes with
-                // the result, in the settling step: no write of their own.
-                let mut reasoning = buffer.take_reasoning(&origin);
-                let mut output = buffer.take_output(&origin);
-                let last = [reasoning.pop(), output.pop()];
-                for piece in reasoning.into_iter().chain(output) {
-                    append_or_stop(&handle, piece, &stop).await;
-                }
-                return last.into_iter().flatten().collect();
-            }
+            None => return finish(&origin, &mut buffer, &stop).await,
         }
     }
 }
@@ -241,11 +232,35 @@ fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
 }
 
 /// Appends what is buffered: reasoning first (it came first), then answer text.
-async fn flush(origin: &Origin<'_>, buffer: &mut DeltaBuffer, stop: &CancellationToken) {
-    let reasoning = buffer.take_reasoning(origin);
-    for kind in reasoning.into_iter().chain(buffer.take_output(origin)) {
-        append_or_stop(origin.handle, kind, stop).await;
-    }
+/// Writes the buffered text. Boxed, as is `finish`: the forwarder lives as
+/// long as the call, mostly waiting for the next event, and its future
+/// would otherwise keep room for these (1.4 KB) all along.
+fn flush<'a>(origin: &'a Origin<'a>, buffer: &'a mut DeltaBuffer, stop: &'a CancellationToken) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let reasoning = buffer.take_reasoning(origin);
+        for kind in reasoning.into_iter().chain(buffer.take_output(origin)) {
+            append_or_stop(origin.handle, kind, stop).await;
+        }
+    })
+}
+
+/// The call is over: writes all buffered text but the last piece of each
+/// (reasoning, then answer), and returns those, which go with the result
+/// in the settling step (no write of their own).
+fn finish<'a>(
+    origin: &'a Origin<'a>,
+    buffer: &'a mut DeltaBuffer,
+    stop: &'a CancellationToken,
+) -> BoxFuture<'a, Vec<Kind>> {
+    Box::pin(async move {
+        let mut reasoning = buffer.take_reasoning(origin);
+        let mut output = buffer.take_output(origin);
+        let last = [reasoning.pop(), output.pop()];
+        for piece in reasoning.into_iter().chain(output) {
+            append_or_stop(origin.handle, piece, stop).await;
+        }
+        last.into_iter().flatten().collect()
+    })
 }
 
 async fn append_or_stop(handle: &TaskHandle, kind: Kind, stop: &CancellationToken) {
