@@ -284,6 +284,23 @@ mod tests {
     }
 
     #[test]
+    fn a_chunks_text_borrows_from_the_payload_unless_it_has_escapes() {
+        let plain = chunk(
+            r#"{"model":"m/x","choices":[{"delta":{"content":"Hi there","reasoning":"hm"},"finish_reason":"stop"}]}"#,
+        );
+        for text in [
+            &plain.content,
+            &plain.model,
+            &plain.finish_reason,
+            &plain.reasoning_text,
+        ] {
+            assert!(matches!(text, Some(Cow::Borrowed(_))), "{text:?} was copied");
+        }
+        let escaped = chunk(r#"{"choices":[{"delta":{"content":"line\nnext \u00e9"}}]}"#);
+        assert_eq!(escaped.content.as_deref(), Some("line\nnext \u{e9}"));
+    }
+
+    #[test]
     fn content_chunk_yields_text_and_finish_reason() {
         let parsed = chunk(
             r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}"#,

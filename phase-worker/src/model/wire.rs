@@ -81,11 +81,13 @@ impl WireError {
 
 /// One streamed `data:` payload other than `[DONE]`. Its strings borrow from the payload
 /// where they can (no escapes in them): a reply is one chunk per few words, and a `String`
-/// per field per chunk was a good part of the worker's allocations.
+/// per field per chunk was a good part of the worker's allocations. Each such field goes
+/// through [`borrowed_text`]: serde borrows a `Cow<str>` field, but not one inside an
+/// `Option`, which it always copies.
 #[derive(Deserialize)]
 pub(super) struct WireChunk<'a> {
     /// The model that answered (OpenRouter may route to another than asked).
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_text")]
     pub(super) model: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub(super) choices: Vec<WireChoice<'a>>,
@@ -99,19 +101,27 @@ pub(super) struct WireChunk<'a> {
 pub(super) struct WireChoice<'a> {
     #[serde(default, borrow)]
     pub(super) delta: Option<WireDelta<'a>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_text")]
     pub(super) finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct WireDelta<'a> {
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_text")]
     pub(super) content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_text")]
     pub(super) reasoning: Option<Cow<'a, str>>,
     /// Structured reasoning; only whether there is any matters here.
     #[serde(default)]
     reasoning_details: AnyDetails,
+}
+
+/// An optional string that borrows from the payload when it has no escapes (a `Cow` in a
+/// newtype is borrowed by serde's derive; in an `Option` it is not).
+fn borrowed_text<'de: 'a, 'a, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Text>::deserialize(deserializer)?.map(|text| text.0))
 }
 
 impl WireDelta<'_> {
