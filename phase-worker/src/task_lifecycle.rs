@@ -4,6 +4,7 @@
 //! step that must be atomic is one Lua script under `lua/`.
 
 use crate::model::budget::RunBudget;
+use crate::script_call::ScriptCall;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{ShardKeys, WorkflowKeys, field, status};
@@ -121,13 +122,17 @@ impl TaskHandle {
         })
     }
 
-    /// The invocation of a script that appends a fenced event: keys state and
-    /// events, then phase, attempt, event, time, channel and workflow id —
-    /// the layout `start_task.lua` and `append_event.lua` share.
-    fn event_invocation<'a>(&self, script: &'a Script, kind: Kind) -> ScriptInvocation<'a> {
-        let mut invocation = script.key(self.keys.state());
+    /// The call of a script that appends a fenced event: keys state and
+    /// events (and `more_keys`), then phase, attempt, event, time, channel
+    /// and workflow id — the layout `start_task.lua` and `append_event.lua`
+    /// share.
+    fn event_call<'a>(&self, script: &'a Script, kind: Kind, more_keys: Option<String>) -> ScriptCall<'a> {
+        let keys: Vec<String> = [self.keys.state().to_owned(), self.keys.events()]
+            .into_iter()
+            .chain(more_keys)
+            .collect();
+        let mut invocation = ScriptCall::new(script, &keys);
         invocation
-            .key(self.keys.events())
             .arg(self.phase_index)
             .arg(self.attempt)
             .arg(event(kind).encode_to_vec())
@@ -141,8 +146,8 @@ impl TaskHandle {
     /// run's budget, if the task is still current; `None` means it is stale
     /// (skip it).
     pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<Started>> {
-        let mut invocation = self.event_invocation(&START_TASK, started);
-        invocation.key(self.keys.outputs()).arg(inputs);
+        let mut invocation = self.event_call(&START_TASK, started, Some(self.keys.outputs()));
+        invocation.arg(inputs);
         let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(match reply.split_first() {
             Some((started, rest)) if started == b"1" => Started::from_reply(rest),
@@ -153,7 +158,7 @@ impl TaskHandle {
     /// Appends an event if the task is still current; `false` means stop.
     pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
         let appended: i64 = self
-            .event_invocation(&APPEND_EVENT, kind)
+            .event_call(&APPEND_EVENT, kind, None)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(appended == 1)
@@ -247,12 +252,15 @@ impl TaskHandle {
         final_events: &[Kind],
         claim_next: bool,
     ) -> redis::RedisResult<(Settled, Option<Continuation>)> {
-        let mut invocation = COMPLETE_TASK.key(self.keys.shard.tasks());
+        let (tasks, events, outputs, gates) = (
+            self.keys.shard.tasks(),
+            self.keys.events(),
+            self.keys.outputs(),
+            self.keys.shard.gates(),
+        );
+        let keys = [tasks.as_str(), self.keys.state(), &events, &outputs, &gates];
+        let mut invocation = ScriptCall::new(&COMPLETE_TASK, &keys);
         invocation
-            .key(self.keys.state())
-            .key(self.keys.events())
-            .key(self.keys.outputs())
-            .key(self.keys.shard.gates())
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
             .arg(&self.consumer)

@@ -394,6 +394,33 @@ async fn redis_killed_and_restarted_mid_run_loses_no_accepted_workflow() {
     assert!(stack.orchestrators[0].process.is_running() && stack.workers.iter_mut().all(|w| w.process.is_running()));
 }
 
+/// Redis forgetting its scripts (`SCRIPT FLUSH`, as a restart without the
+/// AOF or a failover to a fresh replica does) mid-run: every script call is
+/// refused with NOSCRIPT once, loaded again and sent again, and the runs
+/// end with each phase recorded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_flushed_from_redis_mid_run_are_loaded_again() {
+    let stack = Stack::start_with(1, 1, SLOW_MODEL);
+    let mut client = connect(&stack.endpoint()).await;
+    let ids = [
+        start(&mut client, "Flushed 1").await,
+        start(&mut client, "Flushed 2").await,
+    ];
+    wait_for_event(&mut client, &ids[0], Duration::from_secs(30), |e| {
+        kind_name(e) == "phase_completed"
+    })
+    .await;
+    let mut redis = stack.redis.client().get_multiplexed_async_connection().await.unwrap();
+    let flushed: String = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut redis).await.unwrap();
+    assert_eq!(flushed, "OK");
+
+    assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
+    for id in &ids {
+        let events = stored_events(&stack.redis.client(), id);
+        assert_eq!(completions_per_phase(&events), [1; 6], "{id}");
+    }
+}
+
 /// A task that was handed to workers which died before starting it (a new
 /// worker takes over a batch of abandoned tasks and is killed at once, as
 /// the soak test does) is not poison: it is run, not dead-lettered. The
