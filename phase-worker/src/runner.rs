@@ -74,7 +74,7 @@ pub async fn run_task(
     let span = phase_span(&handle, &task, &spec, delivery);
     let task = continued_in(&span, task);
     METRICS.tasks_in_flight.inc();
-    let registration = ctx.cancels.register(&handle.workflow.to_string(), &ctx.shutdown);
+    let registration = ctx.cancels.register(handle.keys.workflow_id(), &ctx.shutdown);
     let stop = registration.token.clone();
     // The heartbeat runs beside the work in this task until the work ends
     // (a spawned heartbeat per call cost a task's allocation, scheduling and

@@ -138,7 +138,7 @@ impl TaskHandle {
             .arg(event(kind).encode_to_vec())
             .arg(nexus_pipeline::now_ms())
             .arg(self.keys.channel())
-            .arg(self.workflow.to_string());
+            .arg(self.keys.workflow_id());
         invocation
     }
 
@@ -267,7 +267,7 @@ impl TaskHandle {
             .arg(self.phase_index)
             .arg(self.attempt)
             .arg(self.keys.channel())
-            .arg(self.workflow.to_string())
+            .arg(self.keys.workflow_id())
             .arg(final_events.len())
             .arg(transition.map_or("", |t| t.step.as_str()))
             .arg(nexus_pipeline::now_ms());
@@ -344,7 +344,7 @@ impl TaskHandle {
             .arg(failed.follow_up)
             .arg(nexus_pipeline::now_ms())
             .arg(self.keys.channel())
-            .arg(self.workflow.to_string())
+            .arg(self.keys.workflow_id())
             .arg(FALLBACK_RETENTION_SECS)
             .invoke_async(&mut self.conn.clone())
             .await?;
