@@ -31,7 +31,6 @@ pub mod pacing;
 pub mod progress;
 pub mod rating;
 pub mod runner;
-pub mod script_call;
 pub mod task_lifecycle;
 
 use anyhow::Context;

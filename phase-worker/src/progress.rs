@@ -8,7 +8,7 @@
 //! append is fenced like the task's other writes; a refused one (the run was
 //! cancelled or moved on) stops the call.
 
-use crate::model::{FallbackNotice, ModelEvent, RetryNotice, WaitNotice};
+use crate::model::ModelEvent;
 use crate::task_lifecycle::TaskHandle;
 use futures::future::BoxFuture;
 use nexus_proto::v1::{
@@ -85,53 +85,37 @@ pub async fn forward_events(
                 }
             }
             Some(ModelEvent::Retrying(notice)) => {
-                let RetryNotice {
-                    failed_try,
-                    reason,
-                    delay,
-                } = *notice;
                 retries.inc();
                 flush(&origin, &mut buffer, &stop).await;
                 let retrying = Kind::PhaseRetrying(PhaseRetrying {
                     index: handle.phase_index,
                     phase: phase.clone(),
-                    r#try: earlier_tries + failed_try,
-                    reason,
-                    retry_in_ms: delay.as_millis() as u64,
+                    r#try: earlier_tries + notice.failed_try,
+                    reason: notice.reason,
+                    retry_in_ms: notice.delay.as_millis() as u64,
                 });
                 append_or_stop(&handle, retrying, &stop).await;
             }
             Some(ModelEvent::FellBack(notice)) => {
-                let FallbackNotice {
-                    from,
-                    to,
-                    reason,
-                    tries,
-                } = *notice;
                 flush(&origin, &mut buffer, &stop).await;
-                earlier_tries += tries;
+                earlier_tries += notice.tries;
                 let fallback = Kind::PhaseFallback(PhaseFallback {
                     index: handle.phase_index,
                     phase: phase.clone(),
-                    from_model: from,
-                    to_model: to,
-                    reason,
+                    from_model: notice.from,
+                    to_model: notice.to,
+                    reason: notice.reason,
                 });
                 append_or_stop(&handle, fallback, &stop).await;
             }
             Some(ModelEvent::Waiting(notice)) => {
-                let WaitNotice {
-                    reason,
-                    wait,
-                    waited_total,
-                } = *notice;
                 flush(&origin, &mut buffer, &stop).await;
                 let waiting = Kind::PhaseWaiting(PhaseWaiting {
                     index: handle.phase_index,
                     phase: phase.clone(),
-                    reason,
-                    wait_ms: wait.as_millis() as u64,
-                    waited_total_ms: waited_total.as_millis() as u64,
+                    reason: notice.reason,
+                    wait_ms: notice.wait.as_millis() as u64,
+                    waited_total_ms: notice.waited_total.as_millis() as u64,
                 });
                 append_or_stop(&handle, waiting, &stop).await;
             }
@@ -231,10 +215,10 @@ fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Appends what is buffered: reasoning first (it came first), then answer text.
-/// Writes the buffered text. Boxed, as is `finish`: the forwarder lives as
-/// long as the call, mostly waiting for the next event, and its future
-/// would otherwise keep room for these (1.4 KB) all along.
+/// Appends what is buffered: reasoning first (it came first), then answer
+/// text. Boxed, as is `finish`: the forwarder lives as long as the call,
+/// mostly waiting for the next event, and its future would otherwise keep
+/// room for these (1.4 KB) all along.
 fn flush<'a>(origin: &'a Origin<'a>, buffer: &'a mut DeltaBuffer, stop: &'a CancellationToken) -> BoxFuture<'a, ()> {
     Box::pin(async move {
         let reasoning = buffer.take_reasoning(origin);

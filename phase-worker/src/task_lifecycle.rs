@@ -4,10 +4,10 @@
 //! step that must be atomic is one Lua script under `lua/`.
 
 use crate::model::budget::RunBudget;
-use crate::script_call::ScriptCall;
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::ids::WorkflowId;
 use nexus_pipeline::keys::{ShardKeys, WorkflowKeys, field, status};
+use nexus_pipeline::script_call::ScriptCall;
 use nexus_pipeline::stream::{Entry, WORKERS_GROUP};
 use nexus_pipeline::transition::event;
 use nexus_pipeline::transition::{ENDING_LUA, Transition, started_by};
@@ -123,15 +123,18 @@ impl TaskHandle {
     }
 
     /// The call of a script that appends a fenced event: keys state and
-    /// events (and `more_keys`), then phase, attempt, event, time, channel
-    /// and workflow id — the layout `start_task.lua` and `append_event.lua`
-    /// share.
-    fn event_call<'a>(&self, script: &'a Script, kind: Kind, more_keys: Option<String>) -> ScriptCall<'a> {
-        let keys: Vec<String> = [self.keys.state().to_owned(), self.keys.events()]
-            .into_iter()
-            .chain(more_keys)
-            .collect();
-        let mut invocation = ScriptCall::new(script, &keys);
+    /// events (then the outputs hash, `with_outputs`), then phase, attempt,
+    /// event, time, channel and workflow id — the layout `start_task.lua`
+    /// and `append_event.lua` share.
+    fn event_call<'a>(&self, script: &'a Script, kind: Kind, with_outputs: bool) -> ScriptCall<'a> {
+        let events = self.keys.events();
+        let outputs = if with_outputs {
+            self.keys.outputs()
+        } else {
+            String::new()
+        };
+        let keys = [self.keys.state(), &events, &outputs];
+        let mut invocation = ScriptCall::new(script, &keys[..if with_outputs { 3 } else { 2 }]);
         invocation
             .arg(self.phase_index)
             .arg(self.attempt)
@@ -146,7 +149,7 @@ impl TaskHandle {
     /// run's budget, if the task is still current; `None` means it is stale
     /// (skip it).
     pub async fn start(&self, started: Kind, inputs: &[String]) -> redis::RedisResult<Option<Started>> {
-        let mut invocation = self.event_call(&START_TASK, started, Some(self.keys.outputs()));
+        let mut invocation = self.event_call(&START_TASK, started, true);
         invocation.arg(inputs);
         let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(match reply.split_first() {
@@ -158,7 +161,7 @@ impl TaskHandle {
     /// Appends an event if the task is still current; `false` means stop.
     pub async fn append(&self, kind: Kind) -> redis::RedisResult<bool> {
         let appended: i64 = self
-            .event_call(&APPEND_EVENT, kind, None)
+            .event_call(&APPEND_EVENT, kind, false)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(appended == 1)

@@ -34,6 +34,9 @@ use crate::ids::WorkflowId;
 /// watchers. A channel nobody publishes to costs nothing.
 pub const LEGACY_EVENTS_CHANNEL: &str = "nexus:events";
 
+/// What a workflow's own events channel is named after (then its id).
+const EVENTS_CHANNEL_PREFIX: &str = "nexus:events:";
+
 /// Pub/sub channel telling workers to abort in-flight calls of a cancelled
 /// workflow. Also only a hint: workers re-check the workflow's state while a
 /// call runs, so a lost message delays the abort by one check interval.
@@ -170,8 +173,6 @@ impl WorkflowKeys {
 pub fn events_channel(workflow_id: &str) -> String {
     [EVENTS_CHANNEL_PREFIX, workflow_id].concat()
 }
-
-const EVENTS_CHANNEL_PREFIX: &str = "nexus:events:";
 
 /// Field names of the workflow state hash.
 pub mod field {

@@ -18,6 +18,7 @@ pub mod connection;
 pub mod definition;
 pub mod ids;
 pub mod keys;
+pub mod script_call;
 pub mod stream;
 pub mod transition;
 

@@ -1,11 +1,13 @@
 //! A Lua script call (`EVALSHA`) written straight into one command buffer.
 //!
 //! redis-rs's `ScriptInvocation` keeps every argument in a `Vec` of its own
-//! and copies them all into the command when it is sent. A settle passes
-//! about 30 arguments, the phase's output and encoded events among them, so
-//! that was 30 allocations and a second copy of every byte, per phase. Here
-//! the keys are given first, as `EVALSHA` lays them out, and each argument is
-//! written once, where it will be sent from.
+//! and copies them all into the command when it is sent. A worker's settle
+//! passes about 30 arguments, the phase's output and encoded events among
+//! them, so that was 30 allocations and a second copy of every byte, per
+//! phase. Here the keys are given first, as `EVALSHA` lays them out, and each
+//! argument is written once, where it will be sent from. The worker's hot
+//! scripts use it; the orchestrator's, called once per run or per request,
+//! still go through `ScriptInvocation`.
 
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, ToRedisArgs};
