@@ -37,7 +37,7 @@ async fn rate_limit_is_shared_by_all_workers_and_waiting_is_not_a_failed_try() {
     }
     let mut client = connect(&stack.endpoint()).await;
     let mut ids = Vec::new();
-    for n in 0..4 {
+    for n in 0..WORKFLOWS {
         ids.push(start(&mut client, &format!("Paced {n}")).await);
     }
     for id in &ids {
@@ -52,13 +52,42 @@ async fn rate_limit_is_shared_by_all_workers_and_waiting_is_not_a_failed_try() {
     let requests = ModelControl::new(&stack.model.base_url()).requests().await;
     for model in ["anthropic/claude-sonnet-4.5", "google/gemini-3-pro-preview"] {
         let times = arrival_times(&requests, model);
-        assert_eq!(times.len(), 12);
-        let gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
-        assert!(
-            gaps.iter().all(|gap| *gap >= 220),
-            "{model}: calls at most 4/s across both workers, gaps {gaps:?}"
-        );
+        assert_eq!(times.len(), WORKFLOWS * 3);
+        assert_paced(model, &times, 250);
     }
+}
+
+/// Six workflows: 18 calls a model, enough that a limit missed by one call a
+/// second (5/s for 4/s) shows in the spans below.
+const WORKFLOWS: usize = 6;
+
+/// The calls the stand-in saw, `times` in order of arrival, kept at most one
+/// per `interval_ms`. The witness shares a loaded 2-core machine with the
+/// suite: a stall of the stand-in's process delays the arrivals it records,
+/// so two calls sent 250 ms apart can be stamped 8 ms apart (seen in CI).
+/// A stall cannot add calls, though: so the typical gap must be the
+/// interval, and no run of k calls may be shorter than k intervals by more
+/// than one such stall.
+fn assert_paced(model: &str, times: &[u64], interval_ms: u64) {
+    const STALL_MS: u64 = 600;
+    let mut gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    for (first, start) in times.iter().enumerate() {
+        for (k, end) in times.iter().enumerate().skip(first + 1) {
+            let least = (k - first) as u64 * interval_ms;
+            assert!(
+                end - start + STALL_MS >= least,
+                "{model}: calls {first}..={k} came within {} ms, {least} ms needed at one per {interval_ms} ms; \
+                 arrivals {times:?}",
+                end - start
+            );
+        }
+    }
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median >= interval_ms - 10,
+        "{model}: the median gap between calls is {median} ms, the limit's is {interval_ms} ms; gaps {gaps:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
