@@ -70,7 +70,6 @@ const WORKFLOWS: usize = 6;
 /// than one such stall.
 fn assert_paced(model: &str, times: &[u64], interval_ms: u64) {
     const STALL_MS: u64 = 600;
-    let mut gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
     for (first, start) in times.iter().enumerate() {
         for (k, end) in times.iter().enumerate().skip(first + 1) {
             let least = (k - first) as u64 * interval_ms;
@@ -82,6 +81,7 @@ fn assert_paced(model: &str, times: &[u64], interval_ms: u64) {
             );
         }
     }
+    let mut gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
     gaps.sort();
     let median = gaps[gaps.len() / 2];
     assert!(
