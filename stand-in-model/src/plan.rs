@@ -132,8 +132,12 @@ impl ChatBody {
             .map(Message::text)
             .collect::<Vec<_>>()
             .join("\n");
-        let skip = system.chars().count().saturating_sub(EXCERPT_CHARS);
-        system.chars().skip(skip).collect()
+        let start = system
+            .char_indices()
+            .rev()
+            .nth(EXCERPT_CHARS - 1)
+            .map_or(0, |(at, _)| at);
+        system[start..].to_owned()
     }
 
     /// Whether the request asks the model to reason first (an effort, a
@@ -163,7 +167,7 @@ impl ChatBody {
             model: self.model.clone(),
             stream: self.stream,
             structured: self.structured(),
-            prompt_excerpt: self.last_user_text().chars().take(EXCERPT_CHARS).collect(),
+            prompt_excerpt: head(self.last_user_text(), EXCERPT_CHARS).to_owned(),
             system_tail: self.system_tail(),
             outcome: String::new(),
             received_ms: 0,
@@ -174,6 +178,12 @@ impl ChatBody {
             connection: 0,
         }
     }
+}
+
+/// The first `chars` characters of `text`.
+fn head(text: &str, chars: usize) -> &str {
+    let end = text.char_indices().nth(chars).map_or(text.len(), |(at, _)| at);
+    &text[..end]
 }
 
 /// Everything one generation will send.
@@ -290,6 +300,29 @@ mod tests {
 
     fn body(messages: Value) -> ChatBody {
         serde_json::from_value(serde_json::json!({"model": "m", "messages": messages})).expect("a request body")
+    }
+
+    #[test]
+    fn the_record_keeps_the_prompts_head_and_the_system_prompts_tail_in_characters() {
+        let long = "é".repeat(EXCERPT_CHARS + 7);
+        let body = body(serde_json::json!([
+            {"role": "system", "content": format!("start {long}")},
+            {"role": "system", "content": "end"},
+            {"role": "user", "content": format!("{long} tail")},
+        ]));
+        let record = body.record();
+        assert_eq!(record.prompt_excerpt, "é".repeat(EXCERPT_CHARS));
+        assert_eq!(record.system_tail, format!("{}\nend", "é".repeat(EXCERPT_CHARS - 4)));
+        let short =
+            body_record(serde_json::json!([{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]));
+        assert_eq!(
+            (short.prompt_excerpt.as_str(), short.system_tail.as_str()),
+            ("hi", "brief")
+        );
+    }
+
+    fn body_record(messages: Value) -> RequestRecord {
+        body(messages).record()
     }
 
     #[test]

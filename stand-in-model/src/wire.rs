@@ -4,6 +4,10 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 
+/// Room for a chunk's fields after the shared ones (`,"choices":[{"index":0,"delta":…}]}` is
+/// about 100 bytes), so that building a chunk allocates once.
+const CHUNK_TAIL_BYTES: usize = 128;
+
 /// Identity shared by every chunk of one generation.
 #[derive(Clone, Debug)]
 pub(crate) struct Meta {
@@ -33,19 +37,29 @@ impl Meta {
         }
     }
 
-    /// `{` and the shared fields, with room for the rest of a chunk.
+    /// `{` and the shared fields, with room for the rest of a chunk: `rest` bytes of text
+    /// and [`CHUNK_TAIL_BYTES`] of the fields around it.
     fn open_chunk(&self, rest: usize) -> String {
-        let mut chunk = String::with_capacity(self.chunk_head.len() + rest + 64);
+        let mut chunk = String::with_capacity(1 + self.chunk_head.len() + rest + CHUNK_TAIL_BYTES);
         chunk.push('{');
         chunk.push_str(&self.chunk_head);
         chunk
     }
 }
 
-/// `text` as a JSON string literal, appended.
+/// `text` as a JSON string literal, appended. Text with nothing to escape (a quote, a
+/// backslash or a control character; serde_json escapes nothing else) is copied as it is, the
+/// usual case for a word of a reply; the rest goes through serde_json.
 fn push_json_str(out: &mut String, text: &str) {
-    let literal = serde_json::to_string(text).expect("a string serializes");
-    out.push_str(&literal);
+    let needs_escape = text.bytes().any(|byte| byte == b'"' || byte == b'\\' || byte < 0x20);
+    if needs_escape {
+        out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    } else {
+        out.reserve(text.len() + 2);
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    }
 }
 
 /// One content delta, as JSON text; the last one carries the finish reason.
@@ -221,6 +235,23 @@ mod tests {
             parsed(&usage_chunk(&meta, &usage)),
             with(json!({"choices": [], "usage": expected}))
         );
+    }
+
+    #[test]
+    fn string_literals_are_serde_jsons_with_or_without_escapes() {
+        for text in [
+            "word",
+            " plan\u{2014}é",
+            "",
+            "a \"quote\"",
+            "back\\slash",
+            "tab\tand\nline",
+            "\u{1}",
+        ] {
+            let mut literal = String::new();
+            push_json_str(&mut literal, text);
+            assert_eq!(literal, serde_json::to_string(text).unwrap(), "for {text:?}");
+        }
     }
 
     #[test]
