@@ -47,6 +47,12 @@ pub(crate) async fn list_requests(State(shared): State<Shared>) -> Response {
     Json(shared.requests()).into_response()
 }
 
+/// How many chat requests are open now and the most that were at once (since the last
+/// clear of the log).
+pub(crate) async fn request_counts(State(shared): State<Shared>) -> Response {
+    Json(shared.request_counts()).into_response()
+}
+
 pub(crate) async fn clear_requests(State(shared): State<Shared>) -> Response {
     Json(json!({ "cleared": shared.clear_requests() })).into_response()
 }

@@ -89,6 +89,7 @@ pub fn router(config: StandInConfig) -> Router {
             "/_stand-in/requests",
             get(control::list_requests).delete(control::clear_requests),
         )
+        .route("/_stand-in/requests/counts", get(control::request_counts))
         .route("/_stand-in/health", get(control::health))
         .with_state(shared)
 }

@@ -90,6 +90,17 @@ struct Inner {
 struct RequestLog {
     first_seq: u64,
     records: Vec<RequestRecord>,
+    /// Chat requests received and not yet ended, and the most there have been at once:
+    /// what a benchmark divides a client's memory by to get its cost per call in flight.
+    open: u64,
+    peak_open: u64,
+}
+
+/// The request log's counts, as the control API reports them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct RequestCounts {
+    pub open: u64,
+    pub peak_open: u64,
 }
 
 /// Poisoning only means another handler panicked mid-update; the data is still usable.
@@ -134,7 +145,16 @@ impl Shared {
     pub(crate) fn clear_requests(&self) -> usize {
         let mut log = lock(&self.0.log);
         log.first_seq = self.0.next_seq.load(Ordering::Relaxed);
+        log.peak_open = log.open;
         std::mem::take(&mut log.records).len()
+    }
+
+    pub(crate) fn request_counts(&self) -> RequestCounts {
+        let log = lock(&self.0.log);
+        RequestCounts {
+            open: log.open,
+            peak_open: log.peak_open,
+        }
     }
 
     /// Logs a request as in progress; the returned guard records how it ended.
@@ -153,6 +173,8 @@ impl Shared {
             log.first_seq = record.seq;
         }
         log.records.push(record);
+        log.open += 1;
+        log.peak_open = log.peak_open.max(log.open);
         Outcome {
             shared: self.clone(),
             seq,
@@ -163,6 +185,7 @@ impl Shared {
     fn set_outcome(&self, seq: u64, outcome: String) {
         tracing::debug!(seq, %outcome, "chat request finished");
         let mut log = lock(&self.0.log);
+        log.open = log.open.saturating_sub(1);
         let index = seq.checked_sub(log.first_seq).map(|i| i as usize);
         if let Some(record) = index.and_then(|i| log.records.get_mut(i)).filter(|r| r.seq == seq) {
             record.outcome = outcome;

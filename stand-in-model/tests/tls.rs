@@ -97,6 +97,30 @@ async fn concurrent_calls_share_one_http2_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_counts_the_most_calls_open_at_once() {
+    let server = start_tls().await;
+    let h2 = client(&server.cert_pem, false);
+    let counts = |client: reqwest::Client, base_url: String| async move {
+        let url = format!("{base_url}/_stand-in/requests/counts");
+        let counts: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        (counts["open"].as_u64().unwrap(), counts["peak_open"].as_u64().unwrap())
+    };
+    chat(&h2, &server.base_url).await;
+    futures_join(&h2, &server.base_url, 6).await;
+    futures_join(&h2, &server.base_url, 2).await;
+    // Each call waits 200 ms for its first token, so the six overlap.
+    assert_eq!(counts(h2.clone(), server.base_url.clone()).await, (0, 6));
+    let clear = h2.delete(format!("{}/_stand-in/requests", server.base_url));
+    clear.send().await.unwrap();
+    chat(&h2, &server.base_url).await;
+    assert_eq!(
+        counts(h2, server.base_url.clone()).await,
+        (0, 1),
+        "a cleared ledger counts anew"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_gets_http1_over_tls() {
     let server = start_tls().await;
     let h1 = client(&server.cert_pem, true);

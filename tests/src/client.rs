@@ -190,6 +190,27 @@ impl ModelControl {
         }
     }
 
+    /// The control API of a stand-in serving HTTPS on the certificate in
+    /// `cert_pem` (a PEM file, as `--cert-out` writes it).
+    pub fn trusting(base_url: &str, cert_pem: &std::path::Path) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pem = std::fs::read(cert_pem).expect("read the stand-in's certificate");
+        let roots = reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM certificate");
+        let http = reqwest::Client::builder().tls_certs_only(roots).build().unwrap();
+        Self {
+            base_url: base_url.to_string(),
+            http,
+        }
+    }
+
+    /// Chat requests open now and the most that were open at once, as the
+    /// stand-in counted them.
+    pub async fn request_counts(&self) -> (u64, u64) {
+        let url = format!("{}/_stand-in/requests/counts", self.base_url);
+        let counts: serde_json::Value = self.http.get(url).send().await.unwrap().json().await.unwrap();
+        (counts["open"].as_u64().unwrap(), counts["peak_open"].as_u64().unwrap())
+    }
+
     /// Queues faults, each consumed by the next matching request.
     pub async fn inject(&self, faults: serde_json::Value) {
         let response = self
