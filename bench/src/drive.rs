@@ -145,6 +145,21 @@ pub async fn wait_all(client: &Client, ids: &[String], timeout: Duration) -> Vec
     finished
 }
 
+/// Reads ended runs through the API (they must all have completed); returns
+/// them and the seconds from `began` to the last one's end.
+pub async fn completed_runs(
+    client: &Client,
+    ids: &[String],
+    began: Duration,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<Workflow>, f64)> {
+    let finished = wait_all(client, ids, timeout).await;
+    let done = completed(&finished);
+    anyhow::ensure!(done == ids.len(), "only {done} of {} workflows completed", ids.len());
+    let seconds = elapsed_until_last(&finished, began);
+    Ok((finished, seconds))
+}
+
 /// One RPC, retried (at most 5 times) when it fails or takes over 10 s, so
 /// a benchmark never hangs on one lost call; each retry is reported.
 async fn patiently<T, F, Fut>(what: &str, call: F) -> T

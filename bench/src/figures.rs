@@ -2,7 +2,7 @@
 //! number and returns the numbers as JSON.
 
 use crate::Args;
-use crate::drive::{clients, completed, elapsed_until_last, start_many, unix_now, wait_all, wait_ended_in_redis};
+use crate::drive::{clients, completed, completed_runs, start_many, unix_now, wait_all, wait_ended_in_redis};
 use crate::measure::{
     calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, memory_kib, percentiles,
 };
@@ -260,13 +260,7 @@ pub async fn nexus_rate(stack: &BenchStack, runs: usize, warmup: usize) -> anyho
     let calls_after = command_calls(&redis).await?;
     // Read through the API only now, outside the measured window: every run
     // has ended, so this is one GetWorkflow each.
-    let finished = wait_all(&clients[0], &ids, Duration::from_secs(600)).await;
-    anyhow::ensure!(
-        completed(&finished) == runs,
-        "only {} of {runs} workflows completed",
-        completed(&finished)
-    );
-    let seconds = elapsed_until_last(&finished, began);
+    let (_, seconds) = completed_runs(&clients[0], &ids, began, Duration::from_secs(600)).await?;
     let memory_after = info_number(&redis, "memory", "used_memory").await?;
     let bytes_per_workflow = memory_after.saturating_sub(memory_before) as f64 / runs as f64;
     let phases = (runs * 6) as f64;
@@ -346,13 +340,7 @@ async fn timed_in_flight(args: &Args, runs: usize) -> anyhow::Result<Value> {
     // Waited for in Redis, so no GetWorkflow polls share the machine with
     // the run; read through the API once all have ended.
     wait_ended_in_redis(&stack.redis.client(), &ids, Duration::from_secs(900)).await?;
-    let finished = wait_all(&clients[0], &ids, Duration::from_secs(900)).await;
-    anyhow::ensure!(
-        completed(&finished) == runs,
-        "only {} of {runs} workflows completed",
-        completed(&finished)
-    );
-    let seconds = elapsed_until_last(&finished, began);
+    let (_, seconds) = completed_runs(&clients[0], &ids, began, Duration::from_secs(900)).await?;
     let worker_peak = memory_kib(stack.worker.process.pid(), "VmHWM");
     let orchestrator_peak = memory_kib(stack.orchestrator.process.pid(), "VmHWM");
     // How many calls the stand-in had open at once: on a machine whose CPU
