@@ -76,8 +76,6 @@ pub async fn start_many(clients: &[Client], count: usize, concurrency: usize) ->
     (ids, began)
 }
 
-/// Statuses a run does not leave.
-const ENDED: [&str; 3] = ["completed", "failed", "cancelled"];
 /// Status fields read per round trip while waiting for runs to end.
 const STATUS_BATCH: usize = 100;
 
@@ -89,21 +87,29 @@ const STATUS_BATCH: usize = 100;
 /// is what running the workflows cost. Asking it instead (`wait_all`) is one
 /// GetWorkflow per run, most of them after the last run ended.
 pub async fn wait_ended_in_redis(redis: &redis::Client, ids: &[String], timeout: Duration) -> anyhow::Result<()> {
+    use nexus_pipeline::keys::{WorkflowKeys, field, status};
     let deadline = Instant::now() + timeout;
     let mut conn = redis.get_multiplexed_async_connection().await?;
-    let mut rest = ids;
+    let states = ids
+        .iter()
+        .map(|id| {
+            Ok(WorkflowKeys::new(&nexus_pipeline::ids::WorkflowId::parse(id)?)
+                .state()
+                .to_string())
+        })
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let mut rest = states.as_slice();
     let mut waiting = false;
     while let Some(first) = rest.first() {
         let batch = &rest[..rest.len().min(if waiting { 1 } else { STATUS_BATCH })];
         let mut statuses = redis::pipe();
-        for id in batch {
-            let id = nexus_pipeline::ids::WorkflowId::parse(id)?;
-            statuses.hget(nexus_pipeline::keys::WorkflowKeys::new(&id).state(), "status");
+        for state in batch {
+            statuses.hget(state, field::STATUS);
         }
         let statuses: Vec<Option<String>> = statuses.query_async(&mut conn).await?;
         let ended = statuses
             .iter()
-            .take_while(|status| status.as_deref().is_some_and(|status| ENDED.contains(&status)))
+            .take_while(|stored| stored.as_deref().is_some_and(status::is_terminal))
             .count();
         rest = &rest[ended..];
         waiting = ended < batch.len();

@@ -305,24 +305,21 @@ mod tests {
     #[test]
     fn the_record_keeps_the_prompts_head_and_the_system_prompts_tail_in_characters() {
         let long = "é".repeat(EXCERPT_CHARS + 7);
-        let body = body(serde_json::json!([
+        let record = body(serde_json::json!([
             {"role": "system", "content": format!("start {long}")},
             {"role": "system", "content": "end"},
             {"role": "user", "content": format!("{long} tail")},
-        ]));
-        let record = body.record();
+        ]))
+        .record();
         assert_eq!(record.prompt_excerpt, "é".repeat(EXCERPT_CHARS));
         assert_eq!(record.system_tail, format!("{}\nend", "é".repeat(EXCERPT_CHARS - 4)));
         let short =
-            body_record(serde_json::json!([{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]));
+            body(serde_json::json!([{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]))
+                .record();
         assert_eq!(
             (short.prompt_excerpt.as_str(), short.system_tail.as_str()),
             ("hi", "brief")
         );
-    }
-
-    fn body_record(messages: Value) -> RequestRecord {
-        body(messages).record()
     }
 
     #[test]
