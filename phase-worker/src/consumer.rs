@@ -100,17 +100,24 @@ impl TaskConsumer {
         Some(slots)
     }
 
-    /// Runs a newly read entry: decoded in its own task, as the task's own
-    /// attempt, first delivery.
+    /// Runs a newly read entry, as the task's own attempt, first delivery.
+    /// Decoded before spawning, so the task holds the decoded task and not
+    /// the entry, and its cell holds only the boxed run: a spawned future is
+    /// moved a few times on its way into its task (a box is moved once), and
+    /// the cell keeps its size for as long as the call stays open.
     fn spawn_new(self: Arc<Self>, entry: Entry, shard: u16, slot: OwnedSemaphorePermit) {
-        tokio::spawn(async move {
-            if let Some((handle, task)) = self.decode(&entry, shard).await {
-                // Boxed: the run's future is large (a model call, a Redis
-                // script, the heartbeat), and a spawned future is moved a
-                // few times on its way into its task; a box is moved once.
-                Box::pin(self.run(Arc::new(handle), task, 1, slot)).await;
+        match self.decode_entry(&entry) {
+            Decoded::Task(handle, task) => {
+                tokio::spawn(Box::pin(async move { self.run(Arc::new(handle), task, 1, slot).await }));
             }
-        });
+            Decoded::Newer => {}
+            Decoded::Unrunnable(why) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    self.dead_letter_undecodable(&entry, shard, &why).await
+                });
+            }
+        }
     }
 
     /// Runs a task, keeping its entry in the running set (so this worker's
@@ -125,7 +132,10 @@ impl TaskConsumer {
         };
         while let Some(Continuation { entry, started }) = next.take() {
             let _running = RunningGuard::new(&self.running, &entry.id);
-            if let Some((handle, task)) = self.decode(&entry, shard).await {
+            let decoded = self.decode(&entry, shard).await;
+            // Not held through the call: the task is decoded from it.
+            drop(entry);
+            if let Some((handle, task)) = decoded {
                 next = run_task(&self.ctx, Arc::new(handle), task, 1, started).await;
             }
         }
@@ -133,31 +143,34 @@ impl TaskConsumer {
 
     /// Decodes a task entry; one that cannot be decoded, or names no valid
     /// workflow, goes to the dead-letter stream at once (no delivery can fix
-    /// it). A task from a newer build is left for a newer worker.
-    /// The task is boxed: each future it passes through keeps a slot for it
-    /// (344 bytes) for the whole call. The dead-letter paths are boxed too:
-    /// rare, and inline their future made every spawned task's state (which
-    /// holds a decode) 1.3 KB larger.
+    /// it). A task from a newer build is left for a newer worker. The
+    /// dead-letter path is boxed: rare, and inline its future made the
+    /// state of every run (which awaits a decode) 1.3 KB larger.
     async fn decode(&self, entry: &Entry, shard: u16) -> Option<(TaskHandle, Box<PhaseTask>)> {
+        match self.decode_entry(entry) {
+            Decoded::Task(handle, task) => Some((handle, task)),
+            Decoded::Newer => None,
+            Decoded::Unrunnable(why) => {
+                Box::pin(self.dead_letter_undecodable(entry, shard, &why)).await;
+                None
+            }
+        }
+    }
+
+    /// What an entry holds. The task is boxed: each future it passes
+    /// through keeps a slot for it (344 bytes) for the whole call.
+    fn decode_entry(&self, entry: &Entry) -> Decoded {
         let task = match PhaseTask::decode(entry.payload.as_slice()) {
             Ok(task) if task.version <= nexus_proto::STREAM_MESSAGE_VERSION => Box::new(task),
             Ok(task) => {
                 tracing::error!(entry = %entry.id, version = task.version, "task from a newer build; leaving it for a newer worker");
-                return None;
+                return Decoded::Newer;
             }
-            Err(error) => {
-                let why = format!("undecodable task: {error}");
-                Box::pin(self.dead_letter_undecodable(entry, shard, &why)).await;
-                return None;
-            }
+            Err(error) => return Decoded::Unrunnable(format!("undecodable task: {error}")),
         };
         match TaskHandle::new(self.conn.clone(), entry.id.clone(), self.consumer.clone(), &task) {
-            Ok(handle) => Some((handle, task)),
-            Err(error) => {
-                let why = format!("task names no valid workflow: {error}");
-                Box::pin(self.dead_letter_undecodable(entry, shard, &why)).await;
-                None
-            }
+            Ok(handle) => Decoded::Task(handle, task),
+            Err(error) => Decoded::Unrunnable(format!("task names no valid workflow: {error}")),
         }
     }
 
@@ -334,6 +347,15 @@ impl TaskConsumer {
 /// a task is given up on all the same (it cannot even be started).
 fn is_poison(starts: u64, deliveries: u64, max: u64) -> bool {
     starts >= max || deliveries > max.saturating_mul(4)
+}
+
+/// A task entry, decoded.
+enum Decoded {
+    Task(TaskHandle, Box<PhaseTask>),
+    /// From a newer build: left for a newer worker.
+    Newer,
+    /// Undecodable, or naming no valid workflow: no delivery can fix it.
+    Unrunnable(String),
 }
 
 /// Keeps an entry in the running set while its task runs.

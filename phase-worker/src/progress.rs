@@ -8,7 +8,7 @@
 //! append is fenced like the task's other writes; a refused one (the run was
 //! cancelled or moved on) stops the call.
 
-use crate::model::ModelEvent;
+use crate::model::{EventReceiver, ModelEvent};
 use crate::task_lifecycle::TaskHandle;
 use futures::future::BoxFuture;
 use nexus_proto::v1::{
@@ -17,7 +17,6 @@ use nexus_proto::v1::{
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Buffered text is written at most this long after its first byte arrived.
@@ -38,7 +37,7 @@ pub async fn forward_events(
     phase: String,
     retries: Counter,
     delivery: u64,
-    mut receiver: mpsc::Receiver<ModelEvent>,
+    receiver: EventReceiver,
     stop: CancellationToken,
 ) -> Vec<Kind> {
     let origin = Origin {
@@ -53,7 +52,7 @@ pub async fn forward_events(
     tokio::pin!(flush_timer);
     loop {
         let next = tokio::select! {
-            event = receiver.recv() => event,
+            event = receiver.recv_async() => event.ok(),
             _ = &mut flush_timer, if buffer.is_waiting() => {
                 flush(&origin, &mut buffer, &stop).await;
                 continue;

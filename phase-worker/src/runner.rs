@@ -21,7 +21,6 @@ use nexus_proto::v1::{PhaseStarted, Usage, workflow_event::Kind};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -360,7 +359,7 @@ async fn call_model(
     delivery: u64,
     stop: &CancellationToken,
 ) -> CallOutcome {
-    let (events, receiver) = mpsc::channel(256);
+    let (events, receiver) = crate::model::event_channel(256);
     let started = Instant::now();
     let validator: Option<&OutputValidator> = match spec.output() {
         OutputKind::Rating => Some(&validate_rating),

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use phase_worker::model::{
     ChatMessage, ChatRequest, Completion, ModelClient, ModelClientConfig, ModelError, ModelEvent, OutputValidator,
-    TimeoutKind, install_crypto_provider,
+    TimeoutKind, event_channel, install_crypto_provider,
 };
 use serde_json::{Value, json};
 use stand_in_model::StandInConfig;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -194,10 +193,10 @@ async fn call_with_cancel(
     validator: Option<&OutputValidator>,
     cancel: &CancellationToken,
 ) -> Call {
-    let (sender, mut receiver) = mpsc::channel(4);
+    let (sender, receiver) = event_channel(4);
     let collector = tokio::spawn(async move {
         let mut events = Vec::new();
-        while let Some(event) = receiver.recv().await {
+        while let Ok(event) = receiver.recv_async().await {
             events.push(event);
         }
         events

@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::call::{ChatRequest, Completion, ModelEvent, OutputValidator, RetryNotice, WaitNotice};
+use super::call::{ChatRequest, Completion, EventSender, ModelEvent, OutputValidator, RetryNotice, WaitNotice};
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, redact_secret, redact_url_text};
 use super::http::{
@@ -85,7 +84,7 @@ impl ModelClient {
         &self,
         request: &ChatRequest,
         validator: Option<&OutputValidator>,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         let prepared = self.prepare(request)?;
@@ -128,7 +127,7 @@ impl ModelClient {
         request: &ChatRequest,
         try_number: u32,
         validator: Option<&OutputValidator>,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         let span = model_request_span(request, try_number);
@@ -157,7 +156,7 @@ impl ModelClient {
         try_number: u32,
         accept_truncated: bool,
         validator: Option<&OutputValidator>,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         tracing::debug!(try_number, endpoint = %redact_url_text(self.endpoint.as_str()), "model try starting");
@@ -189,7 +188,7 @@ impl ModelClient {
         &self,
         prepared: &Prepared,
         try_number: u32,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
     ) -> Result<Completion, ModelError> {
         let first_token_due = Instant::now() + self.config.first_token_timeout;
         let response = self.send(prepared, first_token_due).await?;
@@ -205,7 +204,7 @@ impl ModelClient {
         model: &str,
         tokens: u64,
         waits: &mut WaitBudget,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<(), ModelError> {
         let Some(pacer) = &self.pacer else { return Ok(()) };
@@ -227,7 +226,7 @@ impl ModelClient {
         error: &ModelError,
         asked: Duration,
         waits: &mut WaitBudget,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<(), ModelError> {
         let wait = Backoff::from_config(&self.config).honoured_retry_after(asked);
@@ -245,7 +244,7 @@ impl ModelClient {
         wait: Duration,
         reason: String,
         waits: &mut WaitBudget,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<(), ModelError> {
         let waited_total = waits.spend(wait, &reason)?;
@@ -257,7 +256,7 @@ impl ModelClient {
                     wait,
                     waited_total,
                 }));
-                let _receiver_gone = events.send(event).await;
+                let _receiver_gone = events.send_async(event).await;
             }
             tokio::time::sleep(wait).await;
             Ok(())
@@ -271,7 +270,7 @@ impl ModelClient {
         &self,
         error: ModelError,
         failed_try: u32,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<(), ModelError> {
         if !error.is_retryable() {
@@ -294,7 +293,7 @@ impl ModelClient {
             delay,
         }));
         with_cancel(cancel, async {
-            let _receiver_gone = events.send(event).await;
+            let _receiver_gone = events.send_async(event).await;
             tokio::time::sleep(delay).await;
             Ok(())
         })

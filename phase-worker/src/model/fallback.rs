@@ -12,10 +12,9 @@
 //! server gets fallbacks too. The model that answered is recorded from the
 //! response's `model` field either way.
 
-use super::call::{ChatRequest, Completion, FallbackNotice, ModelEvent, OutputValidator};
+use super::call::{ChatRequest, Completion, EventSender, FallbackNotice, ModelEvent, OutputValidator};
 use super::client::ModelClient;
 use super::error::ModelError;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 impl ModelClient {
@@ -27,7 +26,7 @@ impl ModelClient {
         request: &ChatRequest,
         fallbacks: &[String],
         validator: Option<&OutputValidator>,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         // The request is copied only for a fallback model: a prompt can be large, and
@@ -57,7 +56,7 @@ impl ModelClient {
                 reason: error.to_string(),
                 tries,
             }));
-            let _receiver_gone = events.send(fell_back).await;
+            let _receiver_gone = events.send_async(fell_back).await;
             earlier_tries += tries;
             let mut request = fallback_request.take().unwrap_or_else(|| request.clone());
             request.model = next.clone();

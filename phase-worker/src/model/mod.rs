@@ -51,7 +51,8 @@ mod stream;
 mod wire;
 
 pub use call::{
-    ChatMessage, ChatRequest, Completion, FallbackNotice, ModelEvent, OutputValidator, RetryNotice, Usage, WaitNotice,
+    ChatMessage, ChatRequest, Completion, EventReceiver, EventSender, FallbackNotice, ModelEvent, OutputValidator,
+    RetryNotice, Usage, WaitNotice, event_channel,
 };
 pub use client::ModelClient;
 pub use config::ModelClientConfig;

@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::call::{Completion, ModelEvent, Usage};
+use super::call::{Completion, EventSender, ModelEvent, Usage};
 use super::client::ModelClient;
 use super::error::{ModelError, UNKNOWN_ERROR_CODE, bounded_message, excerpt};
 use super::sse::{SseDecoder, SseEvents};
@@ -173,14 +172,14 @@ struct ReadText {
 impl ReadText {
     /// Sends what was gathered (reasoning first, as it came first) and
     /// empties it.
-    async fn forward(&mut self, try_number: u32, events: &mpsc::Sender<ModelEvent>) {
+    async fn forward(&mut self, try_number: u32, events: &EventSender) {
         if !self.reasoning.is_empty() {
             let text = std::mem::take(&mut self.reasoning);
-            let _receiver_gone = events.send(ModelEvent::Reasoning { try_number, text }).await;
+            let _receiver_gone = events.send_async(ModelEvent::Reasoning { try_number, text }).await;
         }
         if !self.text.is_empty() {
             let text = std::mem::take(&mut self.text);
-            let _receiver_gone = events.send(ModelEvent::Delta { try_number, text }).await;
+            let _receiver_gone = events.send_async(ModelEvent::Delta { try_number, text }).await;
         }
     }
 }
@@ -197,7 +196,7 @@ impl ModelClient {
         response: reqwest::Response,
         try_number: u32,
         first_token_due: Instant,
-        events: &mpsc::Sender<ModelEvent>,
+        events: &EventSender,
     ) -> Result<Reply, ModelError> {
         let mut body = Box::pin(idle_guarded(response.bytes_stream(), self.config.idle_timeout));
         let mut decoder = SseDecoder::default();
