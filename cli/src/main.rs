@@ -601,10 +601,16 @@ async fn watch_to_end(
     let mut events = client.watch_workflow(request).await?.into_inner();
     let mut watched = Watched::Ended;
     let mut last_cursor = String::new();
+    // One listener for the whole watch, not one per event: each `ctrl_c()`
+    // hears only the signals after it was first polled, so a Ctrl-C that
+    // came while an event was being printed was lost, and the watch went on
+    // to the end of the run.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         let event = tokio::select! {
             event = events.message() => event,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut interrupted => {
                 printer.finish();
                 detached(workflow_id, &last_cursor);
                 return Ok(Watched::Interrupted);

@@ -112,6 +112,51 @@ async fn the_generated_python_client_starts_watches_and_resumes_without_a_gap() 
     assert_eq!(received, stored, "every stored event once, in order, across the resume");
 }
 
+/// A Ctrl-C that comes while the CLI is busy printing an event is not lost.
+/// Its stdout here is a pipe nobody reads until after the signal, and long
+/// answers fill it, so the CLI is blocked writing when the signal arrives.
+/// It must still stop watching (exit 130) once its output drains, not
+/// watch on to the end of the run (exit 0) as it did when it listened for
+/// Ctrl-C afresh for each event.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_while_printing_an_event_still_stops_the_watch() {
+    let long_answers = [
+        "--first-token-latency-ms",
+        "0",
+        "--tokens-per-second",
+        "0",
+        "--reply-words",
+        "20000",
+    ];
+    let stack = Stack::start_with(1, 1, &long_answers);
+    let mut child = std::process::Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "start", "--name", "Busy printing"])
+        .args(["--description", "A plan with long answers", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nexus");
+    // Long enough for the answers to fill the unread pipe (a phase prints
+    // about 120 KB; a pipe holds 64 KB).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let mut stdout = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()).unwrap());
+    let output = child.wait_with_output().unwrap();
+    let printed = drain.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        printed > 64 * 1024,
+        "the pipe was full when the signal came: {printed} bytes"
+    );
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("the workflow keeps running"), "{stderr}");
+}
+
 /// Ctrl-C on `nexus start --watch` stops the watching, not the run: the CLI
 /// says how to re-attach (exit 130), the run completes, and the printed
 /// command picks the stream up after the last event seen.
