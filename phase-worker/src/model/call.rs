@@ -158,8 +158,10 @@ pub type EventReceiver = flume::Receiver<ModelEvent>;
 /// A call's progress channel, holding up to `capacity` events before the call waits for its
 /// reader. A flume channel, not tokio's mpsc: tokio's allocates a cache-padded header and a
 /// first block of 32 slots when it opens, 1.5 KB per call, held for as long as a call stays
-/// open (a slow model: minutes), where this one takes about 150 bytes and grows its queue
-/// only when events wait in it.
+/// open (a slow model: minutes), where this one takes about 150 bytes (300 while its reader
+/// waits) and grows its queue only when events wait in it. Its `recv_async` is cancel-safe
+/// the way the progress forwarder's `select!` needs: a message sent while the receive is
+/// dropped stays queued for the next one.
 pub fn event_channel(capacity: usize) -> (EventSender, EventReceiver) {
     flume::bounded(capacity)
 }

@@ -55,18 +55,27 @@ pub(super) fn encode_request(request: &ChatRequest) -> Result<Vec<u8>, ModelErro
     Ok(body)
 }
 
-/// About the encoded size of `request`: its text plus room for the JSON around it and a few
-/// escapes. The body is kept for the whole call (a retry sends it again), so it gets one
-/// allocation near its size, not the doubling from 128 bytes that `to_vec` does, which copies
-/// the body at every step and leaves it in a buffer up to twice its size.
+/// About the encoded size of `request`: its text, room for the JSON around it and for escapes
+/// (one byte in eight), and a schema's room when it asks for one. The body is kept for the
+/// whole call (a retry sends it again), so it gets one allocation near its size, not the
+/// doubling from 128 bytes that `to_vec` does, which copies the body at every step and leaves
+/// it in a buffer up to twice its size. An estimate that falls short only means one regrowth.
 fn encoded_size_estimate(request: &ChatRequest) -> usize {
-    const JSON_AROUND: usize = 256;
+    const JSON_AROUND: usize = 160;
+    /// The built-in rating schema is 345 bytes of JSON.
+    const SCHEMA_ROOM: usize = 400;
     let text: usize = request
         .messages
         .iter()
         .map(|m| m.role.len() + m.content.len() + 32)
         .sum();
-    request.model.len() + text + text / 16 + JSON_AROUND
+    let schema = if request.response_format.is_some() {
+        SCHEMA_ROOM
+    } else {
+        0
+    };
+    let reasoning = request.reasoning_effort.as_ref().map_or(0, |effort| effort.len() + 32);
+    request.model.len() + text + text / 8 + JSON_AROUND + schema + reasoning
 }
 
 /// The body of a non-2xx response, when the provider sent one in its usual shape.
@@ -266,7 +275,7 @@ mod tests {
     #[test]
     fn a_request_body_is_written_into_one_allocation() {
         let plan = "An online shop for furniture, with payments.\n\t\"Quoted\" and plain text. ".repeat(40);
-        let request = ChatRequest {
+        let analysis = ChatRequest {
             model: "anthropic/claude-sonnet-4.5".into(),
             messages: vec![
                 ChatMessage::new("system", "You are a senior solution architect."),
@@ -279,12 +288,27 @@ mod tests {
             max_tokens: Some(4000),
             ..ChatRequest::default()
         };
-        let body = encode_request(&request).unwrap();
-        assert!(
-            body.len() <= encoded_size_estimate(&request),
-            "the estimate holds the body"
-        );
-        assert_eq!(body.capacity(), encoded_size_estimate(&request), "no regrowth");
-        assert!(body.capacity() < body.len() * 5 / 4, "and is not much larger than it");
+        let rating = ChatRequest {
+            model: "google/gemini-3-pro-preview".into(),
+            messages: vec![ChatMessage::new("user", "Rate this plan: a shop.")],
+            response_format: Some(crate::rating::response_format()),
+            reasoning_effort: Some("medium".into()),
+            ..ChatRequest::default()
+        };
+        for request in [analysis, rating] {
+            let body = encode_request(&request).unwrap();
+            let estimate = encoded_size_estimate(&request);
+            assert!(body.len() <= estimate, "{} bytes, estimated {estimate}", body.len());
+            assert!(
+                body.capacity() <= estimate,
+                "no regrowth: {} > {estimate}",
+                body.capacity()
+            );
+            assert!(
+                estimate < body.len() * 3 / 2,
+                "not much larger: {} bytes, estimated {estimate}",
+                body.len()
+            );
+        }
     }
 }
