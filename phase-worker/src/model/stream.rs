@@ -90,7 +90,7 @@ fn parse_data(data: &str) -> Result<Data<'_>, ModelError> {
             message: bounded_message(&error.message),
         });
     }
-    let choice = wire.choices.into_iter().next();
+    let choice = wire.choices.0;
     let (delta, finish_reason) = choice.map_or((None, None), |c| (c.delta, c.finish_reason));
     let reasoning = delta.as_ref().is_some_and(WireDelta::has_reasoning);
     let (content, reasoning_text) = delta.map_or((None, None), |d| (d.content, d.reasoning));
@@ -280,6 +280,19 @@ mod tests {
             Data::Chunk(chunk) => chunk,
             Data::Done => panic!("expected a chunk, got [DONE]"),
         }
+    }
+
+    #[test]
+    fn only_the_first_choice_counts_and_an_empty_list_is_none() {
+        let two = chunk(r#"{"choices":[{"delta":{"content":"first"}},{"delta":{"content":"second"}}]}"#);
+        assert_eq!(two.content.as_deref(), Some("first"));
+        let usage_only = chunk(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#);
+        assert_eq!((usage_only.content, usage_only.finish_reason), (None, None));
+        assert!(usage_only.usage.is_some());
+        assert!(
+            parse_data(r#"{"choices":{"delta":{}}}"#).is_err(),
+            "choices must be a list"
+        );
     }
 
     #[test]

@@ -114,8 +114,9 @@ pub(super) struct WireChunk<'a> {
     /// The model that answered (OpenRouter may route to another than asked).
     #[serde(default, borrow, deserialize_with = "borrowed_text")]
     pub(super) model: Option<Cow<'a, str>>,
+    /// Only the first choice: a stream asks for one (`n` is never sent).
     #[serde(default, borrow)]
-    pub(super) choices: Vec<WireChoice<'a>>,
+    pub(super) choices: FirstChoice<'a>,
     #[serde(default)]
     pub(super) usage: Option<WireUsage>,
     #[serde(default)]
@@ -147,6 +148,33 @@ fn borrowed_text<'de: 'a, 'a, D: serde::Deserializer<'de>>(deserializer: D) -> R
     #[derive(Deserialize)]
     struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
     Ok(Option::<Text>::deserialize(deserializer)?.map(|text| text.0))
+}
+
+/// The first element of `choices`, the rest skipped: read in place rather than into a `Vec`,
+/// which cost an allocation and a free for every chunk of every answer.
+#[derive(Default)]
+pub(super) struct FirstChoice<'a>(pub(super) Option<WireChoice<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(FirstChoiceVisitor(std::marker::PhantomData))
+    }
+}
+
+struct FirstChoiceVisitor<'a>(std::marker::PhantomData<WireChoice<'a>>);
+
+impl<'de: 'a, 'a> Visitor<'de> for FirstChoiceVisitor<'a> {
+    type Value = FirstChoice<'a>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a list of choices")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<FirstChoice<'a>, A::Error> {
+        let first = items.next_element::<WireChoice<'a>>()?;
+        while items.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(FirstChoice(first))
+    }
 }
 
 impl WireDelta<'_> {
