@@ -130,14 +130,21 @@ impl TaskConsumer {
             let _running = RunningGuard::new(&self.running, &handle.entry_id);
             run_task(&self.ctx, handle, task, delivery, None).await
         };
-        while let Some(Continuation { entry, started }) = next.take() {
+        // `let … else` and `match`, not `while let` and a local: a
+        // temporary there would keep its room in this future through every
+        // call that follows (224 bytes, print-type-sizes).
+        loop {
+            let Some(Continuation { entry, started }) = next.take() else {
+                return;
+            };
             let _running = RunningGuard::new(&self.running, &entry.id);
-            let decoded = self.decode(&entry, shard).await;
+            let (handle, task) = match self.decode(&entry, shard).await {
+                Some(decoded) => decoded,
+                None => continue,
+            };
             // Not held through the call: the task is decoded from it.
             drop(entry);
-            if let Some((handle, task)) = decoded {
-                next = run_task(&self.ctx, Arc::new(handle), task, 1, started).await;
-            }
+            next = run_task(&self.ctx, Arc::new(handle), task, 1, started).await;
         }
     }
 

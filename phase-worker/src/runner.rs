@@ -208,24 +208,18 @@ async fn run_task_in_span(
         .as_ref()
         .filter(|_| !spec.no_cache)
         .map(|_| ResponseCache::key(&request));
+    // The answer from the cache and the refusal by the budget are settled in
+    // futures of their own, boxed: their results and events, inline, would
+    // keep room in this future through every model call (905 bytes).
     if let Some(answer) = cached_answer(ctx, cache_key.as_deref()).await {
-        let (result, mut deltas) = from_cache(handle, &task, &spec, answer, delivery);
-        // A long answer's text goes out in pieces; the last with the result.
-        let last: Vec<Kind> = deltas.pop().into_iter().collect();
-        for delta in deltas {
-            if !matches!(handle.append(delta).await, Ok(true)) {
-                return settle_stopped(ctx, handle, stop).await;
-            }
-        }
-        return settle(ctx, handle, Some(&result), &last, stop).await;
+        return Box::pin(settle_cached(ctx, handle, &task, &spec, answer, delivery, stop)).await;
     }
     if let Some(refusal) = budget.refusal(ctx.prices.prompt_cost_usd(&request)) {
         tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, %refusal, "stopping the run before a call past its cost cap");
         metrics::record_budget_stop(&spec.model);
-        let refused = result(handle, &task, &spec, Outcome::Failure(PhaseFailure { reason: refusal }));
-        return settle(ctx, handle, Some(&refused), &[], stop).await;
+        return Box::pin(settle_refused(ctx, handle, &task, &spec, refusal, stop)).await;
     }
-    let outcome = call_model(ctx, handle, &task, &spec, request, cache_key, delivery, stop).await;
+    let outcome = call_model(ctx, handle, &task, &spec, &request, cache_key, delivery, stop).await;
     if let CallOutcome::Result(result, _) = &outcome
         && let Some(Outcome::Success(success)) = &result.outcome
     {
@@ -306,6 +300,40 @@ enum CallOutcome {
 
 /// The cached answer for `key`, if caching is on and there is one. A cache
 /// that cannot be read is a miss: the model is called.
+/// Settles a task with its cached answer: the answer's text as deltas (a
+/// long one in pieces, the last with the result), then the result.
+async fn settle_cached(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    answer: CachedAnswer,
+    delivery: u64,
+    stop: &CancellationToken,
+) -> Option<Continuation> {
+    let (result, mut deltas) = from_cache(handle, task, spec, answer, delivery);
+    let last: Vec<Kind> = deltas.pop().into_iter().collect();
+    for delta in deltas {
+        if !matches!(handle.append(delta).await, Ok(true)) {
+            return settle_stopped(ctx, handle, stop).await;
+        }
+    }
+    settle(ctx, handle, Some(&result), &last, stop).await
+}
+
+/// Settles a task the run's cost cap refused to call the model for: a failure.
+async fn settle_refused(
+    ctx: &RunnerContext,
+    handle: &TaskHandle,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    refusal: String,
+    stop: &CancellationToken,
+) -> Option<Continuation> {
+    let refused = result(handle, task, spec, Outcome::Failure(PhaseFailure { reason: refusal }));
+    settle(ctx, handle, Some(&refused), &[], stop).await
+}
+
 async fn cached_answer(ctx: &RunnerContext, key: Option<&str>) -> Option<CachedAnswer> {
     let (cache, key) = (ctx.cache.as_ref()?, key?);
     match cache.lookup(key).await {
@@ -354,7 +382,7 @@ async fn call_model(
     handle: &Arc<TaskHandle>,
     task: &PhaseTask,
     spec: &PhaseSpec,
-    request: ChatRequest,
+    request: &ChatRequest,
     cache_key: Option<String>,
     delivery: u64,
     stop: &CancellationToken,
@@ -378,7 +406,7 @@ async fn call_model(
     let call = async {
         let events = events;
         ctx.client
-            .complete_with_fallbacks(&request, &spec.fallback_models, validator, &events, stop)
+            .complete_with_fallbacks(request, &spec.fallback_models, validator, &events, stop)
             .await
     };
     let (answer, final_events) = tokio::join!(call, forwarder);
