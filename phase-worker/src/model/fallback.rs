@@ -30,12 +30,13 @@ impl ModelClient {
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         // The request is copied only for a fallback model: a prompt can be large, and
-        // thousands of calls may be in flight.
-        let mut fallback_request: Option<ChatRequest> = None;
+        // thousands of calls may be in flight. Boxed, so the call's future does not keep
+        // room for a whole request (152 bytes) through the first model's call.
+        let mut fallback_request: Option<Box<ChatRequest>> = None;
         let mut next_models = fallbacks.iter();
         let mut earlier_tries = 0;
         loop {
-            let current = fallback_request.as_ref().unwrap_or(request);
+            let current = fallback_request.as_deref().unwrap_or(request);
             let error = match self.complete(current, validator, events, cancel).await {
                 Ok(completion) => {
                     return Ok(Completion {
@@ -58,7 +59,7 @@ impl ModelClient {
             }));
             let _receiver_gone = events.send_async(fell_back).await;
             earlier_tries += tries;
-            let mut request = fallback_request.take().unwrap_or_else(|| request.clone());
+            let mut request = fallback_request.take().unwrap_or_else(|| Box::new(request.clone()));
             request.model = next.clone();
             fallback_request = Some(request);
         }
