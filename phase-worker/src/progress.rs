@@ -249,7 +249,7 @@ fn finish<'a>(
 /// Appends a notice (a retry, a fallback, a wait) and stops the call if the
 /// append is refused. Boxed whole: the notice (320 bytes) and the script
 /// call are large and brief, and the forwarder, alive for the whole model
-/// call, would otherwise carry room for them throughout (856 bytes, not 535).
+/// call, would otherwise carry room for them throughout (856 bytes, not 536).
 fn append_or_stop<'a>(handle: &'a TaskHandle, kind: Kind, stop: &'a CancellationToken) -> BoxFuture<'a, ()> {
     Box::pin(async move {
         match handle.append(kind).await {

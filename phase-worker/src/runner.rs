@@ -298,8 +298,6 @@ enum CallOutcome {
     Stopped,
 }
 
-/// The cached answer for `key`, if caching is on and there is one. A cache
-/// that cannot be read is a miss: the model is called.
 /// Settles a task with its cached answer: the answer's text as deltas (a
 /// long one in pieces, the last with the result), then the result.
 async fn settle_cached(
@@ -334,6 +332,8 @@ async fn settle_refused(
     settle(ctx, handle, Some(&refused), &[], stop).await
 }
 
+/// The cached answer for `key`, if caching is on and there is one. A cache
+/// that cannot be read is a miss: the model is called.
 async fn cached_answer(ctx: &RunnerContext, key: Option<&str>) -> Option<CachedAnswer> {
     let (cache, key) = (ctx.cache.as_ref()?, key?);
     match cache.lookup(key).await {

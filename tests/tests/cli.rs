@@ -112,6 +112,26 @@ async fn the_generated_python_client_starts_watches_and_resumes_without_a_gap() 
     assert_eq!(received, stored, "every stored event once, in order, across the resume");
 }
 
+/// `nexus start --watch` in the background, its output piped.
+fn start_watching(stack: &Stack, name: &str, description: &str) -> std::process::Child {
+    std::process::Command::new(binary("nexus"))
+        .args(["--endpoint", &stack.endpoint(), "start", "--name", name])
+        .args(["--description", description, "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nexus")
+}
+
+/// Ctrl-C, as a terminal sends it: SIGINT to the process.
+fn interrupt(child: &std::process::Child) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// A Ctrl-C that comes while the CLI is busy printing an event is not lost.
 /// Its stdout here is a pipe nobody reads until after the signal, and long
 /// answers fill it, so the CLI is blocked writing when the signal arrives.
@@ -129,21 +149,11 @@ async fn ctrl_c_while_printing_an_event_still_stops_the_watch() {
         "20000",
     ];
     let stack = Stack::start_with(1, 1, &long_answers);
-    let mut child = std::process::Command::new(binary("nexus"))
-        .args(["--endpoint", &stack.endpoint(), "start", "--name", "Busy printing"])
-        .args(["--description", "A plan with long answers", "--watch"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nexus");
+    let mut child = start_watching(&stack, "Busy printing", "A plan with long answers");
     // Long enough for the answers to fill the unread pipe (a phase prints
     // about 120 KB; a pipe holds 64 KB).
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let interrupted = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(interrupted.success());
+    interrupt(&child);
     let mut stdout = child.stdout.take().unwrap();
     let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()).unwrap());
     let output = child.wait_with_output().unwrap();
@@ -163,19 +173,9 @@ async fn ctrl_c_while_printing_an_event_still_stops_the_watch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_on_watch_leaves_the_run_going_and_says_how_to_re_attach() {
     let stack = Stack::start_with(1, 1, SLOW_MODEL);
-    let child = std::process::Command::new(binary("nexus"))
-        .args(["--endpoint", &stack.endpoint(), "start", "--name", "Interrupted"])
-        .args(["--description", "A plan watched for a moment", "--watch"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nexus");
+    let child = start_watching(&stack, "Interrupted", "A plan watched for a moment");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let interrupted = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(interrupted.success());
+    interrupt(&child);
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{stderr}");
