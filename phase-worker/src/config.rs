@@ -6,10 +6,6 @@ use nexus_pipeline::connection::RedisArgs;
 use secrecy::SecretString;
 use std::time::Duration;
 
-/// Concurrent calls per connection to the model server by default: below
-/// what HTTP/2 servers commonly allow per connection.
-const STREAMS_PER_CONNECTION: usize = 100;
-
 #[derive(Parser, Clone)]
 #[command(
     name = "phase-worker",
@@ -146,12 +142,20 @@ pub struct Config {
     #[arg(long, env = "NEXUS_MODEL_ANSWER_TOKENS", default_value_t = 1000)]
     pub answer_token_allowance: u64,
 
-    /// Connections to the model server the calls are spread over. Default:
-    /// one per 100 calls in flight (`NEXUS_WORKER_MAX_IN_FLIGHT`), because an
-    /// HTTP/2 server allows only so many concurrent streams per connection
-    /// (commonly 100 to 256) and makes the rest wait.
+    /// Most connections to the model server the calls are spread over.
+    /// Default: one per `NEXUS_MODEL_STREAMS_PER_CONNECTION` calls in flight
+    /// (`NEXUS_WORKER_MAX_IN_FLIGHT`), because an HTTP/2 server allows only
+    /// so many concurrent streams per connection and makes the rest wait.
+    /// A connection is opened when the ones before it are full, so a worker
+    /// holds as many as its calls need.
     #[arg(long, env = "NEXUS_MODEL_CONNECTIONS")]
     pub model_connections: Option<usize>,
+
+    /// Calls one connection to the model server carries before the next is
+    /// used: below what the server allows (HTTP/2 servers commonly allow 100
+    /// to 256 concurrent streams).
+    #[arg(long, env = "NEXUS_MODEL_STREAMS_PER_CONNECTION", default_value_t = crate::model::DEFAULT_STREAMS_PER_CONNECTION)]
+    pub model_streams_per_connection: usize,
 
     /// This worker's consumer name. Default: host, pid and a random suffix.
     #[arg(long, env = "NEXUS_CONSUMER_NAME")]
@@ -189,6 +193,7 @@ impl std::fmt::Debug for Config {
             .field("cache_ttl_secs", &self.cache_ttl_secs)
             .field("answer_token_allowance", &self.answer_token_allowance)
             .field("model_connections", &self.model_connections)
+            .field("model_streams_per_connection", &self.model_streams_per_connection)
             .field("model_prices", &self.model_prices)
             .field("consumer_name", &self.consumer_name)
             .finish()
@@ -224,8 +229,9 @@ impl Config {
             answer_token_allowance: self.answer_token_allowance,
             connections: self
                 .model_connections
-                .unwrap_or_else(|| self.max_in_flight.div_ceil(STREAMS_PER_CONNECTION))
+                .unwrap_or_else(|| self.max_in_flight.div_ceil(self.model_streams_per_connection.max(1)))
                 .max(1),
+            streams_per_connection: self.model_streams_per_connection.max(1),
         }
     }
 }

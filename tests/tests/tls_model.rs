@@ -166,22 +166,32 @@ async fn a_worker_without_the_certificate_refuses_the_connection() {
     assert!(ledger.is_empty(), "no call got through the handshake: {ledger:?}");
 }
 
-/// A server allows only so many streams per HTTP/2 connection and makes the
-/// rest wait, so a worker spreads its calls over `NEXUS_MODEL_CONNECTIONS`
-/// connections (by default one per 100 calls in flight). The stand-in's
-/// ledger shows the calls of one busy worker on that many connections.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_busy_worker_spreads_its_calls_over_its_connections() {
-    const CONNECTIONS: usize = 4;
+/// Calls on one worker's connections, from the stand-in's ledger: how many
+/// each connection carried, by its number.
+fn calls_per_connection(ledger: &[Value]) -> BTreeMap<u64, usize> {
+    let mut calls: BTreeMap<u64, usize> = BTreeMap::new();
+    for request in ledger {
+        *calls.entry(request["connection"].as_u64().unwrap()).or_default() += 1;
+    }
+    calls
+}
+
+/// Connections that carried more than one call: the ones kept. (A call
+/// started on a cold pool may dial a connection of its own before the first
+/// handshake says HTTP/2; hyper keeps one, and such a dial carries one call.)
+fn kept_connections(calls: &BTreeMap<u64, usize>) -> Vec<usize> {
+    calls.values().copied().filter(|&n| n > 1).collect()
+}
+
+/// Sixteen workflows on one worker with `env`, all completed; the stand-in's
+/// ledger of their calls.
+async fn run_sixteen_on_one_worker(env: &[(&str, &str)]) -> Vec<Value> {
     let redis = RedisServer::start();
     let model = StandIn::start_tls(&["--first-token-latency-ms", "300", "--reply-words", "5"]);
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
     let ca_file = model.cert.to_str().unwrap();
-    let connections = CONNECTIONS.to_string();
-    let env = [
-        ("NEXUS_MODEL_CA_FILE", ca_file),
-        ("NEXUS_MODEL_CONNECTIONS", connections.as_str()),
-    ];
+    let mut env = env.to_vec();
+    env.push(("NEXUS_MODEL_CA_FILE", ca_file));
     let _worker = Worker::start(&redis.url(), &model.base_url(), &env);
     let mut client = connect(&orchestrator.endpoint()).await;
     let mut ids = Vec::new();
@@ -189,22 +199,49 @@ async fn a_busy_worker_spreads_its_calls_over_its_connections() {
         ids.push(start(&mut client, &format!("Spread {n}")).await);
     }
     assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
+    ledger_of(&model).await
+}
 
-    let ledger = ledger_of(&model).await;
-    let mut calls_per_connection: BTreeMap<u64, usize> = BTreeMap::new();
-    for request in &ledger {
-        *calls_per_connection
-            .entry(request["connection"].as_u64().unwrap())
-            .or_default() += 1;
-    }
-    let busy: Vec<usize> = calls_per_connection.values().copied().filter(|&n| n > 1).collect();
+/// A server allows only so many streams per HTTP/2 connection and makes the
+/// rest wait, so a worker spreads its calls over up to
+/// `NEXUS_MODEL_CONNECTIONS` connections, opening the next when one carries
+/// `NEXUS_MODEL_STREAMS_PER_CONNECTION` calls. Sixteen calls at once, four
+/// per connection: the ledger shows them on four connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_spreads_its_calls_over_its_connections() {
+    const CONNECTIONS: usize = 4;
+    let env = [
+        ("NEXUS_MODEL_CONNECTIONS", "4"),
+        ("NEXUS_MODEL_STREAMS_PER_CONNECTION", "4"),
+    ];
+    let ledger = run_sixteen_on_one_worker(&env).await;
+    let calls = calls_per_connection(&ledger);
+    let kept = kept_connections(&calls);
     assert_eq!(
-        busy.len(),
+        kept.len(),
         CONNECTIONS,
-        "the worker's calls shared exactly its {CONNECTIONS} connections: {calls_per_connection:?}"
+        "the worker's calls shared exactly its {CONNECTIONS} connections: {calls:?}"
     );
     assert!(
-        busy.iter().all(|&n| n >= ledger.len() / CONNECTIONS / 2),
-        "spread evenly: {busy:?}"
+        kept.iter().all(|&n| n >= ledger.len() / CONNECTIONS / 2),
+        "spread evenly: {kept:?}"
+    );
+}
+
+/// A worker allowed many calls keeps many clients (2,000 calls in flight:
+/// 20), but opens a connection only when the ones before it are full: its
+/// sixteen calls at once share one connection. (Taking the clients in turn,
+/// it dialled one connection per call.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_opens_only_the_connections_its_calls_need() {
+    let env = [("NEXUS_WORKER_MAX_IN_FLIGHT", "2000")];
+    let ledger = run_sixteen_on_one_worker(&env).await;
+    let calls = calls_per_connection(&ledger);
+    let kept = kept_connections(&calls);
+    eprintln!("{} calls over {} connections: {calls:?}", ledger.len(), calls.len());
+    assert_eq!(kept.len(), 1, "one connection carried the calls: {calls:?}");
+    assert!(
+        kept[0] * 10 >= ledger.len() * 9,
+        "nearly every call on that connection: {calls:?}"
     );
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::lanes::Lanes;
 use super::call::{ChatRequest, Completion, EventSender, ModelEvent, OutputValidator, RetryNotice, WaitNotice};
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, redact_secret, redact_url_text};
@@ -34,10 +35,9 @@ const ANNOUNCED_WAIT: Duration = Duration::from_millis(100);
 pub struct ModelClient {
     /// Several HTTP clients, each with its own connections: a server allows
     /// only so many concurrent streams on one HTTP/2 connection (often 100
-    /// to 256) and queues the rest, so calls are spread over enough of them.
-    pub(super) http: Arc<[reqwest::Client]>,
-    /// Which client the next call uses (round robin).
-    pub(super) next_http: Arc<std::sync::atomic::AtomicUsize>,
+    /// to 256) and queues the rest, so calls are spread over enough of them
+    /// ([`Lanes`]: filled in order).
+    pub(super) lanes: Arc<Lanes>,
     pub(super) endpoint: reqwest::Url,
     /// Sent with every request: content types, the key, attribution.
     pub(super) headers: HeaderMap,
@@ -63,8 +63,7 @@ impl ModelClient {
             .map(|_| build_http_client(&config, &tls))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            http: http.into(),
-            next_http: Default::default(),
+            lanes: Arc::new(Lanes::new(http, config.streams_per_connection)),
             endpoint,
             headers: request_headers(&config)?,
             config,
@@ -191,7 +190,9 @@ impl ModelClient {
         events: &EventSender,
     ) -> Result<Completion, ModelError> {
         let first_token_due = Instant::now() + self.config.first_token_timeout;
-        let response = self.send(prepared, first_token_due).await?;
+        // Held until the reply is read: the call's stream on its connection.
+        let lease = self.lanes.lease();
+        let response = self.send(&lease, prepared, first_token_due).await?;
         let generation_id = generation_id(&response);
         let reply = self.read_reply(response, try_number, first_token_due, events).await?;
         reply.finish(generation_id)

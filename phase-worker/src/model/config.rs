@@ -46,6 +46,8 @@ pub struct ModelClientConfig {
     /// are spread over, so no HTTP/2 connection carries more streams than
     /// its server allows.
     pub connections: usize,
+    /// Calls one connection carries before the next client's is used.
+    pub streams_per_connection: usize,
     /// A PEM file of root certificates to trust besides the system's: a
     /// private gateway's CA, or the stand-in model's certificate (`--tls`).
     pub ca_file: Option<PathBuf>,
@@ -69,6 +71,7 @@ impl fmt::Debug for ModelClientConfig {
             .field("max_total_wait", &self.max_total_wait)
             .field("answer_token_allowance", &self.answer_token_allowance)
             .field("connections", &self.connections)
+            .field("streams_per_connection", &self.streams_per_connection)
             .finish()
     }
 }
@@ -91,6 +94,7 @@ impl Default for ModelClientConfig {
             max_total_wait: Duration::from_secs(300),
             answer_token_allowance: 1000,
             connections: 1,
+            streams_per_connection: super::lanes::DEFAULT_STREAMS_PER_CONNECTION,
             ca_file: None,
         }
     }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::call::ChatRequest;
 use super::client::ModelClient;
+use super::lanes::Lease;
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, describe_reqwest_error, http_error};
 use super::retry::parse_retry_after;
@@ -187,14 +188,15 @@ impl ModelClient {
         headers
     }
 
-    /// Sends the request; a non-2xx answer becomes the matching error.
+    /// Sends the request on the leased client; a non-2xx answer becomes the matching error.
     pub(super) async fn send(
         &self,
+        lease: &Lease<'_>,
         prepared: &Prepared,
         first_token_due: Instant,
     ) -> Result<reqwest::Response, ModelError> {
-        let turn = self.next_http.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = self.http[turn % self.http.len()]
+        let request = lease
+            .client
             .post(self.endpoint.clone())
             .headers(self.headers_for(prepared))
             .body(prepared.body.clone())

@@ -20,6 +20,7 @@
 //! - `config`: [`ModelClientConfig`], where the model lives and how patient to be.
 //! - `client`: [`ModelClient`] and the try loop: when to try, wait, retry or give up.
 //! - `http`: building the HTTP client, sending a try, a non-2xx status as an error.
+//! - `lanes`: the HTTP clients calls are spread over, filled in order.
 //! - `stream`: reading the SSE reply: deltas, reasoning, usage chunk, mid-stream errors.
 //! - `sse`: server-sent events decoded from the body's bytes.
 //! - `wire`: the serde types of the OpenAI-style wire format, lenient where providers differ.
@@ -44,6 +45,7 @@ mod config;
 mod error;
 mod fallback;
 mod http;
+mod lanes;
 mod pacer;
 mod retry;
 mod sse;
@@ -58,4 +60,5 @@ pub use client::ModelClient;
 pub use config::ModelClientConfig;
 pub use error::{ModelError, TimeoutKind, redact_url_text};
 pub use http::install_crypto_provider;
+pub use lanes::DEFAULT_STREAMS_PER_CONNECTION;
 pub use pacer::{Pacer, PacerFuture};
