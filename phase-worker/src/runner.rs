@@ -59,7 +59,7 @@ pub async fn run_task(
     handle: Arc<TaskHandle>,
     mut task: Box<PhaseTask>,
     delivery: u64,
-    started: Option<Started>,
+    started: Option<Box<Started>>,
 ) -> Option<Continuation> {
     let spec = match task_phase(ctx, &handle, &mut task).await {
         Ok(spec) => spec,
@@ -181,11 +181,11 @@ async fn run_task_in_span(
     task: Box<PhaseTask>,
     spec: TaskPhase,
     delivery: u64,
-    started: Option<Started>,
+    started: Option<Box<Started>>,
     stop: &CancellationToken,
 ) -> Option<Continuation> {
     let started = match started {
-        Some(started) => started,
+        Some(started) => *started,
         None => match start(handle, &spec, delivery).await {
             Ok(Some(started)) => started,
             Ok(None) => {

@@ -88,10 +88,12 @@ impl Started {
 }
 
 /// The task the script that settled the previous one claimed for this
-/// worker, and, when that script could start it too, what starting found.
+/// worker, and, when that script could start it too, what starting found
+/// (boxed: it is passed down through every future of the task's run, and
+/// each keeps a slot for what it is given).
 pub struct Continuation {
     pub entry: Entry,
-    pub started: Option<Started>,
+    pub started: Option<Box<Started>>,
 }
 
 /// One claimed task and where it lives.
@@ -312,7 +314,7 @@ impl TaskHandle {
                     payload: payload.clone(),
                 },
                 started: match rest.split_first() {
-                    Some((started, rest)) if started == b"started" => Started::from_reply(rest),
+                    Some((started, rest)) if started == b"started" => Started::from_reply(rest).map(Box::new),
                     _ => None,
                 },
             }),

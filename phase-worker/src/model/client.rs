@@ -16,13 +16,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::lanes::Lanes;
 use super::call::{ChatRequest, Completion, EventSender, ModelEvent, OutputValidator, RetryNotice, WaitNotice};
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, redact_secret, redact_url_text};
 use super::http::{
     Prepared, build_http_client, endpoint, generation_id, install_crypto_provider, request_headers, tls_config,
 };
+use super::lanes::Lanes;
 use super::pacer::Pacer;
 use super::retry::{Backoff, WaitBudget};
 use super::stream::is_truncation;

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 
 use super::call::ChatRequest;
 use super::client::ModelClient;
-use super::lanes::Lease;
 use super::config::ModelClientConfig;
 use super::error::{ModelError, TimeoutKind, describe_reqwest_error, http_error};
+use super::lanes::Lease;
 use super::retry::parse_retry_after;
 use super::wire::encode_request;
 

@@ -81,7 +81,11 @@ mod tests {
     }
 
     fn index_of(lanes: &Lanes, lease: &Lease<'_>) -> usize {
-        lanes.open.iter().position(|open| std::ptr::eq(open, lease.open)).unwrap()
+        lanes
+            .open
+            .iter()
+            .position(|open| std::ptr::eq(open, lease.open))
+            .unwrap()
     }
 
     #[test]
@@ -109,7 +113,10 @@ mod tests {
         let _a = lanes.lease();
         let _b = lanes.lease();
         let _c = lanes.lease();
-        assert_eq!(lanes.open.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(
+            lanes.open.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            [2, 1]
+        );
         assert_eq!(index_of(&lanes, &lanes.lease()), 1);
     }
 }

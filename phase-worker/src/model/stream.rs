@@ -189,53 +189,93 @@ pub(super) fn is_truncation(finish_reason: &str) -> bool {
     matches!(finish_reason, "length" | "content_filter")
 }
 
+/// What one read of the body came to.
+enum Absorbed {
+    /// More is to come.
+    More,
+    /// `[DONE]`: the reply is complete.
+    Done,
+    /// A payload that is not a chunk: the try has failed.
+    Failed(ModelError),
+    /// Bytes that are not UTF-8: nothing more of this body is read.
+    Unreadable(ModelError),
+}
+
+/// A reply being read: the decoder, the answer so far, the text not yet forwarded.
+#[derive(Default)]
+struct ReplyReader {
+    decoder: SseDecoder,
+    payloads: SseEvents,
+    reply: Reply,
+    read: ReadText,
+}
+
+impl ReplyReader {
+    /// Folds one read's bytes in, synchronously: the payloads, chunks and errors it parses
+    /// stay out of the call's future, which is held for as long as the model takes.
+    fn absorb(&mut self, client: &ModelClient, bytes: &[u8]) -> Absorbed {
+        if self.decoder.push(bytes, &mut self.payloads).is_err() {
+            return Absorbed::Unreadable(ModelError::Malformed("stream is not UTF-8".into()));
+        }
+        for payload in self.payloads.iter() {
+            match parse_data(payload) {
+                Ok(Data::Chunk(mut chunk)) => {
+                    if let Some(text) = chunk.reasoning_text.take() {
+                        self.read.reasoning.push_str(&text);
+                    }
+                    if let Some(text) = self.reply.apply(chunk) {
+                        self.read.text.push_str(&text);
+                    }
+                }
+                Ok(Data::Done) => {
+                    self.reply.done = true;
+                    return Absorbed::Done;
+                }
+                Err(_) => return Absorbed::Failed(client.scrubbed_parse_error(payload)),
+            }
+        }
+        self.payloads.clear();
+        Absorbed::More
+    }
+}
+
 impl ModelClient {
-    /// Reads the SSE body, forwarding each delta as it arrives.
-    pub(super) async fn read_reply(
-        &self,
+    /// Reads the SSE body, forwarding each delta as it arrives. The response is taken apart
+    /// before the returned future starts, so the future holds only the body.
+    pub(super) fn read_reply<'a>(
+        &'a self,
         response: reqwest::Response,
         try_number: u32,
         first_token_due: Instant,
-        events: &EventSender,
-    ) -> Result<Reply, ModelError> {
+        events: &'a EventSender,
+    ) -> impl Future<Output = Result<Reply, ModelError>> + Send + 'a {
         let mut body = Box::pin(idle_guarded(response.bytes_stream(), self.config.idle_timeout));
-        let mut decoder = SseDecoder::default();
-        let mut payloads = SseEvents::default();
-        let mut reply = Reply::default();
-        let mut read = ReadText::default();
-        while let Some(bytes) = self.next_bytes(&mut body, reply.started, first_token_due).await? {
-            decoder
-                .push(&bytes, &mut payloads)
-                .map_err(|_| ModelError::Malformed("stream is not UTF-8".into()))?;
-            for payload in payloads.iter() {
-                let data = match parse_data(payload) {
-                    Ok(data) => data,
-                    Err(_) => {
-                        let error = self.scrubbed_parse_error(payload);
-                        read.forward(try_number, events).await;
-                        // The try has failed; what follows (the provider's end of the
-                        // stream) is read so the connection can be reused.
+        async move {
+            let mut reader = ReplyReader::default();
+            while let Some(bytes) = self
+                .next_bytes(&mut body, reader.reply.started, first_token_due)
+                .await?
+            {
+                let absorbed = reader.absorb(self, &bytes);
+                drop(bytes);
+                reader.read.forward(try_number, events).await;
+                match absorbed {
+                    Absorbed::More => continue,
+                    // What follows (normally just the body's end) is read so the connection
+                    // can be reused.
+                    Absorbed::Done => {
+                        drain(body).await;
+                        return Ok(reader.reply);
+                    }
+                    Absorbed::Failed(error) => {
                         drain(body).await;
                         return Err(error);
                     }
-                };
-                let Data::Chunk(mut chunk) = data else {
-                    read.forward(try_number, events).await;
-                    reply.done = true;
-                    drain(body).await;
-                    return Ok(reply);
-                };
-                if let Some(text) = chunk.reasoning_text.take() {
-                    read.reasoning.push_str(&text);
-                }
-                if let Some(text) = reply.apply(chunk) {
-                    read.text.push_str(&text);
+                    Absorbed::Unreadable(error) => return Err(error),
                 }
             }
-            payloads.clear();
-            read.forward(try_number, events).await;
+            Ok(reader.reply)
         }
-        Ok(reply)
     }
 
     /// Why a payload does not parse, quoting the provider's text scrubbed of the key.
