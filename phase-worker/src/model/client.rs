@@ -86,7 +86,9 @@ impl ModelClient {
         events: &EventSender,
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
-        let prepared = self.prepare(request)?;
+        // Encoded once up front (a request that cannot be encoded fails here); a retry
+        // encodes it again, since each try hands its body to the HTTP client.
+        let mut first_body = Some(self.prepare(request)?);
         let mut waits = WaitBudget::new(self.config.max_total_wait);
         let mut try_number = 1;
         loop {
@@ -94,8 +96,12 @@ impl ModelClient {
             self.wait_turn(&request.model, tokens, &mut waits, events, cancel)
                 .await
                 .map_err(|e| self.redact(e))?;
+            let prepared = match first_body.take() {
+                Some(prepared) => prepared,
+                None => self.prepare(request)?,
+            };
             let tried = self
-                .traced_try(&prepared, request, try_number, validator, events, cancel)
+                .traced_try(prepared, request, try_number, validator, events, cancel)
                 .await;
             let error = match tried {
                 Ok(completion) => {
@@ -122,7 +128,7 @@ impl ModelClient {
     /// is recorded on the span.
     async fn traced_try(
         &self,
-        prepared: &Prepared,
+        prepared: Prepared,
         request: &ChatRequest,
         try_number: u32,
         validator: Option<&OutputValidator>,
@@ -130,9 +136,10 @@ impl ModelClient {
         cancel: &CancellationToken,
     ) -> Result<Completion, ModelError> {
         let span = model_request_span(request, try_number);
+        let mut prepared = prepared.for_try(&span);
         let tried = self
             .try_once(
-                &prepared.for_try(&span),
+                &mut prepared,
                 try_number,
                 request.accept_truncated,
                 validator,
@@ -151,7 +158,7 @@ impl ModelClient {
     /// One try under the total timeout and the cancel token, then the validator.
     async fn try_once(
         &self,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         try_number: u32,
         accept_truncated: bool,
         validator: Option<&OutputValidator>,
@@ -185,7 +192,7 @@ impl ModelClient {
     /// clock until a first token arrives.
     async fn stream_once(
         &self,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         try_number: u32,
         events: &EventSender,
     ) -> Result<Completion, ModelError> {

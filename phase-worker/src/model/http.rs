@@ -141,18 +141,19 @@ pub(super) fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, M
 /// 1.6 KB of every call in flight).
 #[derive(Clone)]
 pub(super) struct Prepared {
-    body: bytes::Bytes,
+    /// Taken by the try that sends it.
+    body: Option<bytes::Bytes>,
     traceparent: Option<HeaderValue>,
 }
 
 impl Prepared {
     /// The request as the try of `span` sends it: its `traceparent` header
     /// names that span (kept as prepared when spans are not exported).
-    pub(super) fn for_try(&self, span: &tracing::Span) -> Prepared {
+    pub(super) fn for_try(self, span: &tracing::Span) -> Prepared {
         let traceparent = nexus_runtime::telemetry::traceparent_of(span).and_then(|v| HeaderValue::from_str(&v).ok());
         Prepared {
-            body: self.body.clone(),
-            traceparent: traceparent.or_else(|| self.traceparent.clone()),
+            body: self.body,
+            traceparent: traceparent.or(self.traceparent),
         }
     }
 }
@@ -174,7 +175,7 @@ impl ModelClient {
             .as_deref()
             .and_then(|v| HeaderValue::from_str(v).ok());
         Ok(Prepared {
-            body: encode_request(request)?.into(),
+            body: Some(encode_request(request)?.into()),
             traceparent,
         })
     }
@@ -189,17 +190,21 @@ impl ModelClient {
     }
 
     /// Sends the request on the leased client; a non-2xx answer becomes the matching error.
+    /// The body goes to the HTTP client, which drops it once sent: kept here, a call held
+    /// open for minutes would hold its prompt a second time (a retry encodes it again).
     pub(super) async fn send(
         &self,
         lease: &Lease<'_>,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         first_token_due: Instant,
     ) -> Result<reqwest::Response, ModelError> {
+        let headers = self.headers_for(prepared);
+        let body = prepared.body.take().expect("a try's body is sent once");
         let request = lease
             .client
             .post(self.endpoint.clone())
-            .headers(self.headers_for(prepared))
-            .body(prepared.body.clone())
+            .headers(headers)
+            .body(body)
             .send();
         let response = tokio::time::timeout_at(first_token_due, request)
             .await
