@@ -183,9 +183,9 @@ fn kept_connections(calls: &BTreeMap<u64, usize>) -> Vec<usize> {
     calls.values().copied().filter(|&n| n > 1).collect()
 }
 
-/// Sixteen workflows on one worker with `env`, all completed; the stand-in's
-/// ledger of their calls.
-async fn run_sixteen_on_one_worker(env: &[(&str, &str)]) -> Vec<Value> {
+/// `workflows` workflows at once on one worker with `env`, all completed;
+/// the stand-in's ledger of their calls.
+async fn run_on_one_worker(workflows: usize, env: &[(&str, &str)]) -> Vec<Value> {
     let redis = RedisServer::start();
     let model = StandIn::start_tls(&["--first-token-latency-ms", "300", "--reply-words", "5"]);
     let orchestrator = Orchestrator::start(&redis.url(), &[]);
@@ -195,7 +195,7 @@ async fn run_sixteen_on_one_worker(env: &[(&str, &str)]) -> Vec<Value> {
     let _worker = Worker::start(&redis.url(), &model.base_url(), &env);
     let mut client = connect(&orchestrator.endpoint()).await;
     let mut ids = Vec::new();
-    for n in 0..16 {
+    for n in 0..workflows {
         ids.push(start(&mut client, &format!("Spread {n}")).await);
     }
     assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
@@ -205,8 +205,9 @@ async fn run_sixteen_on_one_worker(env: &[(&str, &str)]) -> Vec<Value> {
 /// A server allows only so many streams per HTTP/2 connection and makes the
 /// rest wait, so a worker spreads its calls over up to
 /// `NEXUS_MODEL_CONNECTIONS` connections, opening the next when one carries
-/// `NEXUS_MODEL_STREAMS_PER_CONNECTION` calls. Sixteen calls at once, four
-/// per connection: the ledger shows them on four connections.
+/// `NEXUS_MODEL_STREAMS_PER_CONNECTION` calls. Twenty calls at once, four
+/// per connection on four (the rest go to the least busy): the ledger shows
+/// them on four connections, each kept full.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_worker_spreads_its_calls_over_its_connections() {
     const CONNECTIONS: usize = 4;
@@ -214,7 +215,7 @@ async fn a_busy_worker_spreads_its_calls_over_its_connections() {
         ("NEXUS_MODEL_CONNECTIONS", "4"),
         ("NEXUS_MODEL_STREAMS_PER_CONNECTION", "4"),
     ];
-    let ledger = run_sixteen_on_one_worker(&env).await;
+    let ledger = run_on_one_worker(20, &env).await;
     let calls = calls_per_connection(&ledger);
     let kept = kept_connections(&calls);
     assert_eq!(
@@ -235,7 +236,7 @@ async fn a_busy_worker_spreads_its_calls_over_its_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_opens_only_the_connections_its_calls_need() {
     let env = [("NEXUS_WORKER_MAX_IN_FLIGHT", "2000")];
-    let ledger = run_sixteen_on_one_worker(&env).await;
+    let ledger = run_on_one_worker(16, &env).await;
     let calls = calls_per_connection(&ledger);
     let kept = kept_connections(&calls);
     eprintln!("{} calls over {} connections: {calls:?}", ledger.len(), calls.len());

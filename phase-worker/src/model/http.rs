@@ -135,8 +135,9 @@ pub(super) fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, M
     Ok(headers)
 }
 
-/// A request ready to send: encoded once, sent on every try. It holds only
-/// what is its own, the body and its `traceparent`; the client's fixed
+/// A request ready to send by one try: encoded for it (a retry encodes the
+/// request again), its body taken when sent. It holds only what is its
+/// own, the body and its `traceparent`; the client's fixed
 /// headers join them as each try is sent (a copy of them kept per call was
 /// 1.6 KB of every call in flight).
 #[derive(Clone)]
@@ -190,8 +191,9 @@ impl ModelClient {
     }
 
     /// Sends the request on the leased client; a non-2xx answer becomes the matching error.
-    /// The body goes to the HTTP client, which drops it once sent: kept here, a call held
-    /// open for minutes would hold its prompt a second time (a retry encodes it again).
+    /// The body goes to the HTTP client, which drops it once the response's headers have
+    /// come: kept here, a call held open for minutes would hold its prompt a second time
+    /// (a retry encodes it again).
     pub(super) async fn send(
         &self,
         lease: &Lease<'_>,

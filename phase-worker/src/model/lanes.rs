@@ -43,19 +43,25 @@ impl Lanes {
     /// A place for one more call: on the first client with room for another
     /// stream, or, when all are full, on the least busy (the server queues it).
     pub(super) fn lease(&self) -> Lease<'_> {
-        let index = self.first_with_room().unwrap_or_else(|| self.least_busy());
-        let open = &self.open[index];
-        open.fetch_add(1, Ordering::Relaxed);
+        let index = self.take_room().unwrap_or_else(|| {
+            let index = self.least_busy();
+            self.open[index].fetch_add(1, Ordering::Relaxed);
+            index
+        });
         Lease {
             client: &self.clients[index],
-            open,
+            open: &self.open[index],
         }
     }
 
-    fn first_with_room(&self) -> Option<usize> {
-        self.open
-            .iter()
-            .position(|open| open.load(Ordering::Relaxed) < self.streams_per_connection)
+    /// Takes a place on the first client with room, counted in the same
+    /// step as the check, so two calls at once cannot both take its last one.
+    fn take_room(&self) -> Option<usize> {
+        let limit = self.streams_per_connection;
+        self.open.iter().position(|open| {
+            open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+                .is_ok()
+        })
     }
 
     fn least_busy(&self) -> usize {
