@@ -207,6 +207,7 @@ impl Config {
 
     pub fn model_client(&self) -> ModelClientConfig {
         let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_string());
+        let streams_per_connection = self.model_streams_per_connection.max(1);
         ModelClientConfig {
             base_url: self.openrouter_base_url.clone(),
             api_key: self
@@ -229,9 +230,9 @@ impl Config {
             answer_token_allowance: self.answer_token_allowance,
             connections: self
                 .model_connections
-                .unwrap_or_else(|| self.max_in_flight.div_ceil(self.model_streams_per_connection.max(1)))
+                .unwrap_or_else(|| self.max_in_flight.div_ceil(streams_per_connection))
                 .max(1),
-            streams_per_connection: self.model_streams_per_connection.max(1),
+            streams_per_connection,
         }
     }
 }

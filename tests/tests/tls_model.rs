@@ -130,7 +130,7 @@ async fn workers_multiplex_their_model_calls_over_a_few_http2_connections() {
     // first handshake ends a worker cannot know the connection will be
     // HTTP/2, so calls it starts together on a cold pool may each dial one;
     // hyper keeps the first and the others carry their one call and close.
-    let shared: Vec<usize> = calls.iter().copied().filter(|&n| n > 1).collect();
+    let shared = kept_connections(&calls_per_connection(&ledger));
     assert!(
         shared.len() <= WORKERS,
         "{} connections carried several calls, for {WORKERS} workers: {calls:?}",

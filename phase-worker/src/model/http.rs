@@ -140,7 +140,6 @@ pub(super) fn request_headers(config: &ModelClientConfig) -> Result<HeaderMap, M
 /// own, the body and its `traceparent`; the client's fixed
 /// headers join them as each try is sent (a copy of them kept per call was
 /// 1.6 KB of every call in flight).
-#[derive(Clone)]
 pub(super) struct Prepared {
     /// Taken by the try that sends it.
     body: Option<bytes::Bytes>,
