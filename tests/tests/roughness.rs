@@ -86,6 +86,17 @@ impl RoughStack {
         outcomes
     }
 
+    /// What the first `count` requests asked, as the stand-in read them: the prompt's
+    /// start and the system prompt's end.
+    async fn first_prompts(&self, count: usize) -> Vec<(String, String)> {
+        let requests = self.control.requests().await;
+        let text = |r: &Value, field: &str| r[field].as_str().unwrap_or_default().to_owned();
+        let prompts = requests.iter().take(count);
+        prompts
+            .map(|r| (text(r, "prompt_excerpt"), text(r, "system_tail")))
+            .collect()
+    }
+
     /// Milliseconds between consecutive requests, by the stand-in's clock.
     async fn gaps_ms(&self) -> Vec<u64> {
         let requests = self.control.requests().await;
@@ -314,6 +325,16 @@ async fn two_502s_without_retry_after_are_failed_tries_spaced_by_back_off() {
     }
     assert_later_phases_clean(&events);
     assert_eq!(stack.outcomes().await, ledger(&["status 502", "status 502"]));
+    // Each try encodes the request afresh: the stand-in read the same one three times.
+    let prompts = stack.first_prompts(3).await;
+    assert!(
+        !prompts[0].0.is_empty(),
+        "the first try carried its prompt: {prompts:?}"
+    );
+    assert!(
+        prompts.iter().all(|p| *p == prompts[0]),
+        "every try the same request: {prompts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
