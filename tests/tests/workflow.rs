@@ -639,7 +639,11 @@ async fn an_answer_streamed_within_the_flush_window_is_one_delta_event() {
 /// answer text. Only a task taken by a read has a start script of its own.
 /// Seen in Redis's MONITOR feed: for a six-phase run whose reasoning models
 /// stream reasoning, 1 start script, 6 settle scripts, no event appended
-/// by a script of its own.
+/// by a script of its own. And inside the scripts, the fence reads the
+/// run's state once per phase (in its settle), and a start is counted by a
+/// command of its own only for the first phase: a settle that claims the
+/// next phase's task it has just queued starts it from what it has already
+/// read and written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
     use futures::StreamExt;
@@ -682,10 +686,14 @@ async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
         .state()
         .to_string();
     let (mut starts, mut settles, mut others) = (0, 0, Vec::new());
+    let (mut state_reads, mut counted_starts) = (0, 0);
     while let Ok(line) = lines.try_recv() {
-        // `<time> [<db> <client>] "EVALSHA" "<sha>" "<keys>" "<first key>" ...`
+        // `<time> [<db> <client>] "EVALSHA" "<sha>" "<keys>" "<first key>" ...`,
+        // and for a call a script makes, `<time> [<db> lua] "HMGET" "<key>" ...`.
         let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).take(4).collect();
         match quoted.as_slice() {
+            ["HMGET", key, "status", ..] if *key == state_key => state_reads += 1,
+            ["HINCRBY", key, "starts", ..] if *key == state_key => counted_starts += 1,
             ["EVALSHA", _, "3", key] if *key == state_key => starts += 1,
             ["EVALSHA", _, "5", key] if key.ends_with(":tasks") => settles += 1,
             // An event appended on its own (create_workflow has 7 keys).
@@ -699,6 +707,11 @@ async fn a_phase_is_one_script_call_once_the_worker_is_busy() {
         "start and settle scripts; other writes: {others:?}"
     );
     assert!(others.is_empty(), "no write of its own for streamed text: {others:?}");
+    assert_eq!(
+        (state_reads, counted_starts),
+        (7, 1),
+        "the fence's reads of the run's state (HMGET status ...) and starts counted by HINCRBY"
+    );
 }
 
 /// A run started while no worker runs, and its first task as queued.
