@@ -39,9 +39,11 @@
 -- when the task just queued is the next one, the worker starts it at once.
 -- A claimed task whose entry carries a start template (field `s`:
 -- workflow id, phase, attempt and input names, a line each, then its
--- phase-started event without time and worker) is also started here,
--- with fence.lua's start_current: fenced, its event appended, its
--- inputs and its run's budget read. That saves the worker another round trip per phase.
+-- phase-started event without time and worker) is also started here:
+-- fenced, its event appended, its inputs and its run's budget read. That
+-- saves the worker another round trip per phase. Another run's task starts
+-- with fence.lua's start_current; the task this step has just queued
+-- starts in advance (below), from what the step already knows.
 -- The claimed task's keys are derived from its id the way the key layout
 -- (pipeline/src/keys.rs) spells them; they share the stream's hash tag, so
 -- on a cluster they are in this script's slot.
@@ -85,13 +87,17 @@ local function start_claimed(template)
 end
 
 -- The shard's oldest task no consumer has been given, claimed for this
--- consumer, if it asked (ARGV[19]) and there is one.
+-- consumer, if it asked (ARGV[19]) and there is one. A failed read (the
+-- group deleted under the worker: NOGROUP) claims nothing rather than
+-- aborting the script: advance writes the run's state after this read, and
+-- an abort there would leave the task acknowledged and the run not moved
+-- on. The worker's read loop recreates the group.
 local function read_new_entry()
   if ARGV[19] ~= '1' then
     return nil
   end
-  local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-  if not read or not read[1] or not read[1][2][1] then
+  local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if not read or read.err or not read[1] or not read[1][2][1] then
     return nil
   end
   return read[1][2][1]
@@ -131,12 +137,16 @@ local function acknowledge()
 end
 
 -- The "next" step: moves the run on to its next phase (fields: the state
--- hash's new values) and queues that phase's task. When the claim then
--- takes that very task (no older one waits), it is started from what this
--- script has already read and written, as start_current would: the run is
--- running at the new phase, attempt 1, so the fence holds without reading
--- the state again, and the start is counted in the same HSET. That is two
--- Redis calls fewer per phase on a busy worker, the usual case.
+-- hash's new values, but for the start count, set here) and queues that
+-- phase's task. When the worker asked for a claim, the claim takes that
+-- very task (no older one waits) and its template names this run's next
+-- phase at attempt 1, the task is started from what this script has
+-- already read and written, as start_current would: the run is running at
+-- the new phase, attempt 1, so the fence holds without reading the state
+-- again, and the start is counted in the same HSET. That is two Redis
+-- calls fewer per phase (and one PUBLISH, for a watched run) when no older
+-- task waits. The state is written before any other claimed task starts:
+-- one of the same run (a stale one) meets the fence as the run is now.
 local function advance(state, fields, spent)
   local template = ARGV[24]
   local queued

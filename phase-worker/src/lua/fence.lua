@@ -41,7 +41,8 @@ end
 -- counts the start (for poison detection; reset when the run moves to its
 -- next phase) and returns {cost cap (USD, "0" for none), spent so far
 -- (USD), tenant ("" for none), input values...}; nil when it is stale.
--- start_task.lua and the claim in complete_task.lua both start this way.
+-- start_task.lua and the claim in complete_task.lua start this way (the
+-- task its own step has just queued starts from what that step knows).
 local function start_current(state_key, events_key, outputs_key, phase, attempt, event, now, channel,
     workflow_id, inputs)
   local status, state = current_status(state_key, phase, attempt, 'budget_usd', 'spent_usd', 'tenant')
