@@ -272,6 +272,26 @@ if ! { wait_for_line "${log_of[nexus-orchestrator.service]}" "orchestrator liste
   die "the units' commands did not start (logs above)"
 fi
 ok "both ExecStart commands started with the environment file's settings"
+# Each service's pid, as the process that listens on its metrics port: the
+# child pgrep found under strace has once been gone by now though the
+# service ran on (CI, stop 29), so the checks below follow the listener and
+# say when the two differ.
+listener_pid() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
+for name in "${!pid_of[@]}"; do
+  port=${metrics_of[$name]##*:} listening=""
+  for _ in $(seq 1 50); do
+    listening=$(listener_pid "$port")
+    [[ -n "$listening" ]] && break
+    sleep 0.1
+  done
+  [[ -n "$listening" ]] || die "$name: nothing listens on its metrics port $port"
+  if [[ "$listening" != "${pid_of[$name]}" ]]; then
+    echo "check-systemd: $name: pid $listening listens on its metrics port, not the traced child ${pid_of[$name]}" \
+      "($(tr '\0' ' ' <"/proc/${pid_of[$name]}/cmdline" 2>/dev/null || echo gone)); following the listener"
+    pid_of[$name]=$listening
+    started+=("$listening")
+  fi
+done
 for name in "${!pid_of[@]}"; do
   status_file=/proc/${pid_of[$name]}/status
   echo "check-systemd: $name runs as pid ${pid_of[$name]}:" \

@@ -64,6 +64,15 @@ local function parse_template(template)
   return parts
 end
 
+-- A parsed template's input names, as a list.
+local function input_names(parts)
+  local inputs = {}
+  for name in string.gmatch(parts[4], '[^,]+') do
+    inputs[#inputs + 1] = name
+  end
+  return inputs
+end
+
 -- Starts a claimed task from its template (start_current); nil when it is
 -- stale (the worker then finds that out the usual way) or the template is
 -- unusable.
@@ -74,12 +83,8 @@ local function start_claimed(template)
   end
   local workflow_id = parts[1]
   local state_key = string.match(KEYS[1], '^(.-):tasks$') .. ':wf:' .. workflow_id
-  local inputs = {}
-  for name in string.gmatch(parts[4], '[^,]+') do
-    inputs[#inputs + 1] = name
-  end
   local started = start_current(state_key, state_key .. ':events', state_key .. ':outputs', parts[2], parts[3],
-    parts[5] .. ARGV[25], ARGV[10], 'nexus:events:' .. workflow_id, workflow_id, inputs)
+    parts[5] .. ARGV[25], ARGV[10], 'nexus:events:' .. workflow_id, workflow_id, input_names(parts))
   if started then
     table.insert(started, 1, 'started')
   end
@@ -164,18 +169,8 @@ local function advance(state, fields, spent)
     redis.call('HSET', KEYS[2], unpack(fields))
     redis.call('XADD', KEYS[3], '*', 'm', parts[5] .. ARGV[25])
     notify_watchers(state, ARGV[6], ARGV[7])
-    local reply = {'applied', queued, ARGV[15], 'started', state[6] or '0', spent, state[7] or ''}
-    local inputs = {}
-    for name in string.gmatch(parts[4], '[^,]+') do
-      inputs[#inputs + 1] = name
-    end
-    if #inputs > 0 then
-      local values = redis.call('HMGET', KEYS[4], unpack(inputs))
-      for i = 1, #inputs do
-        reply[#reply + 1] = values[i] or ''
-      end
-    end
-    return reply
+    return append_inputs({'applied', queued, ARGV[15], 'started', state[6] or '0', spent, state[7] or ''},
+      KEYS[4], input_names(parts))
   end
   fields[#fields + 1] = 'starts'
   fields[#fields + 1] = '0'

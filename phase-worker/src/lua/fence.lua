@@ -37,6 +37,18 @@ local function append_event(state_key, state, events_key, event, now, channel, w
 end
 
 
+-- Appends to reply the stored outputs a phase's prompt reads (inputs:
+-- their names), "" for one not stored; returns reply.
+local function append_inputs(reply, outputs_key, inputs)
+  if #inputs > 0 then
+    local values = redis.call('HMGET', outputs_key, unpack(inputs))
+    for i = 1, #inputs do
+      reply[#reply + 1] = values[i] or ''
+    end
+  end
+  return reply
+end
+
 -- Starts a task if it is still current: appends its phase-started event,
 -- counts the start (for poison detection; reset when the run moves to its
 -- next phase) and returns {cost cap (USD, "0" for none), spent so far
@@ -51,12 +63,5 @@ local function start_current(state_key, events_key, outputs_key, phase, attempt,
   end
   append_event(state_key, state, events_key, event, now, channel, workflow_id)
   redis.call('HINCRBY', state_key, 'starts', 1)
-  local started = {state[5] or '0', state[6] or '0', state[7] or ''}
-  if #inputs > 0 then
-    local values = redis.call('HMGET', outputs_key, unpack(inputs))
-    for i = 1, #inputs do
-      started[#started + 1] = values[i] or ''
-    end
-  end
-  return started
+  return append_inputs({state[5] or '0', state[6] or '0', state[7] or ''}, outputs_key, inputs)
 end
