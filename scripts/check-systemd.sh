@@ -272,10 +272,10 @@ if ! { wait_for_line "${log_of[nexus-orchestrator.service]}" "orchestrator liste
   die "the units' commands did not start (logs above)"
 fi
 ok "both ExecStart commands started with the environment file's settings"
-# Each service's pid, as the process that listens on its metrics port: the
-# child pgrep found under strace has once been gone by now though the
-# service ran on (CI, stop 29), so the checks below follow the listener and
-# say when the two differ.
+# Each service's pid, as the process that listens on its metrics port: in
+# one clean-clone CI run (2026-12-07) the child pgrep found under strace was
+# gone by now though the service ran on, so the checks below follow the
+# listener and say when the two differ.
 listener_pid() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
 for name in "${!pid_of[@]}"; do
   port=${metrics_of[$name]##*:} listening=""
