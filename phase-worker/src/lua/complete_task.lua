@@ -163,19 +163,16 @@ local function advance(state, fields, spent)
   acknowledge()
   local entry = read_new_entry()
   local parts = entry and entry[1] == queued and parse_template(template)
-  if parts and parts[1] == ARGV[7] and parts[2] == tostring(tonumber(ARGV[4]) + 1) and parts[3] == '1' then
-    fields[#fields + 1] = 'starts'
-    fields[#fields + 1] = '1'
-    redis.call('HSET', KEYS[2], unpack(fields))
+  local own = parts and parts[1] == ARGV[7] and parts[2] == tostring(tonumber(ARGV[4]) + 1) and parts[3] == '1'
+  fields[#fields + 1] = 'starts'
+  fields[#fields + 1] = own and '1' or '0'
+  redis.call('HSET', KEYS[2], unpack(fields))
+  notify_watchers(state, ARGV[6], ARGV[7])
+  if own then
     redis.call('XADD', KEYS[3], '*', 'm', parts[5] .. ARGV[25])
-    notify_watchers(state, ARGV[6], ARGV[7])
     return append_inputs({'applied', queued, ARGV[15], 'started', state[6] or '0', spent, state[7] or ''},
       KEYS[4], input_names(parts))
   end
-  fields[#fields + 1] = 'starts'
-  fields[#fields + 1] = '0'
-  redis.call('HSET', KEYS[2], unpack(fields))
-  notify_watchers(state, ARGV[6], ARGV[7])
   if not entry then
     return {'applied'}
   end
@@ -234,11 +231,8 @@ if step ~= '' and step ~= 'fail' then
   end
 end
 if step == 'next' then
-  local fields = {'status', 'running', 'phase', tonumber(ARGV[4]) + 1, 'attempt', '1', 'updated_ms', ARGV[10]}
-  for i = 1, #recorded do
-    fields[#fields + 1] = recorded[i]
-  end
-  return advance(state, fields, spent)
+  return advance(state, {'status', 'running', 'phase', tonumber(ARGV[4]) + 1, 'attempt', '1', 'updated_ms', ARGV[10],
+    unpack(recorded)}, spent)
 elseif step == 'await' then
   -- The next task waits in the state hash, not the stream: no worker holds
   -- the run while a person decides (ApproveStep queues it).
