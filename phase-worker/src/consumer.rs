@@ -7,7 +7,7 @@
 //! dead-letter stream, which fails its workflow with a reason.
 
 use crate::runner::{RunnerContext, dead_letter_reason, run_task};
-use crate::task_lifecycle::{Continuation, Takeover, TaskHandle, dead_letter_entry};
+use crate::task_lifecycle::{Continuation, Started, Takeover, TaskHandle, dead_letter_entry};
 use nexus_pipeline::connection::Connection;
 use nexus_pipeline::connection::RedisArgs;
 use nexus_pipeline::keys::ShardKeys;
@@ -108,7 +108,7 @@ impl TaskConsumer {
     fn spawn_new(self: Arc<Self>, entry: Entry, shard: u16, slot: OwnedSemaphorePermit) {
         match self.decode_entry(&entry) {
             Decoded::Task(handle, task) => {
-                tokio::spawn(Box::pin(async move { self.run(Arc::new(handle), task, 1, slot).await }));
+                tokio::spawn(Box::pin(self.run(Arc::new(handle), task, 1, slot)));
             }
             Decoded::Newer => {}
             Decoded::Unrunnable(why) => {
@@ -124,28 +124,55 @@ impl TaskConsumer {
     /// reclaim loop leaves it alone) and its slot until it ends; then, in the
     /// same slot, the task its settling claimed (often the same workflow's
     /// next phase), and so on.
-    async fn run(&self, handle: Arc<TaskHandle>, task: Box<PhaseTask>, delivery: u64, _slot: OwnedSemaphorePermit) {
-        let shard = handle.workflow.shard();
-        let mut next = {
-            let _running = RunningGuard::new(&self.running, &handle.entry_id);
-            run_task(&self.ctx, handle, task, delivery, None).await
-        };
-        // `let … else` and `match`, not `while let` and a local: a
-        // temporary there would keep its room in this future through every
-        // call that follows (224 bytes, print-type-sizes).
-        loop {
-            let Some(Continuation { entry, started }) = next.take() else {
-                return;
+    ///
+    /// The task's future is this one, spawned as it is: wrapped in an
+    /// `async` block it would keep the arguments twice (rust-lang/rust#62958).
+    fn run(
+        self: Arc<Self>,
+        handle: Arc<TaskHandle>,
+        task: Box<PhaseTask>,
+        delivery: u64,
+        slot: OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()> {
+        async move {
+            // Named here, so the block owns the slot until the runs end (an
+            // argument a block never names is dropped when it is built).
+            let _slot = slot;
+            let shard = handle.workflow.shard();
+            let mut next = {
+                let _running = RunningGuard::new(&self.running, &handle.entry_id);
+                run_task(&self.ctx, handle, task, delivery, None).await
             };
-            let _running = RunningGuard::new(&self.running, &entry.id);
-            let (handle, task) = match self.decode(&entry, shard).await {
-                Some(decoded) => decoded,
-                None => continue,
-            };
-            // Not held through the call: the task is decoded from it.
-            drop(entry);
-            next = run_task(&self.ctx, Arc::new(handle), task, 1, started).await;
+            // `let … else` and `match`, not `while let` and a local: a
+            // temporary there would keep its room in this future through every
+            // call that follows (224 bytes, print-type-sizes).
+            loop {
+                let Some(continuation) = next.take() else {
+                    return;
+                };
+                // Moved whole into the decode, not taken apart here: a local
+                // taken apart or borrowed keeps its room to the end of its
+                // scope, and so through the call.
+                let (_running, handle, task, started) = match self.decode_continuation(continuation, shard).await {
+                    Some(decoded) => decoded,
+                    None => continue,
+                };
+                next = run_task(&self.ctx, Arc::new(handle), task, 1, started).await;
+            }
         }
+    }
+
+    /// The task a settle claimed, decoded, in the running set from before
+    /// its decode; `None` when it is not to be run (see [`Self::decode`]).
+    async fn decode_continuation(
+        &self,
+        continuation: Continuation,
+        shard: u16,
+    ) -> Option<(RunningGuard<'_>, TaskHandle, Box<PhaseTask>, Option<Box<Started>>)> {
+        let Continuation { entry, started } = continuation;
+        let running = RunningGuard::new(&self.running, &entry.id);
+        let (handle, task) = self.decode(&entry, shard).await?;
+        Some((running, handle, task, started))
     }
 
     /// Decodes a task entry; one that cannot be decoded, or names no valid
@@ -304,10 +331,7 @@ impl TaskConsumer {
                         self.dead_letter(&handle, &task, &entry, starts.max(deliveries.saturating_sub(1)))
                             .await;
                     } else {
-                        let this = self.clone();
-                        tokio::spawn(Box::pin(async move {
-                            this.run(Arc::new(handle), task, deliveries, slot).await
-                        }));
+                        tokio::spawn(Box::pin(self.clone().run(Arc::new(handle), task, deliveries, slot)));
                     }
                 }
                 Takeover::Stale => {

@@ -21,6 +21,12 @@
 //!
 //! Everything a task needs travels in the task or sits in Redis, so any
 //! worker can run any task and a worker can die at any moment.
+//!
+//! The functions a call in flight passes through are plain functions that
+//! return an `async move` block, not `async fn`s: an `async fn` keeps each
+//! argument twice in its future (rust-lang/rust#62958), and a worker holds
+//! one such future for every open call.
+#![allow(clippy::manual_async_fn)]
 
 pub mod cancellation;
 pub mod config;

@@ -32,93 +32,96 @@ pub const DELTA_EVENT_MAX_BYTES: usize = 16 * 1024;
 /// Writes the model's deltas and retries into the event log, coalesced. A
 /// refused append (the workflow was cancelled or moved on) stops the call.
 /// `retries` counts the model's failed tries.
-pub async fn forward_events(
+pub fn forward_events(
     handle: Arc<TaskHandle>,
     phase: String,
     retries: Counter,
     delivery: u64,
     receiver: EventReceiver,
     stop: CancellationToken,
-) -> Vec<Kind> {
-    let origin = Origin {
-        handle: &handle,
-        phase: &phase,
-        delivery,
-    };
-    let mut buffer = DeltaBuffer::default();
-    // Tries of models fallen back from: the next model's tries come after them.
-    let mut earlier_tries = 0;
-    let flush_timer = tokio::time::sleep(DELTA_FLUSH);
-    tokio::pin!(flush_timer);
-    loop {
-        let next = tokio::select! {
-            event = receiver.recv_async() => event.ok(),
-            _ = &mut flush_timer, if buffer.is_waiting() => {
-                flush(&origin, &mut buffer, &stop).await;
-                continue;
-            }
+) -> impl Future<Output = Vec<Kind>> {
+    async move {
+        let origin = Origin {
+            handle: &handle,
+            phase: &phase,
+            delivery,
         };
-        match next {
-            Some(ModelEvent::Delta { try_number, text }) => {
-                let try_number = earlier_tries + try_number;
-                if buffer.try_number != try_number {
+        let mut buffer = DeltaBuffer::default();
+        // Tries of models fallen back from: the next model's tries come after them.
+        let mut earlier_tries = 0;
+        // Made with the first text: a call that waits for its first token
+        // keeps no timer (112 bytes, print-type-sizes).
+        let mut flush_timer = FlushTimer::default();
+        loop {
+            let next = tokio::select! {
+                event = receiver.recv_async() => event.ok(),
+                () = flush_timer.fired(), if buffer.is_waiting() => {
                     flush(&origin, &mut buffer, &stop).await;
-                    buffer.try_number = try_number;
+                    continue;
                 }
-                buffer.start_clock(flush_timer.as_mut());
-                buffer.text.push_str(&text);
-                if buffer.text.len() >= DELTA_MAX_BYTES {
+            };
+            match next {
+                Some(ModelEvent::Delta { try_number, text }) => {
+                    let try_number = earlier_tries + try_number;
+                    if buffer.try_number != try_number {
+                        flush(&origin, &mut buffer, &stop).await;
+                        buffer.try_number = try_number;
+                    }
+                    buffer.start_clock(&mut flush_timer);
+                    buffer.text.push_str(&text);
+                    if buffer.text.len() >= DELTA_MAX_BYTES {
+                        flush(&origin, &mut buffer, &stop).await;
+                    }
+                }
+                Some(ModelEvent::Reasoning { try_number, text }) => {
+                    let try_number = earlier_tries + try_number;
+                    if buffer.try_number != try_number {
+                        flush(&origin, &mut buffer, &stop).await;
+                        buffer.try_number = try_number;
+                    }
+                    buffer.start_clock(&mut flush_timer);
+                    buffer.reasoning.push_str(&text);
+                    if buffer.reasoning.len() >= DELTA_MAX_BYTES {
+                        flush(&origin, &mut buffer, &stop).await;
+                    }
+                }
+                Some(ModelEvent::Retrying(notice)) => {
+                    retries.inc();
                     flush(&origin, &mut buffer, &stop).await;
+                    let retrying = Kind::PhaseRetrying(PhaseRetrying {
+                        index: handle.phase_index,
+                        phase: phase.clone(),
+                        r#try: earlier_tries + notice.failed_try,
+                        reason: notice.reason,
+                        retry_in_ms: notice.delay.as_millis() as u64,
+                    });
+                    append_or_stop(&handle, retrying, &stop).await;
                 }
-            }
-            Some(ModelEvent::Reasoning { try_number, text }) => {
-                let try_number = earlier_tries + try_number;
-                if buffer.try_number != try_number {
+                Some(ModelEvent::FellBack(notice)) => {
                     flush(&origin, &mut buffer, &stop).await;
-                    buffer.try_number = try_number;
+                    earlier_tries += notice.tries;
+                    let fallback = Kind::PhaseFallback(PhaseFallback {
+                        index: handle.phase_index,
+                        phase: phase.clone(),
+                        from_model: notice.from,
+                        to_model: notice.to,
+                        reason: notice.reason,
+                    });
+                    append_or_stop(&handle, fallback, &stop).await;
                 }
-                buffer.start_clock(flush_timer.as_mut());
-                buffer.reasoning.push_str(&text);
-                if buffer.reasoning.len() >= DELTA_MAX_BYTES {
+                Some(ModelEvent::Waiting(notice)) => {
                     flush(&origin, &mut buffer, &stop).await;
+                    let waiting = Kind::PhaseWaiting(PhaseWaiting {
+                        index: handle.phase_index,
+                        phase: phase.clone(),
+                        reason: notice.reason,
+                        wait_ms: notice.wait.as_millis() as u64,
+                        waited_total_ms: notice.waited_total.as_millis() as u64,
+                    });
+                    append_or_stop(&handle, waiting, &stop).await;
                 }
+                None => return finish(&origin, &mut buffer, &stop).await,
             }
-            Some(ModelEvent::Retrying(notice)) => {
-                retries.inc();
-                flush(&origin, &mut buffer, &stop).await;
-                let retrying = Kind::PhaseRetrying(PhaseRetrying {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    r#try: earlier_tries + notice.failed_try,
-                    reason: notice.reason,
-                    retry_in_ms: notice.delay.as_millis() as u64,
-                });
-                append_or_stop(&handle, retrying, &stop).await;
-            }
-            Some(ModelEvent::FellBack(notice)) => {
-                flush(&origin, &mut buffer, &stop).await;
-                earlier_tries += notice.tries;
-                let fallback = Kind::PhaseFallback(PhaseFallback {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    from_model: notice.from,
-                    to_model: notice.to,
-                    reason: notice.reason,
-                });
-                append_or_stop(&handle, fallback, &stop).await;
-            }
-            Some(ModelEvent::Waiting(notice)) => {
-                flush(&origin, &mut buffer, &stop).await;
-                let waiting = Kind::PhaseWaiting(PhaseWaiting {
-                    index: handle.phase_index,
-                    phase: phase.clone(),
-                    reason: notice.reason,
-                    wait_ms: notice.wait.as_millis() as u64,
-                    waited_total_ms: notice.waited_total.as_millis() as u64,
-                });
-                append_or_stop(&handle, waiting, &stop).await;
-            }
-            None => return finish(&origin, &mut buffer, &stop).await,
         }
     }
 }
@@ -146,9 +149,9 @@ impl DeltaBuffer {
 
     /// Starts the flush clock when the buffer is about to take its first
     /// text.
-    fn start_clock(&self, timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+    fn start_clock(&self, timer: &mut FlushTimer) {
         if !self.is_waiting() {
-            timer.reset(tokio::time::Instant::now() + DELTA_FLUSH);
+            timer.start();
         }
     }
 
@@ -178,6 +181,29 @@ impl DeltaBuffer {
                 })
             })
             .collect()
+    }
+}
+
+/// The flush clock of a buffer: made when it is first started, then reset.
+#[derive(Default)]
+struct FlushTimer(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl FlushTimer {
+    /// Runs the clock from now for [`DELTA_FLUSH`].
+    fn start(&mut self) {
+        let due = tokio::time::Instant::now() + DELTA_FLUSH;
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().reset(due),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(due))),
+        }
+    }
+
+    /// Ends when the clock runs out; never, before it was first started.
+    fn fired(&mut self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
     }
 }
 

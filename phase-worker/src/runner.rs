@@ -70,16 +70,23 @@ pub async fn run_task(
         // Boxed: a rare path, and its 1.5 KB future inline made every call's future that much larger.
         Err(LoadError::Corrupt(why)) => return Box::pin(fail_unrunnable(ctx, &handle, &task, &why)).await,
     };
-    let span = phase_span(&handle, &task, &spec, delivery);
-    let task = continued_in(&span, task);
+    // In a block, so the span kept is the one the work runs in (a span
+    // borrowed here would keep a second slot through the call).
+    let (span, task) = {
+        let span = phase_span(&handle, &task, &spec, delivery);
+        let task = continued_in(&span, task);
+        (span, task)
+    };
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(handle.keys.workflow_id(), &ctx.shutdown);
     let stop = registration.token.clone();
     // The heartbeat runs beside the work in this task until the work ends
     // (a spawned heartbeat per call cost a task's allocation, scheduling and
-    // abort every phase); one that ends first (the claim was lost, and it
-    // cancelled the call) leaves the work to finish alone. Both futures are
-    // built in place: passed into a function, they would be stored twice
+    // abort every phase), and never ends first, so this is the one await
+    // that holds both: a second (the work alone, after the heartbeat) kept
+    // room for both futures beside every other step of this function (160
+    // bytes per call in flight, print-type-sizes). Both futures are built in
+    // place: passed into a function, they would be stored twice
     // (rust-lang/rust#62958), a few KB per call in flight.
     let next = match futures::future::select(
         std::pin::pin!(run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop).instrument(span)),
@@ -88,7 +95,7 @@ pub async fn run_task(
     .await
     {
         futures::future::Either::Left((next, _heartbeat)) => next,
-        futures::future::Either::Right(((), work)) => work.await,
+        futures::future::Either::Right((never, _work)) => match never {},
     };
     METRICS.tasks_in_flight.dec();
     next
@@ -175,7 +182,7 @@ fn continued_in(span: &tracing::Span, mut task: Box<PhaseTask>) -> Box<PhaseTask
     task
 }
 
-async fn run_task_in_span(
+fn run_task_in_span(
     ctx: &RunnerContext,
     handle: &Arc<TaskHandle>,
     task: Box<PhaseTask>,
@@ -183,26 +190,90 @@ async fn run_task_in_span(
     delivery: u64,
     started: Option<Box<Started>>,
     stop: &CancellationToken,
-) -> Option<Continuation> {
+) -> impl Future<Output = Option<Continuation>> {
+    async move {
+        // Made ready in a future of its own, so what only the preparing
+        // needs (the start's reply, the inputs, the budget) keeps no room
+        // beside the call (about 400 bytes per call in flight).
+        // Its fields are used in place: taken apart into locals, the plan
+        // would be held twice.
+        let call = match prepare_call(ctx, handle, &task, &spec, delivery, started, stop).await {
+            BeforeCall::Call(call) => call,
+            BeforeCall::Ended(next) => return next,
+        };
+        let outcome = call_model(ctx, handle, &task, &spec, &call.request, call.cache_key, delivery, stop).await;
+        if let CallOutcome::Result(result, _) = &outcome
+            && let Some(Outcome::Success(success)) = &result.outcome
+        {
+            metrics::record_tenant_cost(&call.tenant, success.usage.map_or(0.0, |usage| usage.cost_usd));
+        }
+        match outcome {
+            CallOutcome::Result(result, final_events) => settle(ctx, handle, Some(&result), &final_events, stop).await,
+            CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
+                let whole = match spec {
+                    TaskPhase::Carried(spec) => Box::new(PhaseTask {
+                        spec: Some(*spec),
+                        ..*task
+                    }),
+                    TaskPhase::InSnapshot(..) => task,
+                };
+                hand_back(handle, &whole).await
+            }
+            CallOutcome::Stopped => settle_stopped(ctx, handle, stop).await,
+        }
+    }
+}
+
+/// A started task's model call, ready to make.
+struct CallPlan {
+    request: ChatRequest,
+    /// Its key in the response cache, when the answer may be cached.
+    cache_key: Option<String>,
+    /// The run's tenant, whose spend the call adds to.
+    tenant: String,
+}
+
+/// What preparing a task's call came to.
+enum BeforeCall {
+    Call(CallPlan),
+    /// No call to make: the task was stale, answered from the cache or
+    /// refused by its run's cost cap, and is settled; or it could not be
+    /// started. The task the settling claimed, if any.
+    Ended(Option<Continuation>),
+}
+
+/// Starts the task unless its claim started it, renders its prompt from
+/// the inputs the start read, and settles it at once where no call is
+/// needed (stale, answered from the cache, past its run's cost cap).
+async fn prepare_call(
+    ctx: &RunnerContext,
+    handle: &Arc<TaskHandle>,
+    task: &PhaseTask,
+    spec: &PhaseSpec,
+    delivery: u64,
+    started: Option<Box<Started>>,
+    stop: &CancellationToken,
+) -> BeforeCall {
     let started = match started {
         Some(started) => *started,
-        None => match start(handle, &spec, delivery).await {
+        None => match start(handle, spec, delivery).await {
             Ok(Some(started)) => started,
             Ok(None) => {
                 tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, "task is stale (workflow moved on or ended); skipping");
-                return settle(ctx, handle, None, &[], stop).await;
+                return BeforeCall::Ended(settle(ctx, handle, None, &[], stop).await);
             }
             Err(error) => {
                 tracing::warn!(%error, "could not start task; it will be redelivered");
-                return None;
+                return BeforeCall::Ended(None);
             }
         },
     };
-    let budget = started.budget;
-    let inputs: HashMap<String, String> = spec.inputs.iter().cloned().zip(started.input_values).collect();
-    let request = chat_request(&task, &spec, &inputs);
-    // The earlier outputs are in the prompt now; not kept through the call.
-    drop(inputs);
+    let Started { input_values, budget } = started;
+    let request = {
+        // The earlier outputs are in the prompt now; not kept through the call.
+        let inputs: HashMap<String, String> = spec.inputs.iter().cloned().zip(input_values).collect();
+        chat_request(task, spec, &inputs)
+    };
     let cache_key = ctx
         .cache
         .as_ref()
@@ -210,35 +281,20 @@ async fn run_task_in_span(
         .map(|_| ResponseCache::key(&request));
     // The answer from the cache and the refusal by the budget are settled in
     // futures of their own, boxed: their results and events, inline, would
-    // keep room in this future through every model call (905 bytes).
+    // keep room in this future (905 bytes).
     if let Some(answer) = cached_answer(ctx, cache_key.as_deref()).await {
-        return Box::pin(settle_cached(ctx, handle, &task, &spec, answer, delivery, stop)).await;
+        return BeforeCall::Ended(Box::pin(settle_cached(ctx, handle, task, spec, answer, delivery, stop)).await);
     }
     if let Some(refusal) = budget.refusal(ctx.prices.prompt_cost_usd(&request)) {
         tracing::info!(workflow_id = %handle.workflow, phase = %spec.name, %refusal, "stopping the run before a call past its cost cap");
         metrics::record_budget_stop(&spec.model);
-        return Box::pin(settle_refused(ctx, handle, &task, &spec, refusal, stop)).await;
+        return BeforeCall::Ended(Box::pin(settle_refused(ctx, handle, task, spec, refusal, stop)).await);
     }
-    let outcome = call_model(ctx, handle, &task, &spec, &request, cache_key, delivery, stop).await;
-    if let CallOutcome::Result(result, _) = &outcome
-        && let Some(Outcome::Success(success)) = &result.outcome
-    {
-        metrics::record_tenant_cost(&budget.tenant, success.usage.map_or(0.0, |usage| usage.cost_usd));
-    }
-    match outcome {
-        CallOutcome::Result(result, final_events) => settle(ctx, handle, Some(&result), &final_events, stop).await,
-        CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
-            let whole = match spec {
-                TaskPhase::Carried(spec) => Box::new(PhaseTask {
-                    spec: Some(*spec),
-                    ..*task
-                }),
-                TaskPhase::InSnapshot(..) => task,
-            };
-            hand_back(handle, &whole).await
-        }
-        CallOutcome::Stopped => settle_stopped(ctx, handle, stop).await,
-    }
+    BeforeCall::Call(CallPlan {
+        request,
+        cache_key,
+        tenant: budget.tenant,
+    })
 }
 
 /// Starts a task claimed by a read (not started when it was claimed).
@@ -377,7 +433,7 @@ fn from_cache(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn call_model(
+fn call_model(
     ctx: &RunnerContext,
     handle: &Arc<TaskHandle>,
     task: &PhaseTask,
@@ -386,62 +442,64 @@ async fn call_model(
     cache_key: Option<String>,
     delivery: u64,
     stop: &CancellationToken,
-) -> CallOutcome {
-    let (events, receiver) = crate::model::event_channel(256);
-    let started = Instant::now();
-    let validator: Option<&OutputValidator> = match spec.output() {
-        OutputKind::Rating => Some(&validate_rating),
-        _ => None,
-    };
-    // The forwarder runs beside the call in this task, not in one of its
-    // own, and ends when the call is done and drops its sender.
-    let forwarder = crate::progress::forward_events(
-        handle.clone(),
-        spec.name.clone(),
-        metrics::retries_counter(&spec.model),
-        delivery,
-        receiver,
-        stop.clone(),
-    );
-    let call = async {
-        let events = events;
-        ctx.client
-            .complete_with_fallbacks(request, &spec.fallback_models, validator, &events, stop)
-            .await
-    };
-    let (answer, final_events) = tokio::join!(call, forwarder);
-    let seconds = started.elapsed().as_secs_f64();
-    match &answer {
-        Ok(completion) => {
-            let answered = completion.model.as_deref().unwrap_or(&spec.model);
-            metrics::record_call(answered, "ok", seconds, Some(&usage_of(completion)))
+) -> impl Future<Output = CallOutcome> {
+    async move {
+        let (events, receiver) = crate::model::event_channel(256);
+        let started = Instant::now();
+        let validator: Option<&OutputValidator> = match spec.output() {
+            OutputKind::Rating => Some(&validate_rating),
+            _ => None,
+        };
+        // The forwarder runs beside the call in this task, not in one of its
+        // own, and ends when the call is done and drops its sender.
+        let forwarder = crate::progress::forward_events(
+            handle.clone(),
+            spec.name.clone(),
+            metrics::retries_counter(&spec.model),
+            delivery,
+            receiver,
+            stop.clone(),
+        );
+        let call = async {
+            let events = events;
+            ctx.client
+                .complete_with_fallbacks(request, &spec.fallback_models, validator, &events, stop)
+                .await
+        };
+        let (answer, final_events) = tokio::join!(call, forwarder);
+        let seconds = started.elapsed().as_secs_f64();
+        match &answer {
+            Ok(completion) => {
+                let answered = completion.model.as_deref().unwrap_or(&spec.model);
+                metrics::record_call(answered, "ok", seconds, Some(&usage_of(completion)))
+            }
+            Err(ModelError::Cancelled) => metrics::record_call(&spec.model, "cancelled", seconds, None),
+            Err(_) => metrics::record_call(&spec.model, "failed", seconds, None),
         }
-        Err(ModelError::Cancelled) => metrics::record_call(&spec.model, "cancelled", seconds, None),
-        Err(_) => metrics::record_call(&spec.model, "failed", seconds, None),
-    }
-    if let (Ok(completion), Some(cache), Some(key)) = (&answer, &ctx.cache, cache_key)
-        && finished_normally(completion)
-    {
-        cache.store(key, completion);
-    }
-    match answer {
-        Err(ModelError::Cancelled) => CallOutcome::Stopped,
-        _ if stop.is_cancelled() => CallOutcome::Stopped,
-        Ok(completion) => CallOutcome::Result(
-            Box::new(success(handle, task, spec, completion, started.elapsed())),
-            final_events,
-        ),
-        Err(error) => CallOutcome::Result(
-            Box::new(result(
-                handle,
-                task,
-                spec,
-                Outcome::Failure(PhaseFailure {
-                    reason: error.to_string(),
-                }),
-            )),
-            final_events,
-        ),
+        if let (Ok(completion), Some(cache), Some(key)) = (&answer, &ctx.cache, cache_key)
+            && finished_normally(completion)
+        {
+            cache.store(key, completion);
+        }
+        match answer {
+            Err(ModelError::Cancelled) => CallOutcome::Stopped,
+            _ if stop.is_cancelled() => CallOutcome::Stopped,
+            Ok(completion) => CallOutcome::Result(
+                Box::new(success(handle, task, spec, completion, started.elapsed())),
+                final_events,
+            ),
+            Err(error) => CallOutcome::Result(
+                Box::new(result(
+                    handle,
+                    task,
+                    spec,
+                    Outcome::Failure(PhaseFailure {
+                        reason: error.to_string(),
+                    }),
+                )),
+                final_events,
+            ),
+        }
     }
 }
 
@@ -463,7 +521,7 @@ fn validate_rating(text: &str) -> Result<(), String> {
 /// The model request for a phase: its system prompt and its template
 /// rendered with the stored inputs.
 fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, String>) -> ChatRequest {
-    let mut messages = Vec::new();
+    let mut messages = Vec::with_capacity(2);
     if !spec.system_prompt.is_empty() {
         messages.push(ChatMessage {
             role: "system".into(),
@@ -487,12 +545,15 @@ fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, Str
 }
 
 /// Heartbeats the claim until the call ends; stops the call when the task
-/// was taken over or is no longer current.
-async fn keep_claim(handle: Arc<TaskHandle>, every: Duration, stop: CancellationToken) {
+/// was taken over or is no longer current. Never returns: once the call is
+/// stopped it only waits, and the work, ending, drops it. A stop is seen at
+/// the next beat, which it then skips (one sleep in this future, not a
+/// sleep and a wait for the stop).
+async fn keep_claim(handle: Arc<TaskHandle>, every: Duration, stop: CancellationToken) -> std::convert::Infallible {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
+        tokio::time::sleep(every).await;
+        if stop.is_cancelled() {
+            break;
         }
         // Boxed: the script call is large and brief; the task mostly sleeps.
         match Box::pin(handle.heartbeat()).await {
@@ -500,11 +561,12 @@ async fn keep_claim(handle: Arc<TaskHandle>, every: Duration, stop: Cancellation
             Ok(false) => {
                 tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
                 stop.cancel();
-                return;
+                break;
             }
             Err(error) => tracing::warn!(%error, "heartbeat failed; will retry"),
         }
     }
+    std::future::pending().await
 }
 
 fn success(

@@ -49,7 +49,7 @@ impl ResponseCache {
             messages: request
                 .messages
                 .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .map(|m| (m.role.as_ref(), m.content.as_str()))
                 .collect(),
             temperature: request.temperature,
             max_tokens: request.max_tokens,

@@ -4,6 +4,7 @@
 //! These are the types callers handle; they say nothing about HTTP or the wire format, so the
 //! worker can use them without knowing how the answer travels.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,12 +12,13 @@ use serde_json::Value;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    pub role: String,
+    /// "system" or "user": a literal, not an allocation per message.
+    pub role: Cow<'static, str>,
     pub content: String,
 }
 
 impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub fn new(role: impl Into<Cow<'static, str>>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),

@@ -79,84 +79,96 @@ impl ModelClient {
 
     /// Asks the model, retrying failed tries per the config. Deltas and retry notices go to
     /// `events` as they happen; a slow receiver slows the stream down rather than losing text.
-    pub async fn complete(
+    pub fn complete(
         &self,
         request: &ChatRequest,
         validator: Option<&OutputValidator>,
         events: &EventSender,
         cancel: &CancellationToken,
-    ) -> Result<Completion, ModelError> {
-        // Encoded once up front (a request that cannot be encoded fails here); a retry
-        // encodes it again, since each try hands its body to the HTTP client.
-        let mut first_body = Some(self.prepare(request)?);
-        let mut waits = WaitBudget::new(self.config.max_total_wait);
-        let mut try_number = 1;
-        loop {
-            let tokens = request.estimated_tokens(self.config.answer_token_allowance);
-            self.wait_turn(&request.model, tokens, &mut waits, events, cancel)
-                .await
-                .map_err(|e| self.redact(e))?;
-            let prepared = match first_body.take() {
-                Some(prepared) => prepared,
-                None => self.prepare(request)?,
-            };
-            let tried = self
-                .traced_try(prepared, request, try_number, validator, events, cancel)
-                .await;
-            let error = match tried {
-                Ok(completion) => {
-                    return Ok(Completion {
-                        tries: try_number,
-                        ..completion
-                    });
-                }
-                Err(error) => error,
-            };
-            if let Some(asked) = error.retry_after() {
-                // The provider said when to come back: waiting is not a failed
-                // try, so it spends the wait budget and the try number stays.
-                self.wait_as_asked(&request.model, &error, asked, &mut waits, events, cancel)
+    ) -> impl Future<Output = Result<Completion, ModelError>> {
+        async move {
+            // Encoded once up front (a request that cannot be encoded fails here); a retry
+            // encodes it again, since each try hands its body to the HTTP client.
+            let mut first_body = Some(self.prepare(request)?);
+            let mut waits = WaitBudget::new(self.config.max_total_wait);
+            let mut try_number = 1;
+            loop {
+                let tokens = request.estimated_tokens(self.config.answer_token_allowance);
+                self.wait_turn(&request.model, tokens, &mut waits, events, cancel)
+                    .await
+                    .map_err(|e| self.redact(e))?;
+                let prepared = match first_body.take() {
+                    Some(prepared) => prepared,
+                    None => self.prepare(request)?,
+                };
+                let error = match self
+                    .traced_try(prepared, request, try_number, validator, events, cancel)
+                    .await
+                {
+                    Ok(completion) => {
+                        return Ok(Completion {
+                            tries: try_number,
+                            ..completion
+                        });
+                    }
+                    Err(error) => error,
+                };
+                // The error is moved whole into one wait: kept here, it and the try's
+                // result would keep room beside every try (208 bytes, print-type-sizes).
+                let next = self
+                    .wait_after_failure(error, &request.model, try_number, &mut waits, events, cancel)
                     .await?;
-                continue;
+                if next == NextTry::Counts {
+                    try_number += 1;
+                }
             }
-            self.wait_before_retry(error, try_number, events, cancel).await?;
-            try_number += 1;
         }
     }
 
     /// One try in its own `model_request` span. A failure comes back scrubbed of the key and
     /// is recorded on the span.
-    async fn traced_try(
+    fn traced_try(
         &self,
-        prepared: Prepared,
+        mut prepared: Prepared,
         request: &ChatRequest,
         try_number: u32,
         validator: Option<&OutputValidator>,
         events: &EventSender,
         cancel: &CancellationToken,
-    ) -> Result<Completion, ModelError> {
-        let span = model_request_span(request, try_number);
-        let mut prepared = prepared.for_try(&span);
-        let tried = self
-            .try_once(
-                &mut prepared,
-                try_number,
-                request.accept_truncated,
-                validator,
-                events,
-                cancel,
-            )
-            .instrument(span.clone())
-            .await;
-        tried.map_err(|error| {
-            let error = self.redact(error);
-            record_failed_try(&span, &error);
-            error
-        })
+    ) -> impl Future<Output = Result<Completion, ModelError>> {
+        async move {
+            // Made in a block: a span borrowed here would keep a second slot beside the one
+            // the try runs in.
+            let span = {
+                let span = model_request_span(request, try_number);
+                prepared.join_span(&span);
+                span
+            };
+            // The failure is recorded on the span the try runs in (the current one), so the
+            // call does not keep a second handle to it.
+            let try_and_record = async {
+                let tried = self
+                    .try_once(
+                        &mut prepared,
+                        try_number,
+                        request.accept_truncated,
+                        validator,
+                        events,
+                        cancel,
+                    )
+                    .await;
+                tried.map_err(|error| {
+                    let error = self.redact(error);
+                    record_failed_try(&tracing::Span::current(), &error);
+                    error
+                })
+            };
+            try_and_record.instrument(span).await
+        }
     }
 
     /// One try under the total timeout and the cancel token, then the validator.
-    async fn try_once(
+    fn try_once(
         &self,
         prepared: &mut Prepared,
         try_number: u32,
@@ -164,45 +176,70 @@ impl ModelClient {
         validator: Option<&OutputValidator>,
         events: &EventSender,
         cancel: &CancellationToken,
-    ) -> Result<Completion, ModelError> {
-        tracing::debug!(try_number, endpoint = %redact_url_text(self.endpoint.as_str()), "model try starting");
-        let total = self.config.total_timeout;
-        // The call's future is built inside the `select!`, not passed in: a future moved into
-        // an async fn or block is stored twice in the task (rust-lang/rust#62958), and this
-        // one is the largest a task holds while its call is in flight.
-        let completion = tokio::select! {
-            biased;
-            () = cancel.cancelled() => Err(ModelError::Cancelled),
-            attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events)) => {
-                attempt.unwrap_or(Err(ModelError::Timeout { which: TimeoutKind::Total, after: total }))
+    ) -> impl Future<Output = Result<Completion, ModelError>> {
+        async move {
+            tracing::debug!(try_number, endpoint = %redact_url_text(self.endpoint.as_str()), "model try starting");
+            let total = self.config.total_timeout;
+            // The call's future is built inside the `select!`, not passed in: a future moved into
+            // an async fn or block is stored twice in the task (rust-lang/rust#62958), and this
+            // one is the largest a task holds while its call is in flight.
+            let completion = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Err(ModelError::Cancelled),
+                attempt = tokio::time::timeout(total, self.stream_once(prepared, try_number, events)) => {
+                    attempt.unwrap_or(Err(ModelError::Timeout { which: TimeoutKind::Total, after: total }))
+                }
+            }?;
+            if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r))
+                && !accept_truncated
+            {
+                return Err(ModelError::Truncated(reason.to_string()));
             }
-        }?;
-        if let Some(reason) = completion.finish_reason.as_deref().filter(|r| is_truncation(r))
-            && !accept_truncated
-        {
-            return Err(ModelError::Truncated(reason.to_string()));
+            if let Some(validate) = validator {
+                validate(&completion.text).map_err(ModelError::InvalidOutput)?;
+            }
+            Ok(completion)
         }
-        if let Some(validate) = validator {
-            validate(&completion.text).map_err(ModelError::InvalidOutput)?;
-        }
-        Ok(completion)
     }
 
     /// Sends the request and reads the streamed reply; both count against the first-token
     /// clock until a first token arrives.
-    async fn stream_once(
+    fn stream_once(
         &self,
         prepared: &mut Prepared,
         try_number: u32,
         events: &EventSender,
-    ) -> Result<Completion, ModelError> {
-        let first_token_due = Instant::now() + self.config.first_token_timeout;
-        // Held until the reply is read: the call's stream on its connection.
-        let lease = self.lanes.lease();
-        let response = self.send(&lease, prepared, first_token_due).await?;
-        let generation_id = generation_id(&response);
-        let reply = self.read_reply(response, try_number, first_token_due, events).await?;
-        reply.finish(generation_id)
+    ) -> impl Future<Output = Result<Completion, ModelError>> {
+        async move {
+            let first_token_due = Instant::now() + self.config.first_token_timeout;
+            // Held until the reply is read: the call's stream on its connection.
+            let lease = self.lanes.lease();
+            let response = self.send(&lease, prepared, first_token_due).await?;
+            let generation_id = generation_id(&response);
+            let reply = self.read_reply(response, try_number, first_token_due, events).await?;
+            reply.finish(generation_id)
+        }
+    }
+
+    /// Waits out a failed try before the next: as long as the provider asked
+    /// (`Retry-After`), which is not a failed try, so it spends the wait
+    /// budget and the try number stays; otherwise the back-off, unless the
+    /// error is final or the tries are used up (then the error, as returned).
+    async fn wait_after_failure(
+        &self,
+        error: ModelError,
+        model: &str,
+        failed_try: u32,
+        waits: &mut WaitBudget,
+        events: &EventSender,
+        cancel: &CancellationToken,
+    ) -> Result<NextTry, ModelError> {
+        if let Some(asked) = error.retry_after() {
+            self.wait_as_asked(model, &error, asked, waits, events, cancel).await?;
+            return Ok(NextTry::Same);
+        }
+        self.wait_before_retry(error, failed_try, events, cancel).await?;
+        Ok(NextTry::Counts)
     }
 
     /// Waits until the pacer lets a try of `model` start; the wait counts
@@ -360,4 +397,12 @@ async fn with_cancel<T>(
         () = cancel.cancelled() => Err(ModelError::Cancelled),
         result = work => result,
     }
+}
+/// Whether the try after a failed one is a new try or the same one again.
+#[derive(Debug, PartialEq, Eq)]
+enum NextTry {
+    /// The provider asked to wait: the same try, once the wait is over.
+    Same,
+    /// A failed try: the next one counts.
+    Counts,
 }

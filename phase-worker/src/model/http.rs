@@ -147,13 +147,12 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// The request as the try of `span` sends it: its `traceparent` header
-    /// names that span (kept as prepared when spans are not exported).
-    pub(super) fn for_try(self, span: &tracing::Span) -> Prepared {
+    /// Makes the request the one the try of `span` sends: its `traceparent`
+    /// header names that span (kept as prepared when spans are not exported).
+    pub(super) fn join_span(&mut self, span: &tracing::Span) {
         let traceparent = nexus_runtime::telemetry::traceparent_of(span).and_then(|v| HeaderValue::from_str(&v).ok());
-        Prepared {
-            body: self.body,
-            traceparent: traceparent.or(self.traceparent),
+        if traceparent.is_some() {
+            self.traceparent = traceparent;
         }
     }
 }
