@@ -233,6 +233,28 @@ async fn busy_workers_never_hold_tasks_they_cannot_run() {
     assert_eq!(control.requests().await.len(), 48, "each phase called once");
 }
 
+/// A worker's limit holds for as long as each call runs, counted where the
+/// calls arrive: a slot given back before its run ended (as when the run's
+/// future dropped its permit on being built) lets more calls open at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_never_has_more_calls_open_than_its_limit() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "300", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let _worker = Worker::start(&redis.url(), &model.base_url(), &[("NEXUS_WORKER_MAX_IN_FLIGHT", "2")]);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(start(&mut client, &format!("Limited {n}")).await);
+    }
+    assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
+    let (open, peak) = control.request_counts().await;
+    assert_eq!(open, 0);
+    assert_eq!(peak, 2, "most calls open at once at the stand-in, with a limit of 2");
+    assert_eq!(control.requests().await.len(), 36, "each phase called once");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
     let redis = RedisServer::start();
