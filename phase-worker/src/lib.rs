@@ -17,6 +17,7 @@
 //!   workers through Redis.
 //! - [`rating`]: the rating phase's JSON schema and validation.
 //! - [`cancellation`]: aborts in-flight calls of cancelled workflows.
+//! - [`claims`]: renews the claims of all running tasks, on one timer.
 //! - [`config`]: flags and environment.
 //!
 //! Everything a task needs travels in the task or sits in Redis, so any
@@ -29,6 +30,7 @@
 #![allow(clippy::manual_async_fn)]
 
 pub mod cancellation;
+pub mod claims;
 pub mod config;
 pub mod consumer;
 pub mod metrics;
@@ -78,12 +80,14 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
     let abort_calls = CancellationToken::new();
     let cancels = Arc::new(cancellation::CancelRegistry::default());
     tokio::spawn(cancels.clone().listen(config.redis.clone(), conn.clone()));
+    let claims = Arc::new(claims::ClaimKeeper::default());
+    tokio::spawn(claims.clone().renew_forever(config.visibility_timeout() / 3));
     let ctx = Arc::new(runner::RunnerContext {
         client,
         cancels,
         shutdown: abort_calls.clone(),
         stopping: stop.clone(),
-        heartbeat_every: config.visibility_timeout() / 3,
+        claims: claims.clone(),
         publish_patience: Duration::from_millis(config.result_publish_patience_ms),
         pipelines: Default::default(),
         cache: model::cache::ResponseCache::new(conn.clone(), Duration::from_secs(config.cache_ttl_secs)),

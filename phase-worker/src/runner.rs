@@ -5,6 +5,7 @@
 //! the task.
 
 use crate::cancellation::CancelRegistry;
+use crate::claims::ClaimKeeper;
 use crate::metrics::{self, METRICS};
 use crate::model::budget::ModelPrices;
 use crate::model::cache::ResponseCache;
@@ -32,7 +33,8 @@ pub struct RunnerContext {
     pub shutdown: CancellationToken,
     /// Cancelled at the stop signal: no new work is claimed from then on.
     pub stopping: CancellationToken,
-    pub heartbeat_every: Duration,
+    /// Renews the claims of the tasks this worker runs.
+    pub claims: Arc<ClaimKeeper>,
     /// How long applying a finished answer is retried on Redis errors.
     pub publish_patience: Duration,
     /// The pipelines of the runs this worker advances, by fingerprint.
@@ -44,14 +46,14 @@ pub struct RunnerContext {
 }
 
 /// Runs a task to its end; `started` when the script that claimed it also
-/// started it. The claim is heartbeated from the first moment, and the
+/// started it. The claim is renewed by the worker's claim keeper from the first moment, and the
 /// cancel token registered before the task's start is fenced (or, for a
 /// task started when it was claimed, checked against the cancellations
 /// heard meanwhile), so a cancel that lands at any point reaches the call.
 /// Errors talking to Redis leave the task unacknowledged, so it is reclaimed
 /// and run again. Returns the task claimed for this worker when this one
 /// settled, if any: the caller runs it next, in the same slot. The handle
-/// comes shared (the heartbeat and the progress forwarder hold it too) and
+/// comes shared (the claim keeper and the progress forwarder hold it too) and
 /// the task boxed: every future a value passes through keeps a slot for it
 /// for the whole call, so large ones are passed by pointer.
 pub async fn run_task(
@@ -80,23 +82,11 @@ pub async fn run_task(
     METRICS.tasks_in_flight.inc();
     let registration = ctx.cancels.register(handle.keys.workflow_id(), &ctx.shutdown);
     let stop = registration.token.clone();
-    // The heartbeat runs beside the work in this task until the work ends
-    // (a spawned heartbeat per call cost a task's allocation, scheduling and
-    // abort every phase), and never ends first, so this is the one await
-    // that holds both: a second (the work alone, after the heartbeat) kept
-    // room for both futures beside every other step of this function (160
-    // bytes per call in flight, print-type-sizes). Both futures are built in
-    // place: passed into a function, they would be stored twice
-    // (rust-lang/rust#62958), a few KB per call in flight.
-    let next = match futures::future::select(
-        std::pin::pin!(run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop).instrument(span)),
-        std::pin::pin!(keep_claim(handle.clone(), ctx.heartbeat_every, stop.clone())),
-    )
-    .await
-    {
-        futures::future::Either::Left((next, _heartbeat)) => next,
-        futures::future::Either::Right((never, _work)) => match never {},
-    };
+    // Renewed by the worker's one claim keeper until the work ends.
+    let _claim = ctx.claims.hold(handle.clone(), stop.clone());
+    let next = run_task_in_span(ctx, &handle, task, spec, delivery, started, &stop)
+        .instrument(span)
+        .await;
     METRICS.tasks_in_flight.dec();
     next
 }
@@ -124,7 +114,7 @@ impl std::ops::Deref for TaskPhase {
 /// (`Storage`) or does not have the phase (`Corrupt`).
 async fn task_phase(ctx: &RunnerContext, handle: &TaskHandle, task: &mut PhaseTask) -> Result<TaskPhase, LoadError> {
     if let Some(spec) = task.spec.take() {
-        return Ok(TaskPhase::Carried(Box::new(spec)));
+        return Ok(TaskPhase::Carried(spec));
     }
     let mut conn = handle.conn.clone();
     let pipeline = ctx
@@ -212,7 +202,7 @@ fn run_task_in_span(
             CallOutcome::Stopped if ctx.shutdown.is_cancelled() => {
                 let whole = match spec {
                     TaskPhase::Carried(spec) => Box::new(PhaseTask {
-                        spec: Some(*spec),
+                        spec: Some(spec),
                         ..*task
                     }),
                     TaskPhase::InSnapshot(..) => task,
@@ -542,31 +532,6 @@ fn chat_request(task: &PhaseTask, spec: &PhaseSpec, inputs: &HashMap<String, Str
         accept_truncated: spec.accept_truncated,
         reasoning_effort: (!spec.reasoning_effort.is_empty()).then(|| spec.reasoning_effort.clone()),
     }
-}
-
-/// Heartbeats the claim until the call ends; stops the call when the task
-/// was taken over or is no longer current. Never returns: once the call is
-/// stopped it only waits, and the work, ending, drops it. A stop is seen at
-/// the next beat, which it then skips (one sleep in this future, not a
-/// sleep and a wait for the stop).
-async fn keep_claim(handle: Arc<TaskHandle>, every: Duration, stop: CancellationToken) -> std::convert::Infallible {
-    loop {
-        tokio::time::sleep(every).await;
-        if stop.is_cancelled() {
-            break;
-        }
-        // Boxed: the script call is large and brief; the task mostly sleeps.
-        match Box::pin(handle.heartbeat()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
-                stop.cancel();
-                break;
-            }
-            Err(error) => tracing::warn!(%error, "heartbeat failed; will retry"),
-        }
-    }
-    std::future::pending().await
 }
 
 fn success(

@@ -255,6 +255,65 @@ async fn a_worker_never_has_more_calls_open_than_its_limit() {
     assert_eq!(control.requests().await.len(), 36, "each phase called once");
 }
 
+/// A worker frozen mid-call, whose task another worker took over meanwhile,
+/// learns it lost the task at its next claim renewal and aborts its model
+/// call: seen at the stand-in as its request cut off, seconds before the
+/// model would have answered (renewals every 500 ms here, the model's first
+/// token after 8 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_lost_its_task_aborts_the_call_at_its_next_renewal() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "8000", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let quick_claims = [("NEXUS_VISIBILITY_TIMEOUT_MS", "1500")];
+    let frozen = Worker::start(&redis.url(), &model.base_url(), &quick_claims);
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let id = start(&mut client, "Lost").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while control.request_counts().await.0 < 1 {
+        assert!(Instant::now() < deadline, "the first call never reached the model");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    frozen.process.signal("STOP");
+    let _rescuer = Worker::start(&redis.url(), &model.base_url(), &quick_claims);
+    wait_for_event(
+        &mut client,
+        &id,
+        Duration::from_secs(20),
+        |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
+    )
+    .await;
+    frozen.process.signal("CONT");
+    let resumed = Instant::now();
+
+    let deadline = resumed + Duration::from_secs(4);
+    let requests = loop {
+        let requests = control.requests().await;
+        if requests.iter().any(|r| r["outcome"] == "client_disconnected") {
+            break requests;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frozen worker's call was not aborted: {requests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        requests.len(),
+        2,
+        "the frozen worker's call and the rescuer's: {requests:?}"
+    );
+    assert_eq!(requests[0]["outcome"], "client_disconnected", "{requests:?}");
+    assert_eq!(
+        control.request_counts().await.0,
+        1,
+        "the rescuer's call is still open ({:?} after SIGCONT)",
+        resumed.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
     let redis = RedisServer::start();

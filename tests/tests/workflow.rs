@@ -832,7 +832,7 @@ async fn a_task_that_carries_its_phase_from_an_older_build_still_runs() {
     spec.system_prompt = "CARRIED SYSTEM PROMPT".into();
     let old = PhaseTask {
         version: 1,
-        spec: Some(spec),
+        spec: Some(Box::new(spec)),
         phase_name: String::new(),
         ..run.task.clone()
     };

@@ -1,0 +1,100 @@
+//! Keeping the claims of a worker's running tasks.
+//!
+//! A task entry that stays unacknowledged longer than the visibility
+//! timeout is taken over by another worker, so a live worker renews the
+//! claim of each task it runs (`heartbeat.lua`, which also answers whether
+//! the task is still this worker's and still current). The renewals are one
+//! loop for the whole worker, on one timer, as BullMQ extends the locks of
+//! all of a worker's active jobs at once: a timer in each task's future cost
+//! room in every call held open (184 bytes, print-type-sizes) and a timer
+//! registered and removed in every phase. A task is held here from before
+//! its start is fenced until it settles; one found lost has its stop token
+//! cancelled, which aborts its model call.
+
+use crate::task_lifecycle::TaskHandle;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+/// How many renewals are on the way to Redis at once.
+const RENEWALS_AT_ONCE: usize = 256;
+
+/// The tasks whose claims this worker renews.
+#[derive(Default)]
+pub struct ClaimKeeper {
+    held: Mutex<HashMap<u64, HeldTask>>,
+    next_id: AtomicU64,
+}
+
+struct HeldTask {
+    handle: Arc<TaskHandle>,
+    /// Cancelled when the task turns out not to be ours any more.
+    stop: CancellationToken,
+}
+
+/// A task's place among the renewed claims; it leaves when this drops.
+pub struct HeldClaim<'a> {
+    keeper: &'a ClaimKeeper,
+    id: u64,
+}
+
+impl ClaimKeeper {
+    /// Renews `handle`'s claim until the returned guard drops; `stop` is
+    /// cancelled if a renewal finds the task lost.
+    pub fn hold(&self, handle: Arc<TaskHandle>, stop: CancellationToken) -> HeldClaim<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, HeldTask { handle, stop });
+        HeldClaim { keeper: self, id }
+    }
+
+    /// Renews every held claim each `every`, until the process ends. A round
+    /// that takes longer than `every` delays the next rather than crowding it.
+    pub async fn renew_forever(self: Arc<Self>, every: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.renew_all().await;
+        }
+    }
+
+    async fn renew_all(&self) {
+        let held: Vec<(Arc<TaskHandle>, CancellationToken)> = self
+            .lock()
+            .values()
+            .map(|task| (task.handle.clone(), task.stop.clone()))
+            .collect();
+        futures::stream::iter(held)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |(handle, stop)| renew(handle, stop))
+            .await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldTask>> {
+        self.held.lock().expect("claim keeper lock")
+    }
+}
+
+/// One renewal; a task already stopping is left alone.
+async fn renew(handle: Arc<TaskHandle>, stop: CancellationToken) {
+    if stop.is_cancelled() {
+        return;
+    }
+    match handle.heartbeat().await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
+            stop.cancel();
+        }
+        Err(error) => tracing::warn!(workflow_id = %handle.workflow, %error, "heartbeat failed; will retry"),
+    }
+}
+
+impl Drop for HeldClaim<'_> {
+    fn drop(&mut self) {
+        self.keeper.lock().remove(&self.id);
+    }
+}
