@@ -26,58 +26,59 @@ use tokio_util::sync::CancellationToken;
 /// How long a cancellation is remembered for tasks that register after it.
 const REMEMBER_CANCELS: Duration = Duration::from_secs(30);
 
+/// Keyed by the parsed id, so a registration allocates no key of its own,
+/// and each workflow's tokens are a short list (usually of one): a task in
+/// flight keeps its entry for its whole call (a map of strings to maps kept
+/// about 250 bytes per call in flight, heaptrack).
 #[derive(Default)]
 pub struct CancelRegistry {
-    running: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    running: Mutex<HashMap<WorkflowId, Vec<(u64, CancellationToken)>>>,
     /// Workflows cancelled lately, and when this worker heard it.
-    recent: Mutex<HashMap<String, Instant>>,
+    recent: Mutex<HashMap<WorkflowId, Instant>>,
     next_id: AtomicU64,
 }
 
 /// Removes its token from the registry when the task ends.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
-    workflow_id: String,
+    workflow: WorkflowId,
     id: u64,
     pub token: CancellationToken,
 }
 
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>, workflow_id: &str, parent: &CancellationToken) -> Registration {
+    pub fn register(self: &Arc<Self>, workflow: WorkflowId, parent: &CancellationToken) -> Registration {
         let token = parent.child_token();
         if self
             .recent
             .lock()
             .expect("cancel registry lock")
-            .contains_key(workflow_id)
+            .contains_key(&workflow)
         {
             token.cancel();
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().expect("cancel registry lock");
-        running
-            .entry(workflow_id.to_string())
-            .or_default()
-            .insert(id, token.clone());
+        running.entry(workflow).or_default().push((id, token.clone()));
         Registration {
             registry: self.clone(),
-            workflow_id: workflow_id.to_string(),
+            workflow,
             id,
             token,
         }
     }
 
-    fn cancel(&self, workflow_id: &str) {
+    fn cancel(&self, workflow: WorkflowId) {
         {
             let mut recent = self.recent.lock().expect("cancel registry lock");
             let now = Instant::now();
             recent.retain(|_, heard| now.duration_since(*heard) < REMEMBER_CANCELS);
-            recent.insert(workflow_id.to_string(), now);
+            recent.insert(workflow, now);
         }
         let running = self.running.lock().expect("cancel registry lock");
-        if let Some(tokens) = running.get(workflow_id) {
-            tracing::info!(%workflow_id, calls = tokens.len(), "workflow cancelled; aborting its model calls");
-            tokens.values().for_each(CancellationToken::cancel);
+        if let Some(tokens) = running.get(&workflow) {
+            tracing::info!(workflow_id = %workflow, calls = tokens.len(), "workflow cancelled; aborting its model calls");
+            tokens.iter().for_each(|(_, token)| token.cancel());
         }
     }
 
@@ -93,8 +94,13 @@ impl CancelRegistry {
         self.recheck_all(conn.clone()).await?;
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
-            if let Ok(workflow_id) = message.get_payload::<String>() {
-                self.cancel(&workflow_id);
+            // A payload that is not an id (nothing of ours publishes one) names no call to stop.
+            let workflow = message
+                .get_payload::<String>()
+                .ok()
+                .and_then(|id| WorkflowId::parse(&id).ok());
+            if let Some(workflow) = workflow {
+                self.cancel(workflow);
             }
         }
         Ok(())
@@ -105,21 +111,18 @@ impl CancelRegistry {
     /// Cancels the calls of every registered workflow that has ended: the
     /// cancellations published while this worker was not subscribed.
     async fn recheck_all(&self, mut conn: Connection) -> redis::RedisResult<()> {
-        let workflows: Vec<String> = self
+        let workflows: Vec<WorkflowId> = self
             .running
             .lock()
             .expect("cancel registry lock")
             .keys()
-            .cloned()
+            .copied()
             .collect();
-        for workflow_id in workflows {
-            let Ok(id) = WorkflowId::parse(&workflow_id) else {
-                continue;
-            };
+        for workflow in workflows {
             let status: Option<String> =
-                redis::AsyncCommands::hget(&mut conn, WorkflowKeys::new(&id).state(), field::STATUS).await?;
+                redis::AsyncCommands::hget(&mut conn, WorkflowKeys::new(&workflow).state(), field::STATUS).await?;
             if status.is_none_or(|status| status::is_terminal(&status)) {
-                self.cancel(&workflow_id);
+                self.cancel(workflow);
             }
         }
         Ok(())
@@ -129,10 +132,10 @@ impl CancelRegistry {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut running = self.registry.running.lock().expect("cancel registry lock");
-        if let Some(tokens) = running.get_mut(&self.workflow_id) {
-            tokens.remove(&self.id);
+        if let Some(tokens) = running.get_mut(&self.workflow) {
+            tokens.retain(|(id, _)| *id != self.id);
             if tokens.is_empty() {
-                running.remove(&self.workflow_id);
+                running.remove(&self.workflow);
             }
         }
     }
@@ -146,12 +149,27 @@ mod tests {
     fn a_cancel_heard_before_a_task_registers_cancels_it_on_registering() {
         let registry = Arc::new(CancelRegistry::default());
         let parent = CancellationToken::new();
-        let before = registry.register("wf_0_a", &parent);
-        registry.cancel("wf_0_a");
+        let (cancelled, other) = (WorkflowId::new(0), WorkflowId::new(0));
+        let before = registry.register(cancelled, &parent);
+        registry.cancel(cancelled);
         assert!(before.token.is_cancelled());
-        let after = registry.register("wf_0_a", &parent);
+        let after = registry.register(cancelled, &parent);
         assert!(after.token.is_cancelled(), "registered after the cancel was heard");
-        let other = registry.register("wf_0_b", &parent);
+        let other = registry.register(other, &parent);
         assert!(!other.token.is_cancelled());
+    }
+
+    #[test]
+    fn a_registration_leaves_when_its_task_ends_and_takes_only_its_own_token() {
+        let registry = Arc::new(CancelRegistry::default());
+        let parent = CancellationToken::new();
+        let workflow = WorkflowId::new(0);
+        let first = registry.register(workflow, &parent);
+        let second = registry.register(workflow, &parent);
+        drop(first);
+        registry.cancel(workflow);
+        assert!(second.token.is_cancelled(), "the task still running was reached");
+        drop(second);
+        assert!(registry.running.lock().unwrap().is_empty());
     }
 }

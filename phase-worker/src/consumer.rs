@@ -35,7 +35,7 @@ pub struct TaskConsumer {
     pub ctx: Arc<RunnerContext>,
     pub conn: Connection,
     pub redis: RedisArgs,
-    pub consumer: String,
+    pub consumer: Arc<str>,
     pub slots: Arc<Semaphore>,
     pub visibility_timeout: Duration,
     pub max_deliveries: u64,

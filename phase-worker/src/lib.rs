@@ -101,7 +101,8 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         consumer: config
             .consumer_name
             .clone()
-            .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("worker")),
+            .unwrap_or_else(|| nexus_runtime::process::unique_consumer_name("worker"))
+            .into(),
         slots: slots.clone(),
         visibility_timeout: config.visibility_timeout(),
         max_deliveries: config.max_deliveries.max(1),

@@ -80,7 +80,7 @@ pub async fn run_task(
         (span, task)
     };
     METRICS.tasks_in_flight.inc();
-    let registration = ctx.cancels.register(handle.keys.workflow_id(), &ctx.shutdown);
+    let registration = ctx.cancels.register(handle.workflow, &ctx.shutdown);
     let stop = registration.token.clone();
     // Renewed by the worker's one claim keeper until the work ends.
     let _claim = ctx.claims.hold(handle.clone(), stop.clone());
@@ -294,7 +294,7 @@ async fn start(handle: &TaskHandle, spec: &PhaseSpec, delivery: u64) -> redis::R
         phase: spec.name.clone(),
         model: spec.model.clone(),
         delivery: delivery as u32,
-        worker: handle.consumer.clone(),
+        worker: handle.consumer.to_string(),
         attempt: handle.attempt,
     });
     handle.start(started, &spec.inputs).await
@@ -575,7 +575,7 @@ fn phase_result(handle: &TaskHandle, task: &PhaseTask, model: &str, outcome: Out
         phase_index: task.phase_index,
         attempt: handle.attempt,
         outcome: Some(outcome),
-        worker: handle.consumer.clone(),
+        worker: handle.consumer.to_string(),
         traceparent: task.traceparent.clone(),
         model: model.to_string(),
         published_at_ms: nexus_pipeline::now_ms(),

@@ -15,7 +15,7 @@ use nexus_proto::internal::PhaseTask;
 use nexus_proto::v1::workflow_event::Kind;
 use prost::Message;
 use redis::{Script, ScriptInvocation};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// Scripts that fence a task's writes start with the shared `fence.lua`.
 fn fenced(body: &str) -> Script {
@@ -101,7 +101,8 @@ pub struct Continuation {
 pub struct TaskHandle {
     pub conn: Connection,
     pub entry_id: String,
-    pub consumer: String,
+    /// This worker's consumer name, shared by all its tasks.
+    pub consumer: Arc<str>,
     pub workflow: WorkflowId,
     pub keys: WorkflowKeys,
     pub phase_index: u32,
@@ -111,7 +112,7 @@ pub struct TaskHandle {
 }
 
 impl TaskHandle {
-    pub fn new(conn: Connection, entry_id: String, consumer: String, task: &PhaseTask) -> Result<Self, String> {
+    pub fn new(conn: Connection, entry_id: String, consumer: Arc<str>, task: &PhaseTask) -> Result<Self, String> {
         let workflow = WorkflowId::parse(&task.workflow_id).map_err(|error| error.to_string())?;
         Ok(Self {
             conn,
@@ -176,7 +177,7 @@ impl TaskHandle {
             .key(self.keys.shard.tasks())
             .key(self.keys.state())
             .arg(WORKERS_GROUP)
-            .arg(&self.consumer)
+            .arg(&*self.consumer)
             .arg(min_idle_ms)
             .arg(&self.entry_id)
             .arg(self.phase_index)
@@ -240,7 +241,7 @@ impl TaskHandle {
             .key(self.keys.state())
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
-            .arg(&self.consumer)
+            .arg(&*self.consumer)
             .arg(self.phase_index)
             .arg(self.attempt);
         invocation
@@ -268,7 +269,7 @@ impl TaskHandle {
         invocation
             .arg(WORKERS_GROUP)
             .arg(&self.entry_id)
-            .arg(&self.consumer)
+            .arg(&*self.consumer)
             .arg(self.phase_index)
             .arg(self.attempt)
             .arg(self.keys.channel())
