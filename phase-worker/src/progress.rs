@@ -60,31 +60,9 @@ pub fn forward_events(
                     continue;
                 }
             };
-            match next {
-                Some(ModelEvent::Delta { try_number, text }) => {
-                    let try_number = earlier_tries + try_number;
-                    if buffer.try_number != try_number {
-                        flush(&origin, &mut buffer, &stop).await;
-                        buffer.try_number = try_number;
-                    }
-                    buffer.start_clock(&mut flush_timer);
-                    buffer.text.push_str(&text);
-                    if buffer.text.len() >= DELTA_MAX_BYTES {
-                        flush(&origin, &mut buffer, &stop).await;
-                    }
-                }
-                Some(ModelEvent::Reasoning { try_number, text }) => {
-                    let try_number = earlier_tries + try_number;
-                    if buffer.try_number != try_number {
-                        flush(&origin, &mut buffer, &stop).await;
-                        buffer.try_number = try_number;
-                    }
-                    buffer.start_clock(&mut flush_timer);
-                    buffer.reasoning.push_str(&text);
-                    if buffer.reasoning.len() >= DELTA_MAX_BYTES {
-                        flush(&origin, &mut buffer, &stop).await;
-                    }
-                }
+            let (try_number, text, part) = match next {
+                Some(ModelEvent::Delta { try_number, text }) => (try_number, text, TextPart::Answer),
+                Some(ModelEvent::Reasoning { try_number, text }) => (try_number, text, TextPart::Reasoning),
                 Some(ModelEvent::Retrying(notice)) => {
                     retries.inc();
                     flush(&origin, &mut buffer, &stop).await;
@@ -96,6 +74,7 @@ pub fn forward_events(
                         retry_in_ms: notice.delay.as_millis() as u64,
                     });
                     append_or_stop(&handle, retrying, &stop).await;
+                    continue;
                 }
                 Some(ModelEvent::FellBack(notice)) => {
                     flush(&origin, &mut buffer, &stop).await;
@@ -108,6 +87,7 @@ pub fn forward_events(
                         reason: notice.reason,
                     });
                     append_or_stop(&handle, fallback, &stop).await;
+                    continue;
                 }
                 Some(ModelEvent::Waiting(notice)) => {
                     flush(&origin, &mut buffer, &stop).await;
@@ -119,8 +99,19 @@ pub fn forward_events(
                         waited_total_ms: notice.waited_total.as_millis() as u64,
                     });
                     append_or_stop(&handle, waiting, &stop).await;
+                    continue;
                 }
                 None => return finish(&origin, &mut buffer, &stop).await,
+            };
+            // Answer or reasoning text: a new try's text starts a buffer of its own.
+            let try_number = earlier_tries + try_number;
+            if buffer.try_number != try_number {
+                flush(&origin, &mut buffer, &stop).await;
+                buffer.try_number = try_number;
+            }
+            buffer.start_clock(&mut flush_timer);
+            if buffer.push(part, text) >= DELTA_MAX_BYTES {
+                flush(&origin, &mut buffer, &stop).await;
             }
         }
     }
@@ -134,6 +125,13 @@ struct DeltaBuffer {
     reasoning: String,
 }
 
+/// Which of a try's texts a delta belongs to.
+#[derive(Clone, Copy)]
+enum TextPart {
+    Answer,
+    Reasoning,
+}
+
 /// Where a buffer's events belong.
 struct Origin<'a> {
     handle: &'a TaskHandle,
@@ -142,6 +140,16 @@ struct Origin<'a> {
 }
 
 impl DeltaBuffer {
+    /// Adds `text` to its part; how many bytes that part now holds.
+    fn push(&mut self, part: TextPart, text: String) -> usize {
+        let buffered = match part {
+            TextPart::Answer => &mut self.text,
+            TextPart::Reasoning => &mut self.reasoning,
+        };
+        buffered.push_str(&text);
+        buffered.len()
+    }
+
     /// Whether text waits to be written (the flush clock runs).
     fn is_waiting(&self) -> bool {
         !self.text.is_empty() || !self.reasoning.is_empty()
