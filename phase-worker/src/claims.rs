@@ -63,33 +63,40 @@ impl ClaimKeeper {
     }
 
     async fn renew_all(&self) {
-        let held: Vec<(Arc<TaskHandle>, CancellationToken)> = self
+        let held: Vec<(u64, Arc<TaskHandle>, CancellationToken)> = self
             .lock()
-            .values()
-            .map(|task| (task.handle.clone(), task.stop.clone()))
+            .iter()
+            .map(|(id, task)| (*id, task.handle.clone(), task.stop.clone()))
             .collect();
         futures::stream::iter(held)
-            .for_each_concurrent(RENEWALS_AT_ONCE, |(handle, stop)| renew(handle, stop))
+            .for_each_concurrent(RENEWALS_AT_ONCE, |(id, handle, stop)| self.renew(id, handle, stop))
             .await;
+    }
+
+    /// One renewal. A task that settled since the round began is left alone
+    /// (its entry is acknowledged, so the script would call it lost), and so
+    /// is one already stopping.
+    async fn renew(&self, id: u64, handle: Arc<TaskHandle>, stop: CancellationToken) {
+        if stop.is_cancelled() || !self.holds(id) {
+            return;
+        }
+        match handle.heartbeat().await {
+            Ok(true) => {}
+            Ok(false) if self.holds(id) => {
+                tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
+                stop.cancel();
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(workflow_id = %handle.workflow, %error, "heartbeat failed; will retry"),
+        }
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        self.lock().contains_key(&id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldTask>> {
         self.held.lock().expect("claim keeper lock")
-    }
-}
-
-/// One renewal; a task already stopping is left alone.
-async fn renew(handle: Arc<TaskHandle>, stop: CancellationToken) {
-    if stop.is_cancelled() {
-        return;
-    }
-    match handle.heartbeat().await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
-            stop.cancel();
-        }
-        Err(error) => tracing::warn!(workflow_id = %handle.workflow, %error, "heartbeat failed; will retry"),
     }
 }
 
