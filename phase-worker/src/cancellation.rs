@@ -49,6 +49,12 @@ pub struct Registration {
 impl CancelRegistry {
     pub fn register(self: &Arc<Self>, workflow: WorkflowId, parent: &CancellationToken) -> Registration {
         let token = parent.child_token();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // `recent` is read with `running` held: a cancel records the
+        // workflow in `recent` before it looks in `running`, so it lands
+        // either before this check or after the token is in (checked first
+        // and inserted after, a cancel in between reached neither).
+        let mut running = self.running.lock().expect("cancel registry lock");
         if self
             .recent
             .lock()
@@ -57,8 +63,6 @@ impl CancelRegistry {
         {
             token.cancel();
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut running = self.running.lock().expect("cancel registry lock");
         running.entry(workflow).or_default().push((id, token.clone()));
         Registration {
             registry: self.clone(),

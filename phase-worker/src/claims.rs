@@ -8,8 +8,10 @@
 //! all of a worker's active jobs at once: a timer in each task's future cost
 //! room in every call held open (184 bytes, print-type-sizes) and a timer
 //! registered and removed in every phase. A task is held here from before
-//! its start is fenced until it settles; one found lost has its stop token
-//! cancelled, which aborts its model call.
+//! its start is fenced until its run has settled it (or handed it back);
+//! one found lost has its stop token cancelled, which aborts its model
+//! call. The keeper's first renewal of a task comes at its next round,
+//! within one interval of the hold, as a task's own timer's did.
 
 use crate::task_lifecycle::TaskHandle;
 use futures::StreamExt;
@@ -21,7 +23,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 /// How many renewals are on the way to Redis at once.
-const RENEWALS_AT_ONCE: usize = 256;
+const RENEWALS_AT_ONCE: usize = 1024;
+/// The shortest interval between rounds (a zero one would spin).
+const SHORTEST_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The tasks whose claims this worker renews.
 #[derive(Default)]
@@ -52,51 +56,56 @@ impl ClaimKeeper {
     }
 
     /// Renews every held claim each `every`, until the process ends. A round
-    /// that takes longer than `every` delays the next rather than crowding it.
+    /// that takes longer than `every` delays the next rather than crowding
+    /// it; a renewal gets half of `every`, so one slow node of a cluster
+    /// holds up the others' renewals by that at most, and not by its
+    /// client's whole timeout.
     pub async fn renew_forever(self: Arc<Self>, every: Duration) {
+        let every = every.max(SHORTEST_INTERVAL);
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            self.renew_all().await;
+            self.renew_all(every / 2).await;
         }
     }
 
-    async fn renew_all(&self) {
-        let held: Vec<(u64, Arc<TaskHandle>, CancellationToken)> = self
+    async fn renew_all(&self, patience: Duration) {
+        let held: Vec<(Arc<TaskHandle>, CancellationToken)> = self
             .lock()
-            .iter()
-            .map(|(id, task)| (*id, task.handle.clone(), task.stop.clone()))
+            .values()
+            .map(|task| (task.handle.clone(), task.stop.clone()))
             .collect();
         futures::stream::iter(held)
-            .for_each_concurrent(RENEWALS_AT_ONCE, |(id, handle, stop)| self.renew(id, handle, stop))
+            .for_each_concurrent(RENEWALS_AT_ONCE, |(handle, stop)| async move {
+                if tokio::time::timeout(patience, renew(&handle, &stop)).await.is_err() {
+                    tracing::warn!(workflow_id = %handle.workflow, "heartbeat took too long; will retry");
+                }
+            })
             .await;
-    }
-
-    /// One renewal. A task that settled since the round began is left alone
-    /// (its entry is acknowledged, so the script would call it lost), and so
-    /// is one already stopping.
-    async fn renew(&self, id: u64, handle: Arc<TaskHandle>, stop: CancellationToken) {
-        if stop.is_cancelled() || !self.holds(id) {
-            return;
-        }
-        match handle.heartbeat().await {
-            Ok(true) => {}
-            Ok(false) if self.holds(id) => {
-                tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
-                stop.cancel();
-            }
-            Ok(false) => {}
-            Err(error) => tracing::warn!(workflow_id = %handle.workflow, %error, "heartbeat failed; will retry"),
-        }
-    }
-
-    fn holds(&self, id: u64) -> bool {
-        self.lock().contains_key(&id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldTask>> {
         self.held.lock().expect("claim keeper lock")
+    }
+}
+
+/// One renewal. A task this worker is acknowledging is renewed (a settle
+/// that retries through a Redis outage still needs its claim) but not
+/// reported lost: once its entry is acknowledged, the script finds it gone.
+/// A task already stopping is left alone.
+async fn renew(handle: &TaskHandle, stop: &CancellationToken) {
+    if stop.is_cancelled() {
+        return;
+    }
+    match handle.heartbeat().await {
+        Ok(true) => {}
+        Ok(false) if !handle.is_ending() && !stop.is_cancelled() => {
+            tracing::info!(workflow_id = %handle.workflow, "task no longer ours or current; aborting the model call");
+            stop.cancel();
+        }
+        Ok(false) => {}
+        Err(error) => tracing::warn!(workflow_id = %handle.workflow, %error, "heartbeat failed; will retry"),
     }
 }
 

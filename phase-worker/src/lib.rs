@@ -3,7 +3,7 @@
 //! - [`consumer`]: claims tasks from each shard's task stream and reclaims
 //!   those of dead workers; dead-letters poison tasks.
 //! - [`runner`]: runs one task: prompt, streaming model call, deltas,
-//!   heartbeats, and applying the result (next phase queued, or the run
+//!   and applying the result (next phase queued, or the run
 //!   ended) as `nexus_pipeline::transition` says.
 //! - [`progress`]: a call's progress (text, reasoning, retries, waits,
 //!   fallbacks) written into the event log as it happens.
@@ -81,7 +81,7 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
     let cancels = Arc::new(cancellation::CancelRegistry::default());
     tokio::spawn(cancels.clone().listen(config.redis.clone(), conn.clone()));
     let claims = Arc::new(claims::ClaimKeeper::default());
-    tokio::spawn(claims.clone().renew_forever(config.visibility_timeout() / 3));
+    let claim_keeper = tokio::spawn(claims.clone().renew_forever(config.visibility_timeout() / 3));
     let ctx = Arc::new(runner::RunnerContext {
         client,
         cancels,
@@ -114,7 +114,12 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         tokio::spawn(consumer.clone().read_loop(shard, stop.clone()));
         tokio::spawn(consumer.clone().reclaim_loop(shard, stop.clone()));
     }
-    stop.cancelled().await;
+    // Without its claim keeper a worker would keep running tasks whose
+    // claims lapse: it exits instead, and its tasks are reclaimed.
+    tokio::select! {
+        () = stop.cancelled() => {}
+        ended = claim_keeper => anyhow::bail!("the claim keeper stopped ({ended:?}); exiting so that this worker's tasks are reclaimed"),
+    }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     drain(&slots, config.max_in_flight.max(1), grace, abort_calls).await;
     Ok(())

@@ -1,8 +1,8 @@
 //! Running one phase task: announce it, render its prompt from stored
 //! outputs, call the model while streaming deltas into the workflow's event
-//! log and heartbeating the claim, then apply the result: record the phase
-//! and queue the next one (or end the run) in the step that acknowledges
-//! the task.
+//! log (the worker's claim keeper renews the claim meanwhile), then apply
+//! the result: record the phase and queue the next one (or end the run) in
+//! the step that acknowledges the task.
 
 use crate::cancellation::CancelRegistry;
 use crate::claims::ClaimKeeper;
@@ -46,7 +46,7 @@ pub struct RunnerContext {
 }
 
 /// Runs a task to its end; `started` when the script that claimed it also
-/// started it. The claim is renewed by the worker's claim keeper from the first moment, and the
+/// started it. The task is held by the worker's claim keeper from the first moment, and the
 /// cancel token registered before the task's start is fenced (or, for a
 /// task started when it was claimed, checked against the cancellations
 /// heard meanwhile), so a cancel that lands at any point reaches the call.

@@ -15,6 +15,7 @@ use nexus_proto::internal::PhaseTask;
 use nexus_proto::v1::workflow_event::Kind;
 use prost::Message;
 use redis::{Script, ScriptInvocation};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 /// Scripts that fence a task's writes start with the shared `fence.lua`.
@@ -97,7 +98,6 @@ pub struct Continuation {
 }
 
 /// One claimed task and where it lives.
-#[derive(Clone)]
 pub struct TaskHandle {
     pub conn: Connection,
     pub entry_id: String,
@@ -109,6 +109,10 @@ pub struct TaskHandle {
     /// The fencing attempt this worker runs the task as: the task's own on
     /// first delivery, a new one on every takeover.
     pub attempt: u32,
+    /// Set as this worker begins to acknowledge the task (settle, hand-back,
+    /// dead letter): from then on a renewal that finds the entry gone has
+    /// met the acknowledgement, not a takeover.
+    ending: AtomicBool,
 }
 
 impl TaskHandle {
@@ -122,7 +126,17 @@ impl TaskHandle {
             workflow,
             phase_index: task.phase_index,
             attempt: task.attempt,
+            ending: AtomicBool::new(false),
         })
+    }
+
+    /// Whether this worker has begun to acknowledge the task.
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::Relaxed)
+    }
+
+    fn begin_ending(&self) {
+        self.ending.store(true, Ordering::Relaxed);
     }
 
     /// The call of a script that appends a fenced event: keys state and
@@ -211,6 +225,7 @@ impl TaskHandle {
     /// Puts the task back on the stream for another worker to take at once
     /// (`task` as it should run again); `true` when it was handed back.
     pub async fn hand_back(&self, task: &PhaseTask) -> redis::RedisResult<bool> {
+        self.begin_ending();
         let again = PhaseTask {
             attempt: self.attempt,
             ..task.clone()
@@ -258,6 +273,7 @@ impl TaskHandle {
         final_events: &[Kind],
         claim_next: bool,
     ) -> redis::RedisResult<(Settled, Option<Continuation>)> {
+        self.begin_ending();
         let (tasks, events, outputs, gates) = (
             self.keys.shard.tasks(),
             self.keys.events(),
@@ -333,6 +349,7 @@ impl TaskHandle {
         deliveries: u64,
         why: &str,
     ) -> redis::RedisResult<bool> {
+        self.begin_ending();
         let failed = Transition::run_failed(phase_name, why.to_string());
         let reply: String = DEAD_LETTER
             .key(self.keys.shard.dead_letter())

@@ -255,6 +255,33 @@ async fn a_worker_never_has_more_calls_open_than_its_limit() {
     assert_eq!(control.requests().await.len(), 36, "each phase called once");
 }
 
+/// Claims renewed every 10 ms on a worker whose phases settle all the time:
+/// a renewal that meets a task this worker has just acknowledged must not
+/// take it for a takeover (no "aborting" line for calls that ended well),
+/// and every phase runs once, counted at the stand-in.
+#[tokio::test(flavor = "multi_thread")]
+async fn renewals_racing_settles_report_no_lost_tasks() {
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "5", "--reply-words", "5"]);
+    let control = ModelControl::new(&model.base_url());
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let worker = Worker::start(
+        &redis.url(),
+        &model.base_url(),
+        &[("NEXUS_VISIBILITY_TIMEOUT_MS", "30")],
+    );
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(start(&mut client, &format!("Renewed {n}")).await);
+    }
+    assert_all_completed(&mut client, &ids, Duration::from_secs(120)).await;
+    assert_eq!(control.requests().await.len(), 120, "each phase called once");
+    let log = worker.process.log_text();
+    let lost = log.lines().filter(|line| line.contains("no longer ours")).count();
+    assert_eq!(lost, 0, "tasks reported lost with no other worker running");
+}
+
 /// A worker frozen mid-call, whose task another worker took over meanwhile,
 /// learns it lost the task at its next claim renewal and aborts its model
 /// call: seen at the stand-in as its request cut off, seconds before the
