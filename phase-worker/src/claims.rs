@@ -22,8 +22,10 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-/// How many renewals are on the way to Redis at once.
-const RENEWALS_AT_ONCE: usize = 1024;
+/// How many renewals are on the way to Redis at once. More make a round's
+/// buffers the worker's peak: with 10,000 calls held, 1,024 at once read
+/// 10.0, 11.7 and 17.6 KB of RSS per held call, 256 at once 8.9, 9.5 and 9.1.
+const RENEWALS_AT_ONCE: usize = 256;
 /// The shortest interval between rounds (a zero one would spin).
 const SHORTEST_INTERVAL: Duration = Duration::from_millis(10);
 
