@@ -282,6 +282,30 @@ async fn renewals_racing_settles_report_no_lost_tasks() {
     assert_eq!(lost, 0, "tasks reported lost with no other worker running");
 }
 
+/// Freezes `frozen` (SIGSTOP), starts a rescuer with `env`, waits until the
+/// rescuer has taken the run's task over (a second delivery started), then
+/// lets `frozen` go on (SIGCONT). Returns the rescuer.
+async fn take_over_from_frozen(
+    frozen: &Worker,
+    redis: &RedisServer,
+    model: &StandIn,
+    env: &[(&str, &str)],
+    client: &mut Client,
+    id: &str,
+) -> Worker {
+    frozen.process.signal("STOP");
+    let rescuer = Worker::start(&redis.url(), &model.base_url(), env);
+    wait_for_event(
+        client,
+        id,
+        Duration::from_secs(20),
+        |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
+    )
+    .await;
+    frozen.process.signal("CONT");
+    rescuer
+}
+
 /// A worker frozen mid-call, whose task another worker took over meanwhile,
 /// learns it lost the task at its next claim renewal and aborts its model
 /// call: seen at the stand-in as its request cut off, seconds before the
@@ -303,16 +327,7 @@ async fn a_worker_that_lost_its_task_aborts_the_call_at_its_next_renewal() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    frozen.process.signal("STOP");
-    let _rescuer = Worker::start(&redis.url(), &model.base_url(), &quick_claims);
-    wait_for_event(
-        &mut client,
-        &id,
-        Duration::from_secs(20),
-        |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
-    )
-    .await;
-    frozen.process.signal("CONT");
+    let _rescuer = take_over_from_frozen(&frozen, &redis, &model, &quick_claims, &mut client, &id).await;
     let resumed = Instant::now();
 
     let deadline = resumed + Duration::from_secs(4);
@@ -361,16 +376,7 @@ async fn a_takeover_fences_out_the_frozen_worker_it_replaced() {
     })
     .await;
 
-    frozen.process.signal("STOP");
-    let _rescuer = Worker::start(&redis.url(), &model.base_url(), &[]);
-    wait_for_event(
-        &mut client,
-        &id,
-        Duration::from_secs(20),
-        |e| matches!(&e.kind, Some(nexus_proto::v1::workflow_event::Kind::PhaseStarted(s)) if s.delivery == 2),
-    )
-    .await;
-    frozen.process.signal("CONT");
+    let _rescuer = take_over_from_frozen(&frozen, &redis, &model, &[], &mut client, &id).await;
 
     let events = watch_until_end(&mut client, &id, "", Duration::from_secs(90)).await;
     assert_eq!(kind_name(events.last().unwrap()), "completed");
