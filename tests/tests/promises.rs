@@ -255,6 +255,59 @@ async fn a_worker_never_has_more_calls_open_than_its_limit() {
     assert_eq!(control.requests().await.len(), 36, "each phase called once");
 }
 
+/// Renewals are for calls that last: with renewals due every 500 ms, calls
+/// of about 100 ms are never renewed, counted in Redis's own MONITOR feed
+/// (the heartbeat script's calls, keyed by the task stream and the run).
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_shorter_than_half_a_renewal_interval_are_not_renewed() {
+    use futures::StreamExt;
+    let redis = RedisServer::start();
+    let model = StandIn::start(&["--first-token-latency-ms", "100", "--reply-words", "3"]);
+    let orchestrator = Orchestrator::start(&redis.url(), &[]);
+    let _worker = Worker::start(
+        &redis.url(),
+        &model.base_url(),
+        &[("NEXUS_VISIBILITY_TIMEOUT_MS", "1500")],
+    );
+    let monitor = redis.client().get_async_monitor().await.unwrap();
+    let renewals = tokio::spawn(async move {
+        let mut messages = monitor.into_on_message::<String>();
+        let mut renewals = 0;
+        while let Some(line) = messages.next().await {
+            let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).take(4).collect();
+            // `"EVALSHA" "<sha>" "2" "<shard>:tasks" "<shard>:wf:<id>" ...`: a heartbeat
+            // (a hand-back has the same keys; none happens here).
+            if let ["EVALSHA", _, "2", key] = quoted.as_slice()
+                && key.ends_with(":tasks")
+            {
+                renewals += 1;
+            }
+            if line.contains("\"end-of-run\"") {
+                return renewals;
+            }
+        }
+        renewals
+    });
+    let mut client = connect(&orchestrator.endpoint()).await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(start(&mut client, &format!("Short calls {n}")).await);
+    }
+    assert_all_completed(&mut client, &ids, Duration::from_secs(60)).await;
+    let _: String = redis::cmd("PING")
+        .arg("end-of-run")
+        .query(&mut redis_conn(&redis))
+        .unwrap();
+    let renewals = tokio::time::timeout(Duration::from_secs(5), renewals)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        renewals, 0,
+        "renewals of calls of about 100 ms, with renewals due every 500 ms"
+    );
+}
+
 /// Claims renewed every 10 ms on a worker whose phases settle all the time:
 /// a renewal that meets a task this worker has just acknowledged must not
 /// take it for a takeover (no "aborting" line for calls that ended well),
