@@ -87,7 +87,7 @@ async fn run_until_stopped(config: config::Config, stop: CancellationToken) -> a
         cancels,
         shutdown: abort_calls.clone(),
         stopping: stop.clone(),
-        claims: claims.clone(),
+        claims,
         publish_patience: Duration::from_millis(config.result_publish_patience_ms),
         pipelines: Default::default(),
         cache: model::cache::ResponseCache::new(conn.clone(), Duration::from_secs(config.cache_ttl_secs)),

@@ -46,8 +46,8 @@ pub struct RunnerContext {
 }
 
 /// Runs a task to its end; `started` when the script that claimed it also
-/// started it. The task is held by the worker's claim keeper from the first moment, and the
-/// cancel token registered before the task's start is fenced (or, for a
+/// started it. The task is held by the worker's claim keeper, and its
+/// cancel token registered, before the task's start is fenced (or, for a
 /// task started when it was claimed, checked against the cancellations
 /// heard meanwhile), so a cancel that lands at any point reaches the call.
 /// Errors talking to Redis leave the task unacknowledged, so it is reclaimed
