@@ -4,7 +4,8 @@
 use crate::Args;
 use crate::drive::{clients, completed, completed_runs, start_many, unix_now, wait_all, wait_ended_in_redis};
 use crate::measure::{
-    calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, memory_kib, percentiles,
+    calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, machine_busy_percent, memory_kib,
+    percentiles,
 };
 use futures::future::BoxFuture;
 use nexus_tests::{ModelControl, Orchestrator, RedisServer, StandIn, Worker};
@@ -226,6 +227,8 @@ pub struct Rate {
     /// Redis commands per phase over the timed window (script-internal
     /// calls included, and the load driver's own starts and polls).
     pub commands_per_phase: BTreeMap<String, f64>,
+    /// How busy the machine's cores were over the timed window, in percent.
+    pub machine_busy_percent: f64,
 }
 
 /// `runs` six-phase workflows, 32 starts in flight, after `warmup` untimed
@@ -270,6 +273,7 @@ pub async fn nexus_rate(stack: &BenchStack, runs: usize, warmup: usize) -> anyho
         bytes_per_workflow,
         cpu_us_per_phase: cpu_us_per(&cpu_before, &cpu_after, phases),
         commands_per_phase: calls_per(&calls_before, &calls_after, phases),
+        machine_busy_percent: machine_busy_percent(&cpu_before, &cpu_after),
     })
 }
 
@@ -494,11 +498,16 @@ async fn watch_fan_out(args: &Args, workflows: usize, per_workflow: usize) -> an
 
 /// A group's CPU counts its descendants, and the engine's processes are
 /// the bench client's children: the client's own share is its group's
-/// less all the others (the last group is the client's).
+/// less the other processes' (the machine's total is not a process group).
 fn client_alone(mut cpu: Vec<(String, f64)>) -> Vec<(String, f64)> {
-    let engine: f64 = cpu.iter().rev().skip(1).map(|(_, share)| share).sum();
-    if let Some((_, client)) = cpu.last_mut() {
-        *client = (*client - engine).max(0.0);
+    const CLIENT: &str = "this client";
+    let others: f64 = cpu
+        .iter()
+        .filter(|(name, _)| name != CLIENT && name != "machine")
+        .map(|(_, share)| share)
+        .sum();
+    if let Some((_, client)) = cpu.iter_mut().find(|(name, _)| name == CLIENT) {
+        *client = (*client - others).max(0.0);
     }
     cpu
 }

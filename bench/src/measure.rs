@@ -125,12 +125,62 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 /// CPU time used so far (user + system, clock ticks) by each process of
-/// named groups, each group being some processes and all their descendants.
-pub struct CpuSample(Vec<(String, HashMap<u32, u64>)>);
+/// named groups, each group being some processes and all their descendants;
+/// and the whole machine's, from `/proc/stat`.
+pub struct CpuSample {
+    groups: Vec<(String, HashMap<u32, u64>)>,
+    machine: MachineTicks,
+}
+
+/// The machine's CPU time so far, all cores, in clock ticks: busy (user,
+/// nice, system, irq, softirq, steal) and in all (busy, idle and iowait).
+/// Busy time includes what no process is charged for, such as the kernel's
+/// softirq work on loopback packets, which `/proc/<pid>/stat` leaves out.
+#[derive(Clone, Copy, Default)]
+struct MachineTicks {
+    busy: u64,
+    all: u64,
+}
+
+fn machine_ticks() -> MachineTicks {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
+/// The machine's ticks from the text of `/proc/stat` (its `cpu ` line).
+fn parse_machine_ticks(stat: &str) -> MachineTicks {
+    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return MachineTicks::default();
+    };
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let field = |index: usize| fields.get(index).copied().unwrap_or(0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+    MachineTicks {
+        busy,
+        all: busy + field(3) + field(4),
+    }
+}
+
+/// The share of the machine's CPU time (all cores) that was busy between
+/// two samples, in percent: 100 is every core busy all the time.
+pub fn machine_busy_percent(before: &CpuSample, after: &CpuSample) -> f64 {
+    let all = after.machine.all.saturating_sub(before.machine.all);
+    if all == 0 {
+        return 0.0;
+    }
+    after.machine.busy.saturating_sub(before.machine.busy) as f64 * 100.0 / all as f64
+}
 
 pub fn cpu_sample(groups: &[(&str, Vec<u32>)]) -> CpuSample {
-    CpuSample(
-        groups
+    let machine = machine_ticks();
+    CpuSample {
+        machine,
+        groups: groups
             .iter()
             .map(|(name, pids)| {
                 let ticks = pids
@@ -144,23 +194,55 @@ pub fn cpu_sample(groups: &[(&str, Vec<u32>)]) -> CpuSample {
                 (name.to_string(), ticks)
             })
             .collect(),
-    )
+    }
 }
 
 /// Microseconds of CPU per `per` (e.g. per phase) of each group between two
-/// samples, in the groups' order. A process born in between counts whole.
+/// samples, in the groups' order, then the whole machine's busy time
+/// (`machine`: every process, drivers and kernel work included). A process
+/// born in between counts whole.
 pub fn cpu_us_per(before: &CpuSample, after: &CpuSample, per: f64) -> Vec<(String, f64)> {
     let us_per_tick = 1e6 / clock_ticks_per_second() as f64;
+    let machine = after.machine.busy.saturating_sub(before.machine.busy) as f64 * us_per_tick / per;
     after
-        .0
+        .groups
         .iter()
         .map(|(name, now)| {
-            let then = before.0.iter().find(|(group, _)| group == name).map(|(_, ticks)| ticks);
+            let then = before
+                .groups
+                .iter()
+                .find(|(group, _)| group == name)
+                .map(|(_, ticks)| ticks);
             let ticks: u64 = now
                 .iter()
                 .map(|(pid, ticks)| ticks.saturating_sub(then.and_then(|then| then.get(pid)).copied().unwrap_or(0)))
                 .sum();
             (name.clone(), ticks as f64 * us_per_tick / per)
         })
+        .chain(std::iter::once(("machine".to_string(), machine)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ticks_count_softirq_and_steal_as_busy_and_iowait_as_not() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 500 7 1 11 3 40 0\ncpu0 50 1 15 250 3 0 5 1 20 0\n";
+        let ticks = parse_machine_ticks(stat);
+        assert_eq!(ticks.busy, 100 + 2 + 30 + 1 + 11 + 3);
+        assert_eq!(ticks.all, ticks.busy + 500 + 7);
+    }
+
+    #[test]
+    fn busy_percent_is_the_busy_share_between_two_samples() {
+        let sample = |busy, all| CpuSample {
+            groups: Vec::new(),
+            machine: MachineTicks { busy, all },
+        };
+        assert_eq!(machine_busy_percent(&sample(100, 1000), &sample(250, 1200)), 75.0);
+        assert_eq!(machine_busy_percent(&sample(100, 1000), &sample(100, 1000)), 0.0);
+    }
 }

@@ -8,7 +8,7 @@
 //! Redis with the same settings, started for its run alone.
 
 use crate::figures::{BenchStack, INSTANT_MODEL, breakdown, nexus_rate};
-use crate::measure::{calls_per, command_calls, cpu_sample, cpu_us_per, info_number};
+use crate::measure::{calls_per, command_calls, cpu_sample, cpu_us_per, info_number, machine_busy_percent};
 use crate::peer::WarmPeer;
 use crate::{Args, bullmq, celery};
 use futures::future::BoxFuture;
@@ -57,8 +57,11 @@ impl Contender {
 
 /// One contender's numbers from one run (or the medians of several).
 /// Process groups measured and printed but not part of the engine's total:
-/// the stand-in model shares the machine, so its cost is shown, not hidden.
-const NOT_ENGINE: &[&str] = &["stand_in"];
+/// the stand-in model shares the machine, so its cost is shown, not hidden;
+/// `machine` is all the machine's busy time (drivers, stand-in and kernel
+/// work no process is charged for included), which tells whether the run
+/// was bound by the CPU.
+const NOT_ENGINE: &[&str] = &["stand_in", "machine"];
 
 #[derive(Clone)]
 struct Measured {
@@ -70,6 +73,8 @@ struct Measured {
     /// Redis commands per phase (per step) by command.
     commands: BTreeMap<String, f64>,
     commands_total: f64,
+    /// How busy the machine's cores were over the run, in percent of all.
+    machine_busy_percent: f64,
     /// What the contender reported about itself (versions, settings).
     about: Value,
 }
@@ -78,10 +83,11 @@ impl Measured {
     fn new(
         per_second: f64,
         seconds: f64,
-        cpu: Vec<(String, f64)>,
+        cpu: (Vec<(String, f64)>, f64),
         commands: BTreeMap<String, f64>,
         about: Value,
     ) -> Self {
+        let (cpu, machine_busy_percent) = cpu;
         Self {
             per_second,
             seconds,
@@ -93,6 +99,7 @@ impl Measured {
             cpu,
             commands_total: commands.values().sum(),
             commands,
+            machine_busy_percent,
             about,
         }
     }
@@ -120,6 +127,7 @@ impl Measured {
             cpu_total: of(&|run| run.cpu_total),
             commands,
             commands_total: of(&|run| run.commands_total),
+            machine_busy_percent: of(&|run| run.machine_busy_percent),
             about: runs[0].about.clone(),
         }
     }
@@ -130,7 +138,7 @@ impl Measured {
             .collect();
         json!({"per_second": self.per_second, "seconds": self.seconds, "cpu_us_per_phase": cpu,
                "redis_commands_per_phase": self.commands_total, "redis_calls_per_phase": self.commands,
-               "about": self.about})
+               "machine_busy_percent": self.machine_busy_percent, "about": self.about})
     }
 }
 
@@ -245,7 +253,7 @@ async fn measure(contender: Contender, fsync: &str, runs: usize, warmup: usize) 
         return Ok(Measured::new(
             rate.rate,
             rate.seconds,
-            rate.cpu_us_per_phase,
+            (rate.cpu_us_per_phase, rate.machine_busy_percent),
             rate.commands_per_phase,
             about,
         ));
@@ -283,7 +291,10 @@ async fn timed_peer_run(redis: &RedisServer, mut peer: WarmPeer, chains: usize) 
     Ok(Measured::new(
         per_second,
         seconds,
-        cpu_us_per(&cpu_before, &cpu_after, steps),
+        (
+            cpu_us_per(&cpu_before, &cpu_after, steps),
+            machine_busy_percent(&cpu_before, &cpu_after),
+        ),
         calls_per(&calls_before, &calls_after, steps),
         result,
     ))
@@ -352,10 +363,11 @@ fn report(
             .map(|(group, us)| format!("{group}={us:.1}"))
             .collect();
         println!(
-            "cpu_per_phase_us {} total={:.1} {} fsync={fsync}",
+            "cpu_per_phase_us {} total={:.1} {} machine_busy={:.0}% fsync={fsync}",
             contender.key(),
             measured.cpu_total,
-            split.join(" ")
+            split.join(" "),
+            measured.machine_busy_percent
         );
     }
     for (contender, measured, _) in medians {
