@@ -4,8 +4,8 @@
 use crate::Args;
 use crate::drive::{clients, completed, completed_runs, start_many, unix_now, wait_all, wait_ended_in_redis};
 use crate::measure::{
-    calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, machine_busy_percent, memory_kib,
-    percentiles,
+    MACHINE, calls_per, command_calls, cpu_sample, cpu_us_per, info_number, key_count, machine_busy_percent,
+    memory_kib, percentiles,
 };
 use futures::future::BoxFuture;
 use nexus_tests::{ModelControl, Orchestrator, RedisServer, StandIn, Worker};
@@ -503,7 +503,7 @@ fn client_alone(mut cpu: Vec<(String, f64)>) -> Vec<(String, f64)> {
     const CLIENT: &str = "this client";
     let others: f64 = cpu
         .iter()
-        .filter(|(name, _)| name != CLIENT && name != "machine")
+        .filter(|(name, _)| name != CLIENT && name != MACHINE)
         .map(|(_, share)| share)
         .sum();
     if let Some((_, client)) = cpu.iter_mut().find(|(name, _)| name == CLIENT) {

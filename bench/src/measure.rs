@@ -166,6 +166,9 @@ fn parse_machine_ticks(stat: &str) -> MachineTicks {
     }
 }
 
+/// The group name under which [`cpu_us_per`] reports the whole machine.
+pub const MACHINE: &str = "machine";
+
 /// The share of the machine's CPU time (all cores) that was busy between
 /// two samples, in percent: 100 is every core busy all the time.
 pub fn machine_busy_percent(before: &CpuSample, after: &CpuSample) -> f64 {
@@ -219,7 +222,7 @@ pub fn cpu_us_per(before: &CpuSample, after: &CpuSample, per: f64) -> Vec<(Strin
                 .sum();
             (name.clone(), ticks as f64 * us_per_tick / per)
         })
-        .chain(std::iter::once(("machine".to_string(), machine)))
+        .chain(std::iter::once((MACHINE.to_string(), machine)))
         .collect()
 }
 

@@ -8,7 +8,7 @@
 //! Redis with the same settings, started for its run alone.
 
 use crate::figures::{BenchStack, INSTANT_MODEL, breakdown, nexus_rate};
-use crate::measure::{calls_per, command_calls, cpu_sample, cpu_us_per, info_number, machine_busy_percent};
+use crate::measure::{MACHINE, calls_per, command_calls, cpu_sample, cpu_us_per, info_number, machine_busy_percent};
 use crate::peer::WarmPeer;
 use crate::{Args, bullmq, celery};
 use futures::future::BoxFuture;
@@ -61,7 +61,7 @@ impl Contender {
 /// `machine` is all the machine's busy time (drivers, stand-in and kernel
 /// work no process is charged for included), which tells whether the run
 /// was bound by the CPU.
-const NOT_ENGINE: &[&str] = &["stand_in", "machine"];
+const NOT_ENGINE: &[&str] = &["stand_in", MACHINE];
 
 #[derive(Clone)]
 struct Measured {
@@ -83,11 +83,11 @@ impl Measured {
     fn new(
         per_second: f64,
         seconds: f64,
-        cpu: (Vec<(String, f64)>, f64),
+        cpu: Vec<(String, f64)>,
+        machine_busy_percent: f64,
         commands: BTreeMap<String, f64>,
         about: Value,
     ) -> Self {
-        let (cpu, machine_busy_percent) = cpu;
         Self {
             per_second,
             seconds,
@@ -253,7 +253,8 @@ async fn measure(contender: Contender, fsync: &str, runs: usize, warmup: usize) 
         return Ok(Measured::new(
             rate.rate,
             rate.seconds,
-            (rate.cpu_us_per_phase, rate.machine_busy_percent),
+            rate.cpu_us_per_phase,
+            rate.machine_busy_percent,
             rate.commands_per_phase,
             about,
         ));
@@ -291,10 +292,8 @@ async fn timed_peer_run(redis: &RedisServer, mut peer: WarmPeer, chains: usize) 
     Ok(Measured::new(
         per_second,
         seconds,
-        (
-            cpu_us_per(&cpu_before, &cpu_after, steps),
-            machine_busy_percent(&cpu_before, &cpu_after),
-        ),
+        cpu_us_per(&cpu_before, &cpu_after, steps),
+        machine_busy_percent(&cpu_before, &cpu_after),
         calls_per(&calls_before, &calls_after, steps),
         result,
     ))
